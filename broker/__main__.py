@@ -1,0 +1,72 @@
+"""``python -m broker``: run a broker until SIGTERM/SIGINT.
+
+Prints exactly one line to stdout when ready (``sharedmem broker ready epoch=... requests=...
+events=...``) so scripts and tests can wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from broker.server import Broker, BrokerConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m broker", description="Run a sharedmem broker.")
+    p.add_argument("--bind", action="append", metavar="ENDPOINT",
+                   help="request endpoint (repeatable); default tcp://127.0.0.1:7400")
+    p.add_argument("--pub-bind", action="append", metavar="ENDPOINT",
+                   help="event endpoint (repeatable); default: each --bind's port + 1")
+    p.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS",
+                   help="heartbeat interval on the event stream (default 0.5)")
+    p.add_argument("--max-value-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = BrokerConfig(
+            bind=args.bind or ["tcp://127.0.0.1:7400"],
+            pub_bind=args.pub_bind,
+            heartbeat_interval=args.heartbeat,
+            max_value_bytes=args.max_value_bytes,
+        )
+    except ValueError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    broker = Broker(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        broker.start()
+    except Exception as exc:  # noqa: BLE001 - report bind errors plainly
+        print(f"broker: cannot start: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"sharedmem broker ready epoch={broker.epoch} requests={','.join(broker.endpoints)} "
+        f"events={','.join(broker.pub_endpoints)}",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        if broker._stopped.is_set():  # loop died: exit non-zero
+            return 1
+    broker.stop()
+    logging.getLogger("sharedmem.broker").info("broker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The broker's decisions, without sockets: request in, events and reply out.
+
+``decide`` is pure (it reads the state and returns a ``Decision``); ``commit`` applies a decision
+after the shell has appended its events to the log. That split is the write order of
+ARCHITECTURE.md: decide -> append (durable) -> apply -> reply -> publish. A refused request
+produces no events and changes nothing.
+
+Exactly-once: each write carries ``(client_id, request_no)``. The last reply per client is kept
+(bounded LRU); a repeat of the same request number gets that reply again and is not re-applied.
+A node sends one write at a time per client id, so "last reply" is enough.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from broker.errors import (
+    InvalidKey,
+    InvalidValue,
+    SharedMemoryError,
+    StorageError,
+)
+from broker.log import MemoryLog
+from broker.protocol import (
+    Delete,
+    Error,
+    Event,
+    FetchReply,
+    KeyDeleted,
+    KeyExpired,
+    KeySet,
+    Open,
+    OpenReply,
+    Reply,
+    Set,
+    SetMany,
+    Snapshot,
+    SnapshotReply,
+    StatsReply,
+    WriteOk,
+    WriteRequest,
+)
+from broker.state import NamespaceState
+from broker.validation import (
+    DEFAULT_MAX_VALUE_BYTES,
+    check_encoded_value,
+    check_key,
+    check_namespace,
+)
+
+MAX_BATCH_ITEMS = 10_000
+
+
+def new_epoch() -> str:
+    """A random id for this incarnation of the broker's history."""
+    return os.urandom(8).hex()
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a request does: ``events`` to log and apply to ``namespace``, then ``reply``."""
+
+    reply: Reply
+    namespace: str | None = None
+    events: list[Event] = field(default_factory=list)
+    create_max_keys: int | None = None  # create ``namespace`` with this max_keys first
+    client: tuple[bytes, int] | None = None  # (client_id, request_no) to remember the reply for
+    duplicate: bool = False
+
+
+class DedupTable:
+    """Last reply per client id, least recently used evicted beyond ``capacity``."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._last: OrderedDict[bytes, tuple[int, Reply]] = OrderedDict()
+
+    def lookup(self, client_id: bytes, request_no: int) -> Reply | None:
+        item = self._last.get(client_id)
+        if item is None:
+            return None
+        self._last.move_to_end(client_id)
+        last_no, reply = item
+        if request_no == last_no:
+            return reply
+        if request_no < last_no:
+            return Error(
+                "StorageError",
+                f"request {request_no} of this client is older than its last ({last_no})",
+            )
+        return None
+
+    def remember(self, client_id: bytes, request_no: int, reply: Reply) -> None:
+        self._last[client_id] = (request_no, reply)
+        self._last.move_to_end(client_id)
+        while len(self._last) > self.capacity:
+            self._last.popitem(last=False)
+
+
+def _check_ttl(ttl: float | None) -> float | None:
+    if ttl is None or ttl == 0:
+        return None
+    if not math.isfinite(ttl) or ttl < 0:
+        raise InvalidValue(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
+    return float(ttl)
+
+
+class BrokerCore:
+    """All namespaces, the log, and the dedup table of one broker incarnation."""
+
+    def __init__(
+        self,
+        epoch: str | None = None,
+        *,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        log: MemoryLog | None = None,
+    ) -> None:
+        self.epoch = epoch or new_epoch()
+        self.max_value_bytes = max_value_bytes
+        self.namespaces: dict[str, NamespaceState] = {}
+        self.log = log if log is not None else MemoryLog()
+        self.dedup = DedupTable()
+        self.counters: dict[str, int] = {
+            "writes": 0,
+            "events": 0,
+            "duplicates": 0,
+            "refused": 0,
+            "snapshots": 0,
+            "fetches": 0,
+            "expired": 0,
+        }
+
+    # ------------------------------------------------------------------ writes
+
+    def decide(self, request: WriteRequest, now: float, wall: float) -> Decision:
+        """The effect of a write request on the current state; mutates nothing."""
+        client = (request.client_id, request.request_no)
+        cached = self.dedup.lookup(*client)
+        if cached is not None:
+            return Decision(cached, duplicate=True)
+        try:
+            decision = self._decide(request, now, wall)
+        except SharedMemoryError as exc:
+            decision = Decision(Error(exc.kind, str(exc)))
+        decision.client = client
+        return decision
+
+    def _decide(self, request: WriteRequest, now: float, wall: float) -> Decision:
+        ns_name = check_namespace(request.namespace)
+        state = self.namespaces.get(ns_name)
+        create = None
+        if state is None:
+            create = request.max_keys
+            state = NamespaceState(ns_name, request.max_keys)
+        seq = state.seq
+        entries = state.entries
+        if type(request) is Set:
+            ttl = _check_ttl(request.ttl)
+            check_key(request.key)
+            check_encoded_value(request.key, request.value, self.max_value_bytes)
+            old = state.live(request.key, now)
+            if old is None and request.key not in entries:
+                self._check_capacity(state, 1)
+            created = old.created_at if old is not None else wall
+            event = KeySet(seq + 1, request.key, request.value, created, wall, ttl)
+            return Decision(WriteOk(self.epoch, seq + 1), ns_name, [event], create)
+        if type(request) is SetMany:
+            ttl = _check_ttl(request.ttl)
+            if not request.items:
+                raise InvalidValue("set_many needs at least one item")
+            if len(request.items) > MAX_BATCH_ITEMS:
+                raise InvalidValue(
+                    f"set_many of {len(request.items)} items; the limit is {MAX_BATCH_ITEMS}"
+                )
+            new_keys: set[str] = set()
+            for key, value in request.items:
+                check_key(key)
+                check_encoded_value(key, value, self.max_value_bytes)
+                if key not in entries:
+                    new_keys.add(key)
+            self._check_capacity(state, len(new_keys))
+            events: list[Event] = []
+            created_in_batch: dict[str, float] = {}
+            for key, value in request.items:
+                seq += 1
+                old = state.live(key, now)
+                created = created_in_batch.setdefault(
+                    key, old.created_at if old is not None else wall
+                )
+                events.append(KeySet(seq, key, value, created, wall, ttl))
+            return Decision(WriteOk(self.epoch, seq), ns_name, events, create)
+        if type(request) is Delete:
+            check_key(request.key)
+            if request.key not in entries:
+                return Decision(WriteOk(self.epoch, seq, changed=False), ns_name, [], create)
+            # A due-but-unexpired key is still deleted (and reported absent, as a reader saw).
+            existed = state.live(request.key, now) is not None
+            event = KeyDeleted(seq + 1, request.key)
+            return Decision(WriteOk(self.epoch, seq + 1, changed=existed), ns_name, [event], create)
+        raise InvalidKey(f"not a write request: {type(request).__name__}")  # pragma: no cover
+
+    @staticmethod
+    def _check_capacity(state: NamespaceState, new_keys: int) -> None:
+        if state.max_keys and len(state.entries) + new_keys > state.max_keys:
+            raise StorageError(
+                f"namespace {state.name!r} is full: {len(state.entries)} keys, max_keys "
+                f"{state.max_keys}, this write adds {new_keys}"
+            )
+
+    def commit(self, decision: Decision, now: float) -> None:
+        """Apply a decision whose events the log has accepted; remember its reply."""
+        if decision.duplicate:
+            self.counters["duplicates"] += 1
+            return
+        if decision.namespace is not None and decision.create_max_keys is not None:
+            self._create(decision.namespace, decision.create_max_keys)
+        if decision.events:
+            assert decision.namespace is not None
+            self.namespaces[decision.namespace].apply_batch(decision.events, now)
+            self.counters["events"] += len(decision.events)
+        if type(decision.reply) is Error:
+            self.counters["refused"] += 1
+        else:
+            self.counters["writes"] += 1
+        if decision.client is not None:
+            self.dedup.remember(*decision.client, decision.reply)
+
+    # ------------------------------------------------------------------ expiry
+
+    def expire_due(self, now: float) -> list[Decision]:
+        """One decision per namespace holding keys whose TTL has run out."""
+        out = []
+        for name, state in self.namespaces.items():
+            nd = state.next_deadline()
+            if nd is None or nd > now:
+                continue
+            keys = state.due_expirations(now)
+            if keys:
+                events: list[Event] = [
+                    KeyExpired(state.seq + i + 1, k) for i, k in enumerate(keys)
+                ]
+                out.append(Decision(WriteOk(self.epoch, state.seq + len(keys)), name, events))
+                self.counters["expired"] += len(keys)
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for s in self.namespaces.values() if (d := s.next_deadline()) is not None]
+        return min(deadlines) if deadlines else None
+
+    # ------------------------------------------------------------------ namespaces and reads
+
+    def _create(self, name: str, max_keys: int) -> NamespaceState:
+        state = self.namespaces.get(name)
+        if state is None:
+            state = self.namespaces[name] = NamespaceState(name, max_keys)
+        return state
+
+    def open(self, request: Open) -> Reply:
+        """Create the namespace if missing; refuse a different ``max_keys`` for an existing one."""
+        try:
+            name = check_namespace(request.namespace)
+        except SharedMemoryError as exc:
+            return Error(exc.kind, str(exc))
+        state = self.namespaces.get(name)
+        if state is None:
+            state = self._create(name, request.max_keys)
+        elif state.max_keys != request.max_keys:
+            return Error(
+                "StorageError",
+                f"namespace {name!r} exists with max_keys={state.max_keys}; this node asked "
+                f"for max_keys={request.max_keys}",
+            )
+        return OpenReply(self.epoch, name, state.max_keys, state.seq)
+
+    def snapshot(self, request: Snapshot, now: float) -> Reply:
+        try:
+            name = check_namespace(request.namespace)
+        except SharedMemoryError as exc:
+            return Error(exc.kind, str(exc))
+        state = self.namespaces.get(name) or self._create(name, request.max_keys)
+        self.counters["snapshots"] += 1
+        return SnapshotReply(
+            request.snap_id, name, self.epoch, state.seq, state.max_keys,
+            state.snapshot_entries(now),
+        )
+
+    def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, snap_id: int,
+              now: float) -> FetchReply:
+        self.counters["fetches"] += 1
+        events = None
+        if epoch == self.epoch and 0 < limit:
+            events = self.log.read(namespace, from_seq, min(limit, 100_000), now)
+        if events is None:
+            return FetchReply(snap_id, namespace, self.epoch, False)
+        return FetchReply(snap_id, namespace, self.epoch, True, events)
+
+    def stats(self) -> StatsReply:
+        return StatsReply(
+            self.epoch,
+            {
+                name: {"keys": len(s.entries), "seq": s.seq, "max_keys": s.max_keys}
+                for name, s in self.namespaces.items()
+            },
+            dict(self.counters),
+        )

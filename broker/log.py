@@ -1,0 +1,63 @@
+"""The ordered event log of every namespace (in memory; the durable variant builds on this API).
+
+Owns: the events each namespace has had, in seq order, so that a node that missed some can be
+given exactly those (gap repair) instead of a full snapshot. Retention is bounded per namespace;
+a request older than what is retained is answered "not available" and the node takes a snapshot.
+
+Must never: hold state (that is ``NamespaceState``'s job) or reorder events.
+TTLs are kept as deadlines on the broker's monotonic clock and handed out as remaining seconds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import msgspec
+
+from broker.protocol import Event, KeySet
+
+
+class MemoryLog:
+    """Last ``retention`` events per namespace, each with its absolute TTL deadline."""
+
+    def __init__(self, retention: int = 100_000) -> None:
+        self.retention = retention
+        self._events: dict[str, deque[tuple[Event, float | None]]] = {}
+
+    def append(self, namespace: str, events: Sequence[Event], now: float) -> None:
+        """Record events decided at ``now`` (their ``ttl`` counts from ``now``)."""
+        q = self._events.get(namespace)
+        if q is None:
+            q = self._events[namespace] = deque(maxlen=self.retention)
+        for ev in events:
+            deadline = now + ev.ttl if type(ev) is KeySet and ev.ttl is not None else None
+            q.append((ev, deadline))
+
+    def flush(self) -> None:
+        """Make appended events durable (nothing to do in memory)."""
+
+    def first_seq(self, namespace: str) -> int | None:
+        q = self._events.get(namespace)
+        return q[0][0].seq if q else None
+
+    def read(self, namespace: str, from_seq: int, limit: int, now: float) -> list[Event] | None:
+        """Events with seq >= from_seq (at most ``limit``), TTLs re-stamped as remaining at
+        ``now``; None when the log no longer holds ``from_seq``."""
+        q = self._events.get(namespace)
+        if not q:
+            return None
+        first = q[0][0].seq
+        last = q[-1][0].seq
+        if from_seq < first:
+            return None
+        if from_seq > last:
+            return []
+        start = from_seq - first
+        out: list[Event] = []
+        for i in range(start, min(len(q), start + limit)):
+            ev, deadline = q[i]
+            if deadline is not None:
+                ev = msgspec.structs.replace(ev, ttl=max(0.0, deadline - now))
+            out.append(ev)
+        return out

@@ -1,0 +1,389 @@
+"""The broker's ZeroMQ shell: one thread, one ``zmq.Poller`` loop, no decisions of its own.
+
+Sockets:
+- ROUTER (requests) on every ``bind`` endpoint: REQ (writes, Lazy Pirate) and DEALER
+  (snapshots/fetches) peers, frames ``[identity, b"", body]``;
+- XPUB (events) with ``XPUB_MANUAL``: the broker accepts exact ``<ns>\\0`` subscriptions and
+  records ``<ns>\\0<nonce>`` ones as the subscription barrier for snapshot requests;
+- an inproc PAIR for ``stop()`` from another thread.
+
+Each loop turn: drain subscriptions, then requests (decide -> log -> commit per request; one log
+flush for the turn -- group commit -- and only then replies and publishes), then timers (TTL
+expiry, heartbeats). Garbage on any socket is logged and, where a reply is owed, answered with
+an ``Error``; it never ends the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import zmq
+
+from broker.core import BrokerCore, Decision
+from broker.errors import ProtocolError
+from broker.log import MemoryLog
+from broker.protocol import (
+    TOPIC_END,
+    Delete,
+    Error,
+    EventBatch,
+    Fetch,
+    Heartbeat,
+    Hello,
+    HelloReply,
+    Open,
+    Reply,
+    Set,
+    SetMany,
+    Snapshot,
+    Stats,
+    published_codec,
+    reply_codec,
+    request_codec,
+    topic_for,
+)
+from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
+
+log = logging.getLogger("sharedmem.broker")
+
+MAX_REQUESTS_PER_TURN = 512
+MAX_PENDING_SNAPSHOTS = 10_000
+MAX_SEEN_NONCES = 10_000
+SNAPSHOT_WAIT = 10.0  # seconds a snapshot request may wait for its barrier subscription
+
+
+def default_pub_endpoint(endpoint: str) -> str:
+    """Publisher endpoint beside a request endpoint: tcp port + 1, or ``<inproc>-pub``."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if port in ("0", "*"):
+            return f"tcp://{host}:{port}"
+        return f"tcp://{host}:{int(port) + 1}"
+    return endpoint + "-pub"
+
+
+@dataclass
+class BrokerConfig:
+    """How a broker listens and behaves. All fields have loopback-safe defaults."""
+
+    bind: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:7400"])
+    pub_bind: list[str] | None = None  # default: beside each ``bind`` (port + 1)
+    heartbeat_interval: float = 0.5
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    log_retention: int = 100_000
+    hwm: int = 200_000  # SNDHWM of the publisher per subscriber, RCVHWM of the router
+
+    def __post_init__(self) -> None:
+        if not self.bind:
+            raise ValueError("bind: at least one endpoint is needed")
+        if self.heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
+        if self.max_value_bytes <= 0:
+            raise ValueError(f"max_value_bytes must be > 0, got {self.max_value_bytes}")
+
+    def pub_endpoints(self) -> list[str]:
+        if self.pub_bind:
+            return list(self.pub_bind)
+        return [default_pub_endpoint(b) for b in self.bind]
+
+
+class Broker:
+    """A broker running its loop on a thread of its own (``start``) or the caller's (``run``)."""
+
+    def __init__(self, config: BrokerConfig | None = None, *, context: zmq.Context | None = None,
+                 core: BrokerCore | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.core = core or BrokerCore(
+            max_value_bytes=self.config.max_value_bytes,
+            log=MemoryLog(self.config.log_retention),
+        )
+        self._ctx = context or zmq.Context.instance()
+        self._ctl_endpoint = f"inproc://sharedmem-broker-ctl-{id(self)}-{os.getpid()}"
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._startup_error: BaseException | None = None
+        self.endpoints: list[str] = []
+        self.pub_endpoints: list[str] = []
+        self._requests = request_codec()
+        self._replies = reply_codec()
+        self._published = published_codec()
+        self._pending_snapshots: OrderedDict[bytes, tuple[list[bytes], Snapshot, float]] = (
+            OrderedDict()
+        )
+        self._seen_nonces: OrderedDict[bytes, str] = OrderedDict()
+        self.subscribers: dict[str, int] = {}
+
+    @property
+    def epoch(self) -> str:
+        return self.core.epoch
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        """Run the loop on a daemon thread; returns once bound (raises the bind error)."""
+        self._thread = threading.Thread(target=self.run, name="sharedmem-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("broker did not start in time")
+        if self._startup_error is not None:
+            raise self._startup_error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and close its sockets; idempotent."""
+        if self._ready.is_set() and not self._stopped.is_set() and self._startup_error is None:
+            ctl = self._ctx.socket(zmq.PAIR)
+            ctl.setsockopt(zmq.LINGER, 0)
+            try:
+                ctl.connect(self._ctl_endpoint)
+                ctl.send(b"stop")
+                self._stopped.wait(timeout)
+            finally:
+                ctl.close(linger=0)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _open_sockets(self) -> None:
+        cfg = self.config
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._xpub = self._ctx.socket(zmq.XPUB)
+        self._ctl = self._ctx.socket(zmq.PAIR)
+        for s in (self._router, self._xpub, self._ctl):
+            s.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.RCVHWM, cfg.hwm)
+        self._router.setsockopt(zmq.SNDHWM, cfg.hwm)
+        self._xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        self._xpub.setsockopt(zmq.SNDHWM, cfg.hwm)
+        self._ctl.bind(self._ctl_endpoint)
+        for ep in cfg.bind:
+            self._router.bind(ep)
+            self.endpoints.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
+        for ep in cfg.pub_endpoints():
+            self._xpub.bind(ep)
+            self.pub_endpoints.append(self._xpub.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def _close_sockets(self) -> None:
+        for name in ("_router", "_xpub", "_ctl"):
+            s = getattr(self, name, None)
+            if s is not None:
+                s.close(linger=0)
+
+    def run(self) -> None:
+        """The event loop; returns after ``stop()``."""
+        try:
+            self._open_sockets()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._startup_error = exc
+            self._close_sockets()
+            self._ready.set()
+            self._stopped.set()
+            return
+        log.info("broker epoch %s: requests on %s, events on %s", self.epoch,
+                 ", ".join(self.endpoints), ", ".join(self.pub_endpoints))
+        self._ready.set()
+        try:
+            self._loop()
+        finally:
+            self._close_sockets()
+            self._stopped.set()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._xpub, zmq.POLLIN)
+        poller.register(self._ctl, zmq.POLLIN)
+        hb_interval = self.config.heartbeat_interval
+        next_heartbeat = time.monotonic()
+        while True:
+            now = time.monotonic()
+            wake = next_heartbeat
+            nd = self.core.next_deadline()
+            if nd is not None:
+                wake = min(wake, nd)
+            timeout_ms = max(0, int((wake - now) * 1000) + 1)
+            ready = dict(poller.poll(timeout_ms))
+            if self._ctl in ready:
+                return
+            if self._xpub in ready:
+                self._drain_subscriptions()
+            if self._router in ready:
+                self._drain_requests()
+            now = time.monotonic()
+            self._run_expiry(now)
+            if now >= next_heartbeat:
+                self._send_heartbeats()
+                self._expire_pending_snapshots(now)
+                next_heartbeat = now + hb_interval
+
+    def _run_expiry(self, now: float) -> None:
+        decisions = self.core.expire_due(now)
+        if not decisions:
+            return
+        for d in decisions:
+            assert d.namespace is not None
+            self.core.log.append(d.namespace, d.events, now)
+            self.core.commit(d, now)
+        self.core.log.flush()
+        for d in decisions:
+            self._publish(d)
+
+    def _publish(self, decision: Decision) -> None:
+        if not decision.events or decision.namespace is None:
+            return
+        body = self._published.encode(EventBatch(decision.namespace, self.epoch, decision.events))
+        self._xpub.send_multipart([topic_for(decision.namespace), body])
+
+    def _send_heartbeats(self) -> None:
+        for name, state in self.core.namespaces.items():
+            body = self._published.encode(Heartbeat(name, self.epoch, state.seq))
+            self._xpub.send_multipart([topic_for(name), body])
+
+    # ------------------------------------------------------------------ subscriptions
+
+    def _drain_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self._xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_subscription(msg)
+
+    def _on_subscription(self, msg: bytes) -> None:
+        if not msg or msg[0] not in (0, 1):
+            log.warning("ignoring %d-byte non-subscription message on the publisher", len(msg))
+            return
+        subscribe = msg[0] == 1
+        topic = msg[1:]
+        name_bytes, sep, nonce = topic.partition(TOPIC_END)
+        try:
+            name = check_namespace(name_bytes.decode())
+        except (UnicodeDecodeError, ValueError):
+            log.warning("refusing subscription to %r: not a namespace topic", topic[:80])
+            return
+        if not sep:
+            log.warning("refusing subscription to %r: topic lacks the NUL terminator", topic[:80])
+            return
+        if not nonce:
+            # Exact namespace topic: accept (XPUB_MANUAL applies it to the peer just read).
+            if subscribe:
+                self._xpub.setsockopt(zmq.SUBSCRIBE, topic)
+                self.subscribers[name] = self.subscribers.get(name, 0) + 1
+            else:
+                self._xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                self.subscribers[name] = max(0, self.subscribers.get(name, 0) - 1)
+            return
+        if not subscribe:
+            return  # nonce topics were never applied, nothing to remove
+        pending = self._pending_snapshots.pop(nonce, None)
+        if pending is not None:
+            envelope, request, _ = pending
+            if request.namespace == name:
+                self._send_reply(envelope, self.core.snapshot(request, time.monotonic()))
+            return
+        self._seen_nonces[nonce] = name
+        while len(self._seen_nonces) > MAX_SEEN_NONCES:
+            self._seen_nonces.popitem(last=False)
+
+    def _expire_pending_snapshots(self, now: float) -> None:
+        while self._pending_snapshots:
+            nonce, (envelope, request, since) = next(iter(self._pending_snapshots.items()))
+            if now - since < SNAPSHOT_WAIT:
+                return
+            del self._pending_snapshots[nonce]
+            self._send_reply(envelope, Error(
+                "StorageError",
+                f"snapshot of {request.namespace!r}: the subscription barrier never arrived",
+            ))
+
+    # ------------------------------------------------------------------ requests
+
+    def _drain_requests(self) -> None:
+        """Handle up to a turn's worth of requests; flush the log once; then reply and publish."""
+        done: list[tuple[list[bytes], Decision]] = []
+        for _ in range(MAX_REQUESTS_PER_TURN):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_request(frames, done)
+        if not done:
+            return
+        self.core.log.flush()
+        for envelope, decision in done:
+            self._send_reply(envelope, decision.reply)
+            self._publish(decision)
+
+    def _on_request(self, frames: list[bytes], done: list[tuple[list[bytes], Decision]]) -> None:
+        if len(frames) < 3 or frames[-2] != b"":
+            log.warning("dropping request with %d frames: no envelope delimiter", len(frames))
+            return
+        envelope = frames[:-1]
+        if len(envelope) > 2:
+            self._send_reply(envelope[:2], Error("ProtocolError", "one body frame expected"))
+            return
+        try:
+            request = self._requests.decode(frames[-1])
+        except ProtocolError as exc:
+            log.warning("bad request: %s", exc)
+            self._send_reply(envelope, Error(exc.kind, str(exc)))
+            return
+        now = time.monotonic()
+        try:
+            t = type(request)
+            if t is Set or t is SetMany or t is Delete:
+                self._run_expiry(now)
+                decision = self.core.decide(request, now, time.time())
+                if decision.events and decision.namespace is not None:
+                    self.core.log.append(decision.namespace, decision.events, now)
+                self.core.commit(decision, now)
+                done.append((envelope, decision))
+            elif t is Hello:
+                self._send_reply(envelope, HelloReply(
+                    self.epoch, self.pub_endpoints, self.config.max_value_bytes,
+                    self.config.heartbeat_interval,
+                ))
+            elif t is Open:
+                self._send_reply(envelope, self.core.open(request))
+            elif t is Snapshot:
+                self._on_snapshot(envelope, request, now)
+            elif t is Fetch:
+                self._send_reply(envelope, self.core.fetch(
+                    request.namespace, request.epoch, request.from_seq, request.limit,
+                    request.snap_id, now,
+                ))
+            elif t is Stats:
+                self._send_reply(envelope, self.core.stats())
+        except Exception as exc:  # noqa: BLE001 - never let one request end the broker
+            log.exception("internal error handling %s", type(request).__name__)
+            self._send_reply(envelope, Error("StorageError", f"internal broker error: {exc!r}"))
+
+    def _on_snapshot(self, envelope: list[bytes], request: Snapshot, now: float) -> None:
+        seen = self._seen_nonces.pop(request.nonce, None)
+        if seen is not None:
+            self._send_reply(envelope, self.core.snapshot(request, now))
+            return
+        if len(self._pending_snapshots) >= MAX_PENDING_SNAPSHOTS:
+            self._send_reply(envelope, Error("StorageError", "too many pending snapshots"))
+            return
+        self._pending_snapshots[request.nonce] = (envelope, request, now)
+
+    def _send_reply(self, envelope: list[bytes], reply: Reply) -> None:
+        try:
+            self._router.send_multipart([*envelope, self._replies.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
+            log.info("reply to a vanished or full peer dropped: %s", exc)

@@ -1,0 +1,41 @@
+"""sharedmem node: a local replica of shared namespaces, with the SharedMemory API."""
+
+from broker.errors import (
+    AccessDenied,
+    BrokerUnavailable,
+    InvalidKey,
+    InvalidNamespace,
+    InvalidValue,
+    KeyNotFound,
+    PatternError,
+    SharedMemoryError,
+    StorageError,
+)
+from node.api import (
+    AsyncSharedMemory,
+    Metadata,
+    Registry,
+    SharedMemory,
+    Status,
+    get_or_create,
+)
+from node.config import SharedMemoryConfig
+
+__all__ = [
+    "AccessDenied",
+    "AsyncSharedMemory",
+    "BrokerUnavailable",
+    "InvalidKey",
+    "InvalidNamespace",
+    "InvalidValue",
+    "KeyNotFound",
+    "Metadata",
+    "PatternError",
+    "Registry",
+    "SharedMemory",
+    "SharedMemoryConfig",
+    "SharedMemoryError",
+    "Status",
+    "StorageError",
+    "get_or_create",
+]

@@ -1,0 +1,321 @@
+"""The public API: ``SharedMemory`` (sync, thread-safe) and ``AsyncSharedMemory`` (asyncio).
+
+Both are facades over the same ``Node``. Reads are answered from the local replica under the
+node's lock (microseconds, never a network trip); writes go to the broker and return once this
+node's replica shows them (read-your-writes). Every argument is validated here first, so bad
+input raises its documented error before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import zmq
+
+from broker.errors import KeyNotFound, StorageError, error_from_kind
+from broker.pattern import compile_pattern
+from broker.protocol import Delete, Error, Set, SetMany, WriteOk
+from broker.state import Entry, NamespaceState
+from broker.validation import check_key, encode_value
+from node.config import SharedMemoryConfig, _seconds
+from node.embedded import embedded_address
+from node.node import NamespaceStatus, Node, acquire_node, release_node
+
+log = logging.getLogger("sharedmem.node")
+
+_MISSING: Any = object()
+_json_decode = msgspec.json.decode
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    """What is known about a stored value besides the value itself.
+
+    ``size``: bytes of the stored JSON; ``created_at``/``last_modified``: timezone-aware UTC
+    (broker clock); ``expires_at``: UTC estimate from this node's clock, None = never;
+    ``version``: the namespace seq of the event that last wrote the key.
+    """
+
+    size: int
+    created_at: datetime
+    last_modified: datetime
+    expires_at: datetime | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """How fresh this handle's replica is (see docs/consistency.md)."""
+
+    connected: bool
+    broker: str
+    epoch: str | None
+    namespace: NamespaceStatus
+
+
+def _fast_key_ok(key: object) -> bool:
+    # Short printable ASCII keys are always valid; anything else takes the full check.
+    return type(key) is str and 0 < len(key) <= 1024 and key.isascii() and key.isprintable()
+
+
+class SharedMemory:
+    """A namespace replicated into this process. Thread-safe; a context manager.
+
+    Construction connects and returns once the namespace is replicated, or raises
+    ``BrokerUnavailable`` (naming the address) when the broker cannot be reached in time, and
+    ``StorageError`` when the namespace exists with another ``max_keys``.
+    """
+
+    def __init__(self, config: SharedMemoryConfig | None = None) -> None:
+        self.config = config = config or SharedMemoryConfig()
+        address = config.resolved_broker() or embedded_address()
+        self.namespace = config.namespace
+        deadline = time.monotonic() + config.connect_timeout
+        self._node: Node = acquire_node(
+            address, zmq.Context.instance(), connect_timeout=config.connect_timeout,
+            retry_interval=config.retry_interval,
+        )
+        try:
+            self._replica = self._node.open_namespace(config.namespace, config.max_keys, deadline)
+        except BaseException:
+            release_node(self._node)
+            raise
+        self._lock = self._node.lock
+        self._max_value_bytes = self._node.max_value_bytes
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Leave the namespace and release the node; idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._node.close_namespace(self.namespace)
+        release_node(self._node)
+
+    def __enter__(self) -> SharedMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _state(self) -> NamespaceState:
+        if self._closed:
+            raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
+        state = self._replica.state
+        assert state is not None
+        return state
+
+    # ------------------------------------------------------------------ reads (local)
+
+    def _entry(self, key: str) -> Entry | None:
+        if not _fast_key_ok(key):
+            check_key(key)
+        with self._lock:
+            return self._state().live(key, time.monotonic())
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        """The value of ``key`` as a fresh copy; ``default`` or KeyNotFound if absent/expired."""
+        entry = self._entry(key)
+        if entry is None:
+            if default is _MISSING:
+                raise KeyNotFound(f"key {key!r} not found in namespace {self.namespace!r}")
+            return default
+        return _json_decode(entry.value)
+
+    def exists(self, key: str) -> bool:
+        """True if ``key`` holds a value that has not expired."""
+        return self._entry(key) is not None
+
+    def get_metadata(self, key: str) -> Metadata:
+        """Size, timestamps, expiry and version of ``key``; KeyNotFound if absent/expired."""
+        entry = self._entry(key)
+        if entry is None:
+            raise KeyNotFound(f"key {key!r} not found in namespace {self.namespace!r}")
+        expires = None
+        if entry.deadline is not None:
+            expires = datetime.fromtimestamp(
+                time.time() + (entry.deadline - time.monotonic()), UTC
+            )
+        return Metadata(
+            size=len(entry.value),
+            created_at=datetime.fromtimestamp(entry.created_at, UTC),
+            last_modified=datetime.fromtimestamp(entry.modified_at, UTC),
+            expires_at=expires,
+            version=entry.version,
+        )
+
+    def list_keys(self, pattern: str = "*") -> list[str]:
+        """Sorted keys matching the glob (``*``, ``?``, ``[a-z]``, ``[!a]``, ``\\`` escapes)."""
+        compile_pattern(pattern)  # PatternError before taking the lock
+        with self._lock:
+            return self._state().list_keys(pattern, time.monotonic())
+
+    def digest(self) -> str:
+        """Hash of this replica's state (equal to the broker's once converged)."""
+        with self._lock:
+            return self._state().digest()
+
+    @property
+    def seq(self) -> int:
+        """The seq of the last event this replica applied."""
+        return self._replica.seq
+
+    def status(self) -> Status:
+        """Connection and freshness of this replica."""
+        ns = self._node.status(self.namespace, time.monotonic())
+        return Status(self._node.connected, self._node.address, self._replica.epoch, ns)
+
+    # ------------------------------------------------------------------ writes (via broker)
+
+    def _ttl(self, ttl: Any) -> float | None:
+        if ttl is None:
+            value = self.config.ttl
+        else:
+            try:
+                value = _seconds("ttl", ttl)
+            except ValueError as exc:
+                from broker.errors import InvalidValue
+
+                raise InvalidValue(str(exc)) from None
+        return value or None
+
+    def _write(self, build: Any) -> WriteOk:
+        if self._closed:
+            raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
+        deadline = time.monotonic() + self.config.request_timeout
+        reply = self._node.request(build, deadline, is_write=True)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message)
+        if not isinstance(reply, WriteOk):
+            raise StorageError(f"unexpected reply to a write: {type(reply).__name__}")
+        self._node.wait_visible(self.namespace, reply, deadline)
+        return reply
+
+    def set(self, key: str, value: Any, *, ttl: float | None = None) -> int:
+        """Store ``value`` (JSON) under ``key``; returns its new version. ``ttl``: seconds,
+        None = the config's default, 0 = never expires."""
+        check_key(key)
+        data = encode_value(key, value, self._max_value_bytes)
+        t = self._ttl(ttl)
+        ns, mk = self.namespace, self.config.max_keys
+        return self._write(lambda cid, no: Set(cid, no, ns, mk, key, data, t)).seq
+
+    def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> int:
+        """Store several keys atomically (one event batch); returns the last version."""
+        if not isinstance(mapping, Mapping):
+            from broker.errors import InvalidValue
+
+            raise InvalidValue(f"set_many takes a mapping of key -> value, got {type(mapping)}")
+        items = [(check_key(k), encode_value(k, v, self._max_value_bytes))
+                 for k, v in mapping.items()]
+        if not items:
+            return self._replica.seq
+        t = self._ttl(ttl)
+        ns, mk = self.namespace, self.config.max_keys
+        return self._write(lambda cid, no: SetMany(cid, no, ns, mk, items, t)).seq
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it existed (and had not expired)."""
+        check_key(key)
+        ns, mk = self.namespace, self.config.max_keys
+        return self._write(lambda cid, no: Delete(cid, no, ns, mk, key)).changed
+
+
+class AsyncSharedMemory:
+    """The asyncio twin of ``SharedMemory``: reads run inline (they never block), writes and
+    connecting run in a worker thread so the event loop never waits on the network."""
+
+    def __init__(self, config: SharedMemoryConfig | None = None) -> None:
+        self.config = config or SharedMemoryConfig()
+        self._shm: SharedMemory | None = None
+
+    async def open(self) -> AsyncSharedMemory:
+        if self._shm is None:
+            self._shm = await asyncio.to_thread(SharedMemory, self.config)
+        return self
+
+    async def __aenter__(self) -> AsyncSharedMemory:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._shm is not None:
+            await asyncio.to_thread(self._shm.close)
+
+    @property
+    def sync(self) -> SharedMemory:
+        if self._shm is None:
+            raise StorageError("AsyncSharedMemory is not open: use 'async with' or await open()")
+        return self._shm
+
+    async def get(self, key: str, default: Any = _MISSING) -> Any:
+        return self.sync.get(key, default)
+
+    async def exists(self, key: str) -> bool:
+        return self.sync.exists(key)
+
+    async def get_metadata(self, key: str) -> Metadata:
+        return self.sync.get_metadata(key)
+
+    async def list_keys(self, pattern: str = "*") -> list[str]:
+        return self.sync.list_keys(pattern)
+
+    async def status(self) -> Status:
+        return self.sync.status()
+
+    async def set(self, key: str, value: Any, *, ttl: float | None = None) -> int:
+        return await asyncio.to_thread(self.sync.set, key, value, ttl=ttl)
+
+    async def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> int:
+        return await asyncio.to_thread(self.sync.set_many, mapping, ttl=ttl)
+
+    async def delete(self, key: str) -> bool:
+        return await asyncio.to_thread(self.sync.delete, key)
+
+
+class Registry:
+    """Hands out one ``SharedMemory`` per distinct config (the seed's
+    ``get_or_create_shared_memory_plugin``)."""
+
+    def __init__(self) -> None:
+        self._items: dict[SharedMemoryConfig, SharedMemory] = {}
+        self._lock = threading.Lock()
+
+    def get_or_create(self, config: SharedMemoryConfig) -> SharedMemory:
+        with self._lock:
+            shm = self._items.get(config)
+            if shm is None or shm.closed:
+                shm = self._items[config] = SharedMemory(config)
+            return shm
+
+    def close(self) -> None:
+        with self._lock:
+            items, self._items = list(self._items.values()), {}
+        for shm in items:
+            shm.close()
+
+
+_registry = Registry()
+
+
+def get_or_create(config: SharedMemoryConfig) -> SharedMemory:
+    """The process-wide registry's handle for ``config``."""
+    return _registry.get_or_create(config)

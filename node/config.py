@@ -1,0 +1,78 @@
+"""``SharedMemoryConfig``: what a ``SharedMemory`` connects to and its defaults, validated once.
+
+Frozen and hashable, so equal configs find the same object in a ``Registry``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from broker.validation import check_namespace
+
+EMBEDDED = "embedded"
+
+
+def _seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be seconds (int, float or timedelta), got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SharedMemoryConfig:
+    """Settings of one shared-memory handle.
+
+    - ``max_keys``: the namespace's capacity, 0 = unlimited (fixed when the namespace is created).
+    - ``ttl``: default time to live of a write in seconds (int, float or timedelta), 0 = never.
+    - ``namespace``: ``[A-Za-z0-9_.-]{1,128}``.
+    - ``broker``: ``"tcp://HOST:PORT"``; None = ``$SHAREDMEM_BROKER`` if set, else the process's
+      embedded in-process broker.
+    - ``request_timeout``: how long a write may take, retries included, before
+      ``BrokerUnavailable``; ``connect_timeout``: the same for opening the namespace.
+    """
+
+    max_keys: int = 10000
+    ttl: float = 3600.0
+    namespace: str = "shared"
+    broker: str | None = None
+    request_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    retry_interval: float = field(default=1.0, compare=True)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_keys, bool) or not isinstance(self.max_keys, int) \
+                or self.max_keys < 0:
+            raise ValueError(f"max_keys must be an int >= 0 (0 = unlimited), got {self.max_keys!r}")
+        object.__setattr__(self, "ttl", _seconds("ttl", self.ttl))
+        try:
+            check_namespace(self.namespace)
+        except ValueError as exc:
+            raise ValueError(f"namespace: {exc}") from None
+        if self.broker is not None:
+            if not isinstance(self.broker, str) or not self.broker.startswith(
+                ("tcp://", "ipc://", "inproc://")
+            ):
+                raise ValueError(
+                    f"broker must be 'tcp://HOST:PORT' (or ipc:// / inproc://), got {self.broker!r}"
+                )
+        for name in ("request_timeout", "connect_timeout", "retry_interval"):
+            v = _seconds(name, getattr(self, name))
+            if not v:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, v)
+
+    def resolved_broker(self) -> str | None:
+        """The broker address to use; None = the embedded broker."""
+        if self.broker is not None:
+            return self.broker
+        env = os.environ.get("SHAREDMEM_BROKER")
+        return env or None

@@ -1,0 +1,34 @@
+"""The embedded default: one in-process broker per process, on the inproc transport.
+
+With no broker configured, every node of the process talks to this broker through the same code
+path as to a remote one (inproc needs the shared ``zmq.Context.instance()``). It lives until the
+process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import zmq
+
+from broker.server import Broker, BrokerConfig
+
+_lock = threading.Lock()
+_broker: Broker | None = None
+
+
+def embedded_address() -> str:
+    """Start the process's embedded broker if needed; return its request endpoint."""
+    global _broker
+    with _lock:
+        if _broker is None or _broker._stopped.is_set():
+            endpoint = f"inproc://sharedmem-embedded-{os.getpid()}"
+            _broker = Broker(BrokerConfig(bind=[endpoint]), context=zmq.Context.instance())
+            _broker.start()
+        return _broker.endpoints[0]
+
+
+def embedded_broker() -> Broker | None:
+    """The embedded broker if it was started (tests compare its state with replicas)."""
+    return _broker

@@ -1,0 +1,417 @@
+"""A node: the local replicas of the namespaces a process opened, fed by one I/O thread.
+
+Owns: per broker address, one SUB socket (events) and one DEALER socket (snapshots and log
+fetches), both used only by the node's I/O thread; a pool of REQ channels for writes, used by
+the calling threads; and the ``Replica`` of every open namespace. The I/O thread applies events
+under ``lock`` and signals ``changed``; readers take ``lock`` briefly, so a read reflects
+exactly the events up to some seq (a batch is never half-visible).
+
+Must never: apply a write before the broker has ordered it (read-your-writes comes from
+waiting for the reply's seq on the stream), or block the I/O thread on a user request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as pysocket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import zmq
+
+from broker.errors import BrokerUnavailable, ProtocolError, error_from_kind
+from broker.protocol import (
+    Error,
+    EventBatch,
+    Fetch,
+    FetchReply,
+    Heartbeat,
+    Hello,
+    HelloReply,
+    Open,
+    OpenReply,
+    Snapshot,
+    SnapshotReply,
+    WriteOk,
+    published_codec,
+    reply_codec,
+    request_codec,
+    topic_for,
+)
+from node.replica import Replica, RequestFetch, RequestSnapshot, Sync
+from node.requests import ChannelPool, RequestChannel
+
+log = logging.getLogger("sharedmem.node")
+
+TICK = 0.1  # seconds between housekeeping passes of the I/O thread
+SUB_HWM = 1_000_000
+
+
+@dataclass(frozen=True)
+class NamespaceStatus:
+    """What a node knows about one namespace's freshness."""
+
+    namespace: str
+    sync: str
+    seq: int
+    head_seq: int
+    lag: int
+    last_heard_age: float | None
+    resyncs: int
+    repairs: int
+
+
+def pick_pub_endpoint(broker: str, offered: list[str]) -> str:
+    """The publisher endpoint to connect to, given the broker address we reached.
+
+    A wildcard or different host in the offer is replaced by the host we used to reach the
+    broker: if we can reach its requests there, its events are there too.
+    """
+    if not offered:
+        raise BrokerUnavailable(f"broker at {broker} offers no event endpoint")
+    scheme = broker.split("://", 1)[0]
+    same_scheme = [e for e in offered if e.split("://", 1)[0] == scheme] or offered
+    if scheme != "tcp":
+        return same_scheme[0]
+    host = urlsplit(broker).hostname or "127.0.0.1"
+    for e in same_scheme:
+        if urlsplit(e).hostname == host:
+            return e
+    port = urlsplit(same_scheme[0]).port
+    netloc = f"[{host}]" if ":" in host else host
+    return f"tcp://{netloc}:{port}"
+
+
+class Node:
+    """Replicas of one broker's namespaces in this process. Use ``acquire_node`` to share."""
+
+    def __init__(self, address: str, ctx: zmq.Context, *, connect_timeout: float = 10.0,
+                 retry_interval: float = 1.0, heartbeat_timeout: float | None = None) -> None:
+        self.address = address
+        self._ctx = ctx
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.replicas: dict[str, Replica] = {}
+        self._refs: dict[str, int] = {}
+        self._pool = ChannelPool(lambda: RequestChannel(ctx, address,
+                                                        retry_interval=retry_interval))
+        deadline = time.monotonic() + connect_timeout
+        try:
+            hello = self._pool.call(Hello(os.urandom(12)), deadline)
+        except BrokerUnavailable as exc:
+            self._pool.close()
+            raise BrokerUnavailable(f"cannot reach broker at {address}: {exc}") from None
+        if not isinstance(hello, HelloReply):
+            self._pool.close()
+            raise BrokerUnavailable(f"broker at {address} answered Hello with {hello!r}")
+        self.hello = hello
+        self.pub_endpoint = pick_pub_endpoint(address, hello.pub_endpoints)
+        self.max_value_bytes = hello.max_value_bytes
+        self.heartbeat_timeout = heartbeat_timeout or max(3 * hello.heartbeat_interval, 1.0)
+        self._commands: deque[tuple[str, str]] = deque()
+        self._wake_r, self._wake_w = pysocket.socketpair()
+        self._wake_r.setblocking(False)
+        self._closed = False
+        self.connected = True
+        self._thread = threading.Thread(target=self._run, name="sharedmem-node-io", daemon=True)
+        self._io_ready = threading.Event()
+        self._thread.start()
+        self._io_ready.wait(5.0)
+
+    # ------------------------------------------------------------------ user-thread API
+
+    def request(self, build: object, deadline: float, *, is_write: bool = False) -> object:
+        return self._pool.call(build, deadline, is_write=is_write)
+
+    def open_namespace(self, namespace: str, max_keys: int, deadline: float) -> Replica:
+        """Open (create or check) a namespace and wait until its replica is live."""
+        reply = self.request(Open(namespace, max_keys), deadline)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message)
+        if not isinstance(reply, OpenReply):
+            raise ProtocolError(f"unexpected reply to Open: {type(reply).__name__}")
+        with self.lock:
+            self._refs[namespace] = self._refs.get(namespace, 0) + 1
+            replica = self.replicas.get(namespace)
+            if replica is None:
+                replica = self.replicas[namespace] = Replica(namespace, reply.max_keys)
+                self._command("join", namespace)
+        try:
+            self.wait_live(namespace, deadline)
+        except BaseException:
+            self.close_namespace(namespace)
+            raise
+        return replica
+
+    def close_namespace(self, namespace: str) -> None:
+        with self.lock:
+            n = self._refs.get(namespace, 0) - 1
+            if n > 0:
+                self._refs[namespace] = n
+                return
+            self._refs.pop(namespace, None)
+            self.replicas.pop(namespace, None)
+            self._command("leave", namespace)
+
+    def wait_live(self, namespace: str, deadline: float) -> None:
+        with self.changed:
+            while True:
+                r = self.replicas.get(namespace)
+                if r is not None and r.state is not None:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnavailable(
+                        f"namespace {namespace!r}: no snapshot from broker at {self.address} "
+                        "in time"
+                    )
+                self.changed.wait(remaining)
+
+    def wait_visible(self, namespace: str, ok: WriteOk, deadline: float) -> None:
+        """Wait until the replica shows the write acknowledged by ``ok`` (read-your-writes)."""
+        with self.changed:
+            while True:
+                r = self.replicas.get(namespace)
+                if r is None:
+                    return  # namespace closed meanwhile
+                if r.state is not None and r.epoch == ok.epoch and r.state.seq >= ok.seq:
+                    return
+                if r.state is not None and r.epoch != ok.epoch and r.sync is Sync.LIVE \
+                        and r.epoch is not None and r.seq > 0 and r.pending_id is None:
+                    # The broker that acknowledged the write was replaced (in-memory restart);
+                    # its history is gone, there is nothing to wait for.
+                    log.warning("namespace %r: write seq %d of epoch %s outlived by epoch %s",
+                                namespace, ok.seq, ok.epoch, r.epoch)
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnavailable(
+                        f"namespace {namespace!r}: write applied at seq {ok.seq} but this node's "
+                        f"replica is still at seq {r.seq} ({r.sync.value})",
+                    )
+                self.changed.wait(remaining)
+
+    def status(self, namespace: str, now: float) -> NamespaceStatus:
+        with self.lock:
+            r = self.replicas[namespace]
+            age = None if r.last_heard is None else now - r.last_heard
+            head = max(r.head_seq, r.seq)
+            return NamespaceStatus(namespace, r.sync.value, r.seq, head, head - r.seq, age,
+                                   r.resyncs, r.repairs)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._command("stop", "")
+        self._thread.join(5.0)
+        self._pool.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _command(self, op: str, namespace: str) -> None:
+        self._commands.append((op, namespace))
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # closed or full: the I/O thread is awake or gone anyway
+            pass
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _run(self) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        dealer = self._ctx.socket(zmq.DEALER)
+        for s in (sub, dealer):
+            s.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, SUB_HWM)
+        sub.connect(self.pub_endpoint)
+        dealer.connect(self.address)
+        self._sub, self._dealer = sub, dealer
+        self._published = published_codec()
+        self._replies = reply_codec()
+        self._requests = request_codec()
+        self._nonces: dict[int, tuple[str, bytes]] = {}  # snap_id -> (namespace, nonce)
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._io_ready.set()
+        next_tick = time.monotonic() + TICK
+        try:
+            while True:
+                timeout = max(0.0, next_tick - time.monotonic())
+                ready = dict(poller.poll(int(timeout * 1000) + 1))
+                if self._wake_r.fileno() in ready:
+                    try:
+                        self._wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                if self._commands and not self._run_commands():
+                    return
+                if sub in ready:
+                    self._drain_sub()
+                if dealer in ready:
+                    self._drain_dealer()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + TICK
+        except Exception:  # pragma: no cover - logged; readers then see the node as stale
+            log.exception("node I/O thread failed")
+        finally:
+            sub.close(linger=0)
+            dealer.close(linger=0)
+
+    def _run_commands(self) -> bool:
+        while self._commands:
+            op, namespace = self._commands.popleft()
+            if op == "stop":
+                return False
+            if op == "join":
+                self._sub.setsockopt(zmq.SUBSCRIBE, topic_for(namespace))
+                with self.lock:
+                    r = self.replicas.get(namespace)
+                    actions = r.start(time.monotonic()) if r is not None else []
+                self._carry_out(actions)
+            elif op == "leave":
+                with self.lock:
+                    if namespace in self.replicas:
+                        continue  # reopened meanwhile
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(namespace))
+        return True
+
+    def _drain_sub(self) -> None:
+        actions: list = []
+        with self.changed:
+            for _ in range(10_000):
+                try:
+                    topic, body = self._sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ValueError:
+                    log.warning("dropping event-stream message with wrong frame count")
+                    continue
+                try:
+                    msg = self._published.decode(body)
+                except ProtocolError as exc:
+                    log.warning("dropping bad event-stream message: %s", exc)
+                    continue
+                r = self.replicas.get(msg.namespace)
+                if r is None or topic != topic_for(msg.namespace):
+                    continue
+                now = time.monotonic()
+                if type(msg) is EventBatch:
+                    actions += r.on_batch(msg, now)
+                elif type(msg) is Heartbeat:
+                    actions += r.on_heartbeat(msg, now)
+            self.changed.notify_all()
+        self._carry_out(actions)
+
+    def _drain_dealer(self) -> None:
+        actions: list = []
+        while True:
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 2 or frames[0] != b"":
+                log.warning("dropping malformed snapshot-channel reply")
+                continue
+            try:
+                reply = self._replies.decode(frames[1])
+            except ProtocolError as exc:
+                log.warning("dropping bad snapshot-channel reply: %s", exc)
+                continue
+            with self.changed:
+                if isinstance(reply, SnapshotReply):
+                    info = self._nonces.pop(reply.snap_id, None)
+                    if info is not None:
+                        self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(info[0]) + info[1])
+                    r = self.replicas.get(reply.namespace)
+                    if r is not None:
+                        actions += r.on_snapshot(reply, time.monotonic())
+                elif isinstance(reply, FetchReply):
+                    r = self.replicas.get(reply.namespace)
+                    if r is not None:
+                        actions += r.on_fetch(reply, time.monotonic())
+                elif isinstance(reply, Error):
+                    log.warning("broker refused a sync request: %s: %s", reply.kind, reply.message)
+                self.changed.notify_all()
+        self._carry_out(actions)
+
+    def _tick(self, now: float) -> None:
+        actions: list = []
+        with self.changed:
+            heard = [r.last_heard for r in self.replicas.values() if r.last_heard is not None]
+            was = self.connected
+            self.connected = not heard or now - max(heard) <= self.heartbeat_timeout
+            if was != self.connected:
+                log.warning("broker at %s %s", self.address,
+                            "is back" if self.connected else "went silent")
+            for r in self.replicas.values():
+                actions += r.on_tick(now)
+            # drop barrier subscriptions of abandoned snapshot requests
+            live_ids = {r.pending_id for r in self.replicas.values()}
+            for snap_id in [i for i in self._nonces if i not in live_ids]:
+                ns, nonce = self._nonces.pop(snap_id)
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(ns) + nonce)
+        self._carry_out(actions)
+
+    def _carry_out(self, actions: list) -> None:
+        for a in actions:
+            if type(a) is RequestSnapshot:
+                with self.lock:
+                    r = self.replicas.get(a.namespace)
+                    max_keys = r.max_keys if r is not None else 0
+                nonce = os.urandom(8).hex().encode()
+                self._nonces[a.snap_id] = (a.namespace, nonce)
+                # Barrier: this subscription follows <ns>\0 on the same pipe, so when the broker
+                # sees it, the namespace subscription is active and nothing after the snapshot
+                # can be missed.
+                self._sub.setsockopt(zmq.SUBSCRIBE, topic_for(a.namespace) + nonce)
+                req = Snapshot(a.namespace, max_keys, a.snap_id, nonce)
+                self._send_dealer(req)
+            elif type(a) is RequestFetch:
+                self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.snap_id))
+
+    def _send_dealer(self, req: object) -> None:
+        try:
+            self._dealer.send_multipart([b"", self._requests.encode(req)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.info("snapshot channel busy; the request will be retried")
+
+
+# ---------------------------------------------------------------------- sharing per process
+
+_nodes: dict[str, tuple[Node, int]] = {}
+_nodes_lock = threading.Lock()
+
+
+def acquire_node(address: str, ctx: zmq.Context, *, connect_timeout: float,
+                 retry_interval: float) -> Node:
+    """The process's node for ``address`` (created on first use), with one more reference."""
+    with _nodes_lock:
+        item = _nodes.get(address)
+        if item is not None and not item[0]._closed:
+            _nodes[address] = (item[0], item[1] + 1)
+            return item[0]
+        node = Node(address, ctx, connect_timeout=connect_timeout, retry_interval=retry_interval)
+        _nodes[address] = (node, 1)
+        return node
+
+
+def release_node(node: Node) -> None:
+    with _nodes_lock:
+        item = _nodes.get(node.address)
+        if item is None or item[0] is not node:
+            node.close()
+            return
+        if item[1] > 1:
+            _nodes[node.address] = (node, item[1] - 1)
+            return
+        del _nodes[node.address]
+    node.close()

@@ -1,0 +1,236 @@
+"""The replica's sync state machine for one namespace: pure, no sockets, no clock.
+
+Inputs are messages from the event stream and replies to the replica's own requests, each with
+the caller's ``now``; outputs are ``Action`` values the shell carries out (ask for a snapshot,
+ask for missing events). The transition table ``TRANSITIONS`` is data (h11 style): an input not
+listed for a state is ignored *and* leaves the state unchanged, and the tests assert both.
+
+Theory of operation:
+- JOINING: subscribed; events are buffered until the first snapshot arrives.
+- LIVE: events are applied in seq order. A duplicate is dropped; a gap (an event, or a
+  heartbeat's seq, beyond ``seq + 1``) moves to REPAIRING and asks for the missing range.
+- REPAIRING: waiting for missing events from the broker's log; new events are buffered.
+  If the log no longer has them, go to RESYNCING.
+- RESYNCING: waiting for a fresh snapshot (epoch change, or repair impossible). The old state is
+  still served; the new one is built from the snapshot alone and swapped in whole.
+Every request carries an id; replies with another id are stale and dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from broker.protocol import Event, EventBatch, FetchReply, Heartbeat, SnapshotReply
+from broker.state import NamespaceState, SeqGap
+
+
+class Sync(enum.Enum):
+    JOINING = "joining"
+    LIVE = "live"
+    REPAIRING = "repairing"
+    RESYNCING = "resyncing"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSnapshot:
+    """Subscribe ``<ns>\\0<nonce>`` (barrier) and send ``Snapshot(snap_id, nonce)``."""
+
+    namespace: str
+    snap_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFetch:
+    """Send ``Fetch(namespace, epoch, from_seq, snap_id)``."""
+
+    namespace: str
+    epoch: str
+    from_seq: int
+    snap_id: int
+
+
+Action = RequestSnapshot | RequestFetch
+
+# Which inputs each state reacts to; anything else is ignored (state unchanged).
+TRANSITIONS: dict[Sync, frozenset[str]] = {
+    Sync.JOINING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
+    Sync.LIVE: frozenset({"batch", "heartbeat", "timeout"}),
+    Sync.REPAIRING: frozenset({"batch", "heartbeat", "fetch", "timeout"}),
+    Sync.RESYNCING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
+}
+
+
+class Replica:
+    """One namespace's replica and its sync state.
+
+    ``state`` is None until the first snapshot is installed. ``request_timeout``: how long a
+    snapshot/fetch may stay unanswered before it is asked again (with a new id).
+    """
+
+    def __init__(self, namespace: str, max_keys: int, *, request_timeout: float = 3.0,
+                 max_buffer: int = 1_000_000) -> None:
+        self.namespace = namespace
+        self.max_keys = max_keys
+        self.sync = Sync.JOINING
+        self.state: NamespaceState | None = None
+        self.epoch: str | None = None
+        self.request_timeout = request_timeout
+        self.max_buffer = max_buffer
+        self.resyncs = 0
+        self.repairs = 0
+        self.last_heard: float | None = None  # any message of this namespace, local clock
+        self.head_seq = 0  # highest seq the broker has announced (events or heartbeats)
+        self._buffer: list[EventBatch] = []
+        self._buffered = 0
+        self._next_id = 0
+        self._pending_id: int | None = None
+        self._pending_since = 0.0
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def seq(self) -> int:
+        return self.state.seq if self.state is not None else 0
+
+    @property
+    def pending_id(self) -> int | None:
+        return self._pending_id
+
+    def _new_id(self, now: float) -> int:
+        self._next_id += 1
+        self._pending_id = self._next_id
+        self._pending_since = now
+        return self._next_id
+
+    def _ask_snapshot(self, now: float) -> list[Action]:
+        return [RequestSnapshot(self.namespace, self._new_id(now))]
+
+    def _ask_fetch(self, now: float) -> list[Action]:
+        assert self.epoch is not None
+        self.sync = Sync.REPAIRING
+        self.repairs += 1
+        return [RequestFetch(self.namespace, self.epoch, self.seq + 1, self._new_id(now))]
+
+    def _resync(self, now: float) -> list[Action]:
+        if self.sync is not Sync.JOINING:
+            self.resyncs += 1
+        self.sync = Sync.RESYNCING if self.state is not None else Sync.JOINING
+        return self._ask_snapshot(now)
+
+    def _buffer_batch(self, batch: EventBatch, now: float) -> list[Action]:
+        self._buffer.append(batch)
+        self._buffered += len(batch.events)
+        if self._buffered > self.max_buffer:
+            # Too far behind to catch up from the buffer: forget it, a snapshot covers it.
+            self._buffer.clear()
+            self._buffered = 0
+            return self._resync(now)
+        return []
+
+    def _accepts(self, kind: str) -> bool:
+        return kind in TRANSITIONS[self.sync]
+
+    # ------------------------------------------------------------------ inputs
+
+    def start(self, now: float) -> list[Action]:
+        """Begin joining: ask for the first snapshot."""
+        return self._ask_snapshot(now)
+
+    def on_batch(self, batch: EventBatch, now: float) -> list[Action]:
+        self.last_heard = now
+        if batch.events:
+            self.head_seq = max(self.head_seq, batch.events[-1].seq)
+        if self.sync is not Sync.LIVE:
+            return self._buffer_batch(batch, now)
+        if batch.epoch != self.epoch:
+            self._buffer_batch(batch, now)
+            return self._resync(now)
+        return self._apply_live(batch.events, now)
+
+    def _apply_live(self, events: list[Event], now: float) -> list[Action]:
+        assert self.state is not None
+        seq = self.state.seq
+        if events and events[-1].seq <= seq:
+            return []  # duplicate
+        if events and events[0].seq <= seq:
+            events = [e for e in events if e.seq > seq]
+        try:
+            self.state.apply_batch(events, now)
+        except SeqGap:
+            self._buffer_batch(EventBatch(self.namespace, self.epoch or "", events), now)
+            return self._ask_fetch(now)
+        self.head_seq = max(self.head_seq, self.state.seq)
+        return []
+
+    def on_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
+        self.last_heard = now
+        if self.sync is Sync.JOINING:
+            return []
+        if hb.epoch != self.epoch:
+            if self.sync is Sync.RESYNCING:
+                return []
+            return self._resync(now)
+        self.head_seq = max(self.head_seq, hb.seq)
+        if self.sync is Sync.LIVE and hb.seq > self.seq:
+            # Events are published before the heartbeat on the same stream: a heartbeat ahead
+            # of us means events were dropped (HWM) -- repair.
+            return self._ask_fetch(now)
+        return []
+
+    def on_snapshot(self, reply: SnapshotReply, now: float) -> list[Action]:
+        if reply.snap_id != self._pending_id or not self._accepts("snapshot"):
+            return []  # stale or unasked-for
+        self._pending_id = None
+        fresh = NamespaceState.from_snapshot(
+            reply.namespace, reply.max_keys, reply.seq, reply.entries, now
+        )
+        buffered, self._buffer, self._buffered = self._buffer, [], 0
+        self.state = fresh  # swapped in whole, never merged
+        self.epoch = reply.epoch
+        self.max_keys = reply.max_keys
+        self.head_seq = reply.seq
+        self.sync = Sync.LIVE
+        actions: list[Action] = []
+        for batch in buffered:
+            if batch.epoch != reply.epoch:
+                continue
+            if self.sync is Sync.LIVE:
+                actions += self._apply_live(batch.events, now)
+            else:
+                self._buffer_batch(batch, now)
+        return actions
+
+    def on_fetch(self, reply: FetchReply, now: float) -> list[Action]:
+        if reply.snap_id != self._pending_id or not self._accepts("fetch"):
+            return []
+        self._pending_id = None
+        if not reply.available or reply.epoch != self.epoch:
+            return self._resync(now)
+        assert self.state is not None
+        events = [e for e in reply.events if e.seq > self.state.seq]
+        try:
+            self.state.apply_batch(events, now)
+        except SeqGap:
+            return self._resync(now)
+        buffered, self._buffer, self._buffered = self._buffer, [], 0
+        self.sync = Sync.LIVE
+        actions: list[Action] = []
+        for batch in buffered:
+            if self.sync is Sync.LIVE:
+                actions += self._apply_live(batch.events, now)
+            else:
+                self._buffer_batch(batch, now)
+        if self.sync is Sync.LIVE and self.head_seq > self.state.seq and not actions:
+            actions = self._ask_fetch(now)  # the log gave us less than the head: ask for more
+        return actions
+
+    def on_tick(self, now: float) -> list[Action]:
+        """Re-ask an unanswered snapshot/fetch (new id; the old answer will be dropped)."""
+        if self._pending_id is None or now - self._pending_since < self.request_timeout:
+            return []
+        if self.sync is Sync.REPAIRING:
+            return self._ask_fetch(now)
+        if self.sync in (Sync.JOINING, Sync.RESYNCING):
+            return self._ask_snapshot(now)
+        return []

@@ -1,0 +1,136 @@
+"""A request channel to the broker: one REQ socket driven by the Lazy Pirate pattern.
+
+Owns: one socket, one ``client_id`` and its request counter. On a timeout the socket is closed
+with LINGER 0 (a REQ cannot send again before it receives), reopened, and the *same bytes* are
+resent, so the broker's dedup table answers a repeat instead of applying it twice.
+
+Must never: be used by two threads at once (``ChannelPool`` hands each caller its own), or
+report a write whose reply never came as refused: that is ``BrokerUnavailable`` with
+``outcome_unknown=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from broker.errors import BrokerUnavailable, ProtocolError
+from broker.protocol import Reply, Request, reply_codec, request_codec
+
+log = logging.getLogger("sharedmem.node")
+
+
+class RequestChannel:
+    """REQ socket + Lazy Pirate retries. Not thread-safe: one caller at a time."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *, retry_interval: float = 1.0) -> None:
+        self._ctx = ctx
+        self.endpoint = endpoint
+        self.client_id = os.urandom(12)
+        self.retry_interval = retry_interval
+        self._request_no = 0
+        self._sock: zmq.Socket | None = None
+        self._requests = request_codec()
+        self._replies = reply_codec()
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.endpoint)
+            self._sock = s
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def next_request_no(self) -> int:
+        self._request_no += 1
+        return self._request_no
+
+    def call(self, build: Callable[[bytes, int], Request] | Request, deadline: float,
+             *, is_write: bool = False) -> Reply:
+        """Send one request and return its reply, retrying until ``deadline`` (monotonic).
+
+        ``build(client_id, request_no)`` makes a write request (the number is fixed once, so
+        every resend is the same request); a plain Request is sent as is.
+        """
+        request = build(self.client_id, self.next_request_no()) if callable(build) else build
+        data = self._requests.encode(request)
+        attempt = 0
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                self._reset()
+                raise BrokerUnavailable(
+                    f"broker at {self.endpoint} did not answer {type(request).__name__} in time"
+                    + ("; the write may or may not have been applied (a retry is safe)"
+                       if is_write and attempt else ""),
+                    outcome_unknown=is_write and attempt > 0,
+                )
+            sock = self._socket()
+            try:
+                sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:
+                # Not connected yet and nothing queued: wait a little, bounded by the deadline.
+                self._reset()
+                time.sleep(min(0.05, max(0.0, deadline - now)))  # poll
+                continue
+            attempt += 1
+            wait = min(self.retry_interval * min(attempt, 4), deadline - now)
+            if sock.poll(max(1, int(wait * 1000)), zmq.POLLIN):
+                raw = sock.recv()
+                try:
+                    return self._replies.decode(raw)
+                except ProtocolError:
+                    log.warning("undecodable reply from %s; retrying", self.endpoint)
+            log.debug("no reply from %s after %.2fs (attempt %d); reopening",
+                      self.endpoint, wait, attempt)
+            self._reset()
+
+
+class ChannelPool:
+    """Hands each calling thread a channel of its own, so writers never share a REQ socket."""
+
+    def __init__(self, factory: Callable[[], RequestChannel]) -> None:
+        self._factory = factory
+        self._free: list[RequestChannel] = []
+        self._all: list[RequestChannel] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def call(self, build: Any, deadline: float, *, is_write: bool = False) -> Reply:
+        with self._lock:
+            if self._closed:
+                raise BrokerUnavailable("this node is closed")
+            if self._free:
+                channel = self._free.pop()
+            else:
+                channel = self._factory()
+                self._all.append(channel)
+        try:
+            return channel.call(build, deadline, is_write=is_write)
+        finally:
+            with self._lock:
+                if self._closed:
+                    channel.close()
+                else:
+                    self._free.append(channel)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for channel in self._free:
+                channel.close()
+            self._free.clear()
