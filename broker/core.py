@@ -26,6 +26,7 @@ from broker.errors import (
 from broker.log import MemoryLog
 from broker.protocol import (
     Delete,
+    DigestReply,
     Error,
     Event,
     FetchReply,
@@ -296,6 +297,12 @@ class BrokerCore:
         if events is None:
             return FetchReply(snap_id, namespace, self.epoch, False)
         return FetchReply(snap_id, namespace, self.epoch, True, events)
+
+    def digest(self, namespace: str) -> Reply:
+        state = self.namespaces.get(namespace)
+        if state is None:
+            return Error("KeyNotFound", f"namespace {namespace!r} does not exist")
+        return DigestReply(self.epoch, namespace, state.seq, state.digest(), len(state.entries))
 
     def stats(self) -> StatsReply:
         return StatsReply(

@@ -158,7 +158,13 @@ class Stats(msgspec.Struct, tag=True, frozen=True):
     """Ask for the broker's counters."""
 
 
-Request = Hello | Open | Snapshot | Fetch | Set | SetMany | Delete | Stats
+class Digest(msgspec.Struct, tag=True, frozen=True):
+    """Ask for the hash of a namespace's state at its current seq (convergence checks)."""
+
+    namespace: str
+
+
+Request = Hello | Open | Snapshot | Fetch | Set | SetMany | Delete | Stats | Digest
 WriteRequest = Set | SetMany | Delete
 
 
@@ -223,6 +229,14 @@ class StatsReply(msgspec.Struct, tag=True, frozen=True):
     counters: dict[str, int]
 
 
+class DigestReply(msgspec.Struct, tag=True, frozen=True):
+    epoch: str
+    namespace: str
+    seq: int
+    digest: str
+    keys: int
+
+
 class Error(msgspec.Struct, tag=True, frozen=True):
     """The request was refused (``kind`` names an error class of broker.errors); nothing changed."""
 
@@ -230,7 +244,10 @@ class Error(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-Reply = HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | StatsReply | Error
+Reply = (
+    HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | StatsReply | DigestReply
+    | Error
+)
 
 
 # --------------------------------------------------------------------------- codecs

@@ -30,6 +30,7 @@ from broker.log import MemoryLog
 from broker.protocol import (
     TOPIC_END,
     Delete,
+    Digest,
     Error,
     EventBatch,
     Fetch,
@@ -50,6 +51,32 @@ from broker.protocol import (
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
 
 log = logging.getLogger("sharedmem.broker")
+
+
+class _RateLimitedLog:
+    """Logs at most ``per_second`` garbage warnings a second, then one summary: a flood of bad
+    frames must not turn into a flood of log lines (or a blocked stderr)."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._window = 0
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = int(time.monotonic())
+        if now != self._window:
+            if self._suppressed:
+                log.warning("%d more bad messages were not logged", self._suppressed)
+            self._window, self._count, self._suppressed = now, 0, 0
+        self._count += 1
+        if self._count <= self.per_second:
+            log.warning(msg, *args)
+        else:
+            self._suppressed += 1
+
+
+garbage_log = _RateLimitedLog()
 
 MAX_REQUESTS_PER_TURN = 512
 MAX_PENDING_SNAPSHOTS = 10_000
@@ -265,7 +292,8 @@ class Broker:
 
     def _on_subscription(self, msg: bytes) -> None:
         if not msg or msg[0] not in (0, 1):
-            log.warning("ignoring %d-byte non-subscription message on the publisher", len(msg))
+            garbage_log.warning("ignoring %d-byte non-subscription message on the publisher",
+                                len(msg))
             return
         subscribe = msg[0] == 1
         topic = msg[1:]
@@ -273,10 +301,11 @@ class Broker:
         try:
             name = check_namespace(name_bytes.decode())
         except (UnicodeDecodeError, ValueError):
-            log.warning("refusing subscription to %r: not a namespace topic", topic[:80])
+            garbage_log.warning("refusing subscription to %r: not a namespace topic", topic[:80])
             return
         if not sep:
-            log.warning("refusing subscription to %r: topic lacks the NUL terminator", topic[:80])
+            garbage_log.warning("refusing subscription to %r: topic lacks the NUL terminator",
+                                topic[:80])
             return
         if not nonce:
             # Exact namespace topic: accept (XPUB_MANUAL applies it to the peer just read).
@@ -330,7 +359,8 @@ class Broker:
 
     def _on_request(self, frames: list[bytes], done: list[tuple[list[bytes], Decision]]) -> None:
         if len(frames) < 3 or frames[-2] != b"":
-            log.warning("dropping request with %d frames: no envelope delimiter", len(frames))
+            garbage_log.warning("dropping request with %d frames: no envelope delimiter",
+                                len(frames))
             return
         envelope = frames[:-1]
         if len(envelope) > 2:
@@ -339,7 +369,7 @@ class Broker:
         try:
             request = self._requests.decode(frames[-1])
         except ProtocolError as exc:
-            log.warning("bad request: %s", exc)
+            garbage_log.warning("bad request: %s", exc)
             self._send_reply(envelope, Error(exc.kind, str(exc)))
             return
         now = time.monotonic()
@@ -368,6 +398,8 @@ class Broker:
                 ))
             elif t is Stats:
                 self._send_reply(envelope, self.core.stats())
+            elif t is Digest:
+                self._send_reply(envelope, self.core.digest(request.namespace))
         except Exception as exc:  # noqa: BLE001 - never let one request end the broker
             log.exception("internal error handling %s", type(request).__name__)
             self._send_reply(envelope, Error("StorageError", f"internal broker error: {exc!r}"))

@@ -22,7 +22,7 @@ import zmq
 
 from broker.errors import KeyNotFound, StorageError, error_from_kind
 from broker.pattern import compile_pattern
-from broker.protocol import Delete, Error, Set, SetMany, WriteOk
+from broker.protocol import Delete, Digest, DigestReply, Error, Set, SetMany, WriteOk
 from broker.state import Entry, NamespaceState
 from broker.validation import check_key, encode_value
 from node.config import SharedMemoryConfig, _seconds
@@ -170,6 +170,22 @@ class SharedMemory:
         """Hash of this replica's state (equal to the broker's once converged)."""
         with self._lock:
             return self._state().digest()
+
+    def broker_digest(self) -> tuple[int, str]:
+        """(seq, digest) of the broker's copy of this namespace, asked over the network."""
+        deadline = time.monotonic() + self.config.request_timeout
+        reply = self._node.request(Digest(self.namespace), deadline)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message)
+        if not isinstance(reply, DigestReply):
+            raise StorageError(f"unexpected reply to Digest: {type(reply).__name__}")
+        return reply.seq, reply.digest
+
+    def local_digest(self) -> tuple[int, str]:
+        """(seq, digest) of this replica, taken atomically."""
+        with self._lock:
+            state = self._state()
+            return state.seq, state.digest()
 
     @property
     def seq(self) -> int:

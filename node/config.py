@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from broker.errors import InvalidNamespace
 from broker.validation import check_namespace
 
 EMBEDDED = "embedded"
@@ -55,8 +56,8 @@ class SharedMemoryConfig:
         object.__setattr__(self, "ttl", _seconds("ttl", self.ttl))
         try:
             check_namespace(self.namespace)
-        except ValueError as exc:
-            raise ValueError(f"namespace: {exc}") from None
+        except InvalidNamespace as exc:  # a ValueError too, as the contract asks
+            raise InvalidNamespace(f"namespace: {exc}") from None
         if self.broker is not None:
             if not isinstance(self.broker, str) or not self.broker.startswith(
                 ("tcp://", "ipc://", "inproc://")

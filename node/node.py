@@ -42,7 +42,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
-from node.replica import Replica, RequestFetch, RequestSnapshot, Sync
+from node.replica import Replica, RequestFetch, RequestProbe, RequestSnapshot, Sync
 from node.requests import ChannelPool, RequestChannel
 
 log = logging.getLogger("sharedmem.node")
@@ -138,7 +138,9 @@ class Node:
             self._refs[namespace] = self._refs.get(namespace, 0) + 1
             replica = self.replicas.get(namespace)
             if replica is None:
-                replica = self.replicas[namespace] = Replica(namespace, reply.max_keys)
+                replica = self.replicas[namespace] = Replica(
+                    namespace, reply.max_keys, silence_timeout=self.heartbeat_timeout
+                )
                 self._command("join", namespace)
         try:
             self.wait_live(namespace, deadline)
@@ -338,6 +340,10 @@ class Node:
                     r = self.replicas.get(reply.namespace)
                     if r is not None:
                         actions += r.on_fetch(reply, time.monotonic())
+                elif isinstance(reply, OpenReply):
+                    r = self.replicas.get(reply.namespace)
+                    if r is not None:
+                        actions += r.on_probe(reply.epoch, reply.seq, time.monotonic())
                 elif isinstance(reply, Error):
                     log.warning("broker refused a sync request: %s: %s", reply.kind, reply.message)
                 self.changed.notify_all()
@@ -377,6 +383,8 @@ class Node:
                 self._send_dealer(req)
             elif type(a) is RequestFetch:
                 self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.snap_id))
+            elif type(a) is RequestProbe:
+                self._send_dealer(Open(a.namespace, a.max_keys))
 
     def _send_dealer(self, req: object) -> None:
         try:

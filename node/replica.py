@@ -50,12 +50,21 @@ class RequestFetch:
     snap_id: int
 
 
-Action = RequestSnapshot | RequestFetch
+@dataclass(frozen=True, slots=True)
+class RequestProbe:
+    """Send ``Open(namespace, max_keys)``: after a silence, learn the broker's epoch and seq
+    (a restarted broker may not know the namespace yet, so it sends no heartbeats for it)."""
+
+    namespace: str
+    max_keys: int
+
+
+Action = RequestSnapshot | RequestFetch | RequestProbe
 
 # Which inputs each state reacts to; anything else is ignored (state unchanged).
 TRANSITIONS: dict[Sync, frozenset[str]] = {
     Sync.JOINING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
-    Sync.LIVE: frozenset({"batch", "heartbeat", "timeout"}),
+    Sync.LIVE: frozenset({"batch", "heartbeat", "probe", "timeout"}),
     Sync.REPAIRING: frozenset({"batch", "heartbeat", "fetch", "timeout"}),
     Sync.RESYNCING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
 }
@@ -69,13 +78,15 @@ class Replica:
     """
 
     def __init__(self, namespace: str, max_keys: int, *, request_timeout: float = 3.0,
-                 max_buffer: int = 1_000_000) -> None:
+                 silence_timeout: float = 1.5, max_buffer: int = 1_000_000) -> None:
         self.namespace = namespace
         self.max_keys = max_keys
         self.sync = Sync.JOINING
         self.state: NamespaceState | None = None
         self.epoch: str | None = None
         self.request_timeout = request_timeout
+        self.silence_timeout = silence_timeout
+        self._last_probe = float("-inf")
         self.max_buffer = max_buffer
         self.resyncs = 0
         self.repairs = 0
@@ -182,6 +193,7 @@ class Replica:
         if reply.snap_id != self._pending_id or not self._accepts("snapshot"):
             return []  # stale or unasked-for
         self._pending_id = None
+        self.last_heard = now
         fresh = NamespaceState.from_snapshot(
             reply.namespace, reply.max_keys, reply.seq, reply.entries, now
         )
@@ -205,6 +217,7 @@ class Replica:
         if reply.snap_id != self._pending_id or not self._accepts("fetch"):
             return []
         self._pending_id = None
+        self.last_heard = now
         if not reply.available or reply.epoch != self.epoch:
             return self._resync(now)
         assert self.state is not None
@@ -225,9 +238,29 @@ class Replica:
             actions = self._ask_fetch(now)  # the log gave us less than the head: ask for more
         return actions
 
+    def on_probe(self, epoch: str, seq: int, now: float) -> list[Action]:
+        """The broker's answer to a probe: its epoch and the namespace's head seq."""
+        if not self._accepts("probe"):
+            return []
+        self.last_heard = now
+        if epoch != self.epoch:
+            return self._resync(now)
+        self.head_seq = max(self.head_seq, seq)
+        if seq > self.seq:
+            return self._ask_fetch(now)
+        return []
+
     def on_tick(self, now: float) -> list[Action]:
-        """Re-ask an unanswered snapshot/fetch (new id; the old answer will be dropped)."""
-        if self._pending_id is None or now - self._pending_since < self.request_timeout:
+        """Re-ask an unanswered snapshot/fetch (new id; the old answer will be dropped);
+        probe the broker after a silence."""
+        if self._pending_id is None:
+            if self.sync is Sync.LIVE and (
+                self.last_heard is None or now - self.last_heard > self.silence_timeout
+            ) and now - self._last_probe > self.silence_timeout:
+                self._last_probe = now
+                return [RequestProbe(self.namespace, self.max_keys)]
+            return []
+        if now - self._pending_since < self.request_timeout:
             return []
         if self.sync is Sync.REPAIRING:
             return self._ask_fetch(now)
