@@ -24,11 +24,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS",
                    help="heartbeat interval on the event stream (default 0.5)")
     p.add_argument("--max-value-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="persist the log here (default: in memory only, lost on exit)")
+    p.add_argument("--fsync", choices=["always", "everysec", "no"], default="always",
+                   help="when the log is fsynced (default always: before any reply)")
+    p.add_argument("--compact-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
+                   help="snapshot and start a new segment when one grows past N bytes")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
+def repair_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m broker repair",
+                                description="Truncate a corrupt log at its last good record.")
+    p.add_argument("--data-dir", required=True, metavar="DIR")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from broker.recovery import repair
+
+    for line in repair(Path(args.data_dir)):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["repair"]:
+        return repair_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             pub_bind=args.pub_bind,
             heartbeat_interval=args.heartbeat,
             max_value_bytes=args.max_value_bytes,
+            data_dir=args.data_dir,
+            fsync=args.fsync,
+            compact_bytes=args.compact_bytes,
         )
     except ValueError as exc:
         print(f"broker: {exc}", file=sys.stderr)

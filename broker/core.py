@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from broker.durable import DedupFile, NamespaceFile, SnapEntryFile, SnapshotFile
 from broker.errors import (
     InvalidKey,
     InvalidValue,
@@ -124,6 +126,8 @@ class BrokerCore:
         self.namespaces: dict[str, NamespaceState] = {}
         self.log = log if log is not None else MemoryLog()
         self.dedup = DedupTable()
+        # Undo records of the current turn: what to put back if the log flush fails.
+        self._undo: list[tuple] | None = None
         self.counters: dict[str, int] = {
             "writes": 0,
             "events": 0,
@@ -211,6 +215,14 @@ class BrokerCore:
                 f"{state.max_keys}, this write adds {new_keys}"
             )
 
+    def append_to_log(self, decision: Decision, now: float, wall: float) -> None:
+        """Hand a decision's events to the log (durable at the next ``log.flush()``)."""
+        if decision.events and decision.namespace is not None:
+            reply = decision.reply
+            changed = reply.changed if isinstance(reply, WriteOk) else True
+            self.log.append(decision.namespace, decision.events, now, wall=wall,
+                            client=decision.client, changed=changed)
+
     def commit(self, decision: Decision, now: float) -> None:
         """Apply a decision whose events the log has accepted; remember its reply."""
         if decision.duplicate:
@@ -220,8 +232,15 @@ class BrokerCore:
             self._create(decision.namespace, decision.create_max_keys)
         if decision.events:
             assert decision.namespace is not None
-            self.namespaces[decision.namespace].apply_batch(decision.events, now)
+            state = self.namespaces[decision.namespace]
+            if self._undo is not None:
+                self._undo.append(("events", state, state.seq,
+                                   [(e.key, state.entries.get(e.key)) for e in decision.events]))
+            state.apply_batch(decision.events, now)
             self.counters["events"] += len(decision.events)
+        if decision.client is not None and self._undo is not None:
+            self._undo.append(("dedup", decision.client[0],
+                               self.dedup._last.get(decision.client[0])))
         if type(decision.reply) is Error:
             self.counters["refused"] += 1
         else:
@@ -257,7 +276,61 @@ class BrokerCore:
         state = self.namespaces.get(name)
         if state is None:
             state = self.namespaces[name] = NamespaceState(name, max_keys)
+            self.log.record_namespace(name, max_keys)
+            if self._undo is not None:
+                self._undo.append(("create", name))
         return state
+
+    def frozen_view(self, segment: int, mono: float, wall: float) -> Callable[[], SnapshotFile]:
+        """Copy what a snapshot needs (fast: shallow dict copies; entries are immutable) and
+        return a function that builds the snapshot from the copies on another thread."""
+        epoch = self.epoch
+        copies = [(name, s.max_keys, s.seq, s.entries.copy())
+                  for name, s in self.namespaces.items()]
+        dedup = [(cid, no, r.seq, r.changed) for cid, (no, r) in self.dedup._last.items()
+                 if isinstance(r, WriteOk)]
+
+        def build() -> SnapshotFile:
+            namespaces = []
+            for name, max_keys, seq, entries in copies:
+                rows = [
+                    SnapEntryFile(k, e.value, e.version, e.created_at, e.modified_at,
+                                  None if e.deadline is None else wall + (e.deadline - mono))
+                    for k, e in entries.items()
+                ]
+                namespaces.append(NamespaceFile(name, max_keys, seq, rows))
+            return SnapshotFile(epoch, segment, wall, namespaces,
+                                [DedupFile(*row) for row in dedup])
+
+        return build
+
+    # ------------------------------------------------------------------ turns (group commit)
+
+    def begin_turn(self) -> None:
+        """Start recording undo information: the turn's log flush may still fail."""
+        self._undo = []
+
+    def end_turn(self) -> None:
+        """The turn's log flush succeeded: forget the undo information."""
+        self._undo = None
+
+    def rollback_turn(self) -> None:
+        """The turn's log flush failed: put state, namespaces and dedup table back."""
+        undo, self._undo = self._undo or [], None
+        for item in reversed(undo):
+            if item[0] == "events":
+                _, state, old_seq, olds = item
+                for key, old in reversed(olds):
+                    state.restore(key, old)
+                state.seq = old_seq
+            elif item[0] == "dedup":
+                _, client_id, previous = item
+                if previous is None:
+                    self.dedup._last.pop(client_id, None)
+                else:
+                    self.dedup._last[client_id] = previous
+            elif item[0] == "create":
+                self.namespaces.pop(item[1], None)
 
     def open(self, request: Open) -> Reply:
         """Create the namespace if missing; refuse a different ``max_keys`` for an existing one."""

@@ -25,8 +25,14 @@ class MemoryLog:
         self.retention = retention
         self._events: dict[str, deque[tuple[Event, float | None]]] = {}
 
-    def append(self, namespace: str, events: Sequence[Event], now: float) -> None:
-        """Record events decided at ``now`` (their ``ttl`` counts from ``now``)."""
+    def record_namespace(self, namespace: str, max_keys: int) -> None:
+        """A namespace was created (nothing to keep in memory: the state has it)."""
+
+    def append(self, namespace: str, events: Sequence[Event], now: float, *, wall: float = 0.0,
+               client: tuple[bytes, int] | None = None, changed: bool = True) -> None:
+        """Record events decided at ``now`` (their ``ttl`` counts from ``now``).
+
+        ``wall``, ``client`` and ``changed`` matter only to a durable log."""
         q = self._events.get(namespace)
         if q is None:
             q = self._events[namespace] = deque(maxlen=self.retention)
@@ -36,6 +42,24 @@ class MemoryLog:
 
     def flush(self) -> None:
         """Make appended events durable (nothing to do in memory)."""
+
+    def discard_turn(self) -> None:
+        """Forget what was appended since the last flush (nothing is ever pending here)."""
+
+    def tick(self) -> None:
+        """Periodic housekeeping (background fsync of a durable log)."""
+
+    def close(self) -> None:
+        """Release files (none in memory)."""
+
+    compacting = False
+
+    def wants_compaction(self) -> bool:
+        """Memory is not compacted (retention bounds it)."""
+        return False
+
+    def finish_compaction(self) -> None:
+        """Nothing to finish in memory."""
 
     def first_seq(self, namespace: str) -> int | None:
         q = self._events.get(namespace)

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from broker.core import BrokerCore, Decision
-from broker.errors import ProtocolError
+from broker.durable import FSYNC_POLICIES, DurableLog
+from broker.errors import ProtocolError, StorageError
 from broker.log import MemoryLog
 from broker.protocol import (
     TOPIC_END,
@@ -48,6 +49,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
+from broker.recovery import RecoveryReport, mark_clean, recover
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
 
 log = logging.getLogger("sharedmem.broker")
@@ -104,6 +106,9 @@ class BrokerConfig:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     log_retention: int = 100_000
     hwm: int = 200_000  # SNDHWM of the publisher per subscriber, RCVHWM of the router
+    data_dir: str | None = None  # None: the log lives in memory only
+    fsync: str = "always"  # always | everysec | no (with data_dir)
+    compact_bytes: int = 64 * 1024 * 1024  # rotate + snapshot when a segment grows past this
 
     def __post_init__(self) -> None:
         if not self.bind:
@@ -112,6 +117,11 @@ class BrokerConfig:
             raise ValueError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
         if self.max_value_bytes <= 0:
             raise ValueError(f"max_value_bytes must be > 0, got {self.max_value_bytes}")
+        if self.fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, "
+                             f"got {self.fsync!r}")
+        if self.compact_bytes <= 0:
+            raise ValueError(f"compact_bytes must be > 0, got {self.compact_bytes}")
 
     def pub_endpoints(self) -> list[str]:
         if self.pub_bind:
@@ -125,10 +135,16 @@ class Broker:
     def __init__(self, config: BrokerConfig | None = None, *, context: zmq.Context | None = None,
                  core: BrokerCore | None = None) -> None:
         self.config = config or BrokerConfig()
-        self.core = core or BrokerCore(
-            max_value_bytes=self.config.max_value_bytes,
-            log=MemoryLog(self.config.log_retention),
-        )
+        cfg = self.config
+        if core is None:
+            log_: MemoryLog = (
+                DurableLog(cfg.data_dir, fsync=cfg.fsync, retention=cfg.log_retention,
+                           compact_bytes=cfg.compact_bytes)
+                if cfg.data_dir else MemoryLog(cfg.log_retention)
+            )
+            core = BrokerCore(max_value_bytes=cfg.max_value_bytes, log=log_)
+        self.core = core
+        self.recovery: RecoveryReport | None = None
         self._ctx = context or zmq.Context.instance()
         self._ctl_endpoint = f"inproc://sharedmem-broker-ctl-{id(self)}-{os.getpid()}"
         self._thread: threading.Thread | None = None
@@ -145,6 +161,8 @@ class Broker:
         )
         self._seen_nonces: OrderedDict[bytes, str] = OrderedDict()
         self.subscribers: dict[str, int] = {}
+        self._in_turn = False
+        self._outbox: list[tuple[list[bytes] | None, Reply | None, Decision | None]] = []
 
     @property
     def epoch(self) -> str:
@@ -211,10 +229,17 @@ class Broker:
     def run(self) -> None:
         """The event loop; returns after ``stop()``."""
         try:
+            if isinstance(self.core.log, DurableLog):
+                self.recovery = recover(self.core, self.core.log)
+                log.info("recovered epoch %s: snapshot %s, %d segments, %d records, %d torn "
+                         "bytes dropped", self.recovery.epoch, self.recovery.snapshot,
+                         self.recovery.segments, self.recovery.records,
+                         self.recovery.torn_bytes)
             self._open_sockets()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._startup_error = exc
             self._close_sockets()
+            self.core.log.close()
             self._ready.set()
             self._stopped.set()
             return
@@ -225,6 +250,9 @@ class Broker:
             self._loop()
         finally:
             self._close_sockets()
+            self.core.log.close()
+            if isinstance(self.core.log, DurableLog):
+                mark_clean(self.core.log)
             self._stopped.set()
 
     # ------------------------------------------------------------------ the loop
@@ -236,6 +264,7 @@ class Broker:
         poller.register(self._ctl, zmq.POLLIN)
         hb_interval = self.config.heartbeat_interval
         next_heartbeat = time.monotonic()
+        log_ = self.core.log
         while True:
             now = time.monotonic()
             wake = next_heartbeat
@@ -243,31 +272,75 @@ class Broker:
             if nd is not None:
                 wake = min(wake, nd)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
-            ready = dict(poller.poll(timeout_ms))
+            if log_.compacting:
+                timeout_ms = min(timeout_ms, 50)
+            ready = dict(poller.poll(min(timeout_ms, 1000)))
             if self._ctl in ready:
                 return
             if self._xpub in ready:
                 self._drain_subscriptions()
-            if self._router in ready:
-                self._drain_requests()
             now = time.monotonic()
-            self._run_expiry(now)
+            if self._router in ready or (nd is not None and nd <= now):
+                self._turn(drain=self._router in ready)
+            log_.tick()
+            if log_.compacting:
+                log_.finish_compaction()
+            elif log_.wants_compaction():
+                self._start_compaction()
+            now = time.monotonic()
             if now >= next_heartbeat:
                 self._send_heartbeats()
                 self._expire_pending_snapshots(now)
                 next_heartbeat = now + hb_interval
 
-    def _run_expiry(self, now: float) -> None:
-        decisions = self.core.expire_due(now)
-        if not decisions:
-            return
-        for d in decisions:
-            assert d.namespace is not None
-            self.core.log.append(d.namespace, d.events, now)
+    def _turn(self, *, drain: bool) -> None:
+        """One turn: expiry and up to MAX_REQUESTS_PER_TURN requests, one log flush (group
+        commit), then every reply and publish of the turn -- or, if the flush failed, the whole
+        turn rolled back and refused."""
+        self.core.begin_turn()
+        self._outbox = []
+        self._in_turn = True
+        try:
+            self._expire(time.monotonic())
+            if drain:
+                for _ in range(MAX_REQUESTS_PER_TURN):
+                    try:
+                        frames = self._router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_request(frames)
+            outbox = self._outbox
+            try:
+                self.core.log.flush()
+            except StorageError as exc:
+                log.error("%s", exc)
+                self.core.rollback_turn()
+                refusal = Error("StorageError", str(exc))
+                outbox = [(env, refusal if not isinstance(reply, HelloReply) else reply, None)
+                          for env, reply, _ in outbox if env is not None]
+            else:
+                self.core.end_turn()
+        finally:
+            self._in_turn = False
+            self._outbox = []
+        for envelope, reply, decision in outbox:
+            if envelope is not None and reply is not None:
+                self._send_reply(envelope, reply)
+            if decision is not None:
+                self._publish(decision)
+
+    def _expire(self, now: float) -> None:
+        """Log, apply and queue for publishing the expiry of every key that is due."""
+        for d in self.core.expire_due(now):
+            self.core.append_to_log(d, now, time.time())
             self.core.commit(d, now)
-        self.core.log.flush()
-        for d in decisions:
-            self._publish(d)
+            self._outbox.append((None, None, d))
+
+    def _start_compaction(self) -> None:
+        log_ = self.core.log
+        assert isinstance(log_, DurableLog)
+        build = self.core.frozen_view(log_.segment + 1, time.monotonic(), time.time())
+        log_.start_compaction(build)
 
     def _publish(self, decision: Decision) -> None:
         if not decision.events or decision.namespace is None:
@@ -341,23 +414,7 @@ class Broker:
 
     # ------------------------------------------------------------------ requests
 
-    def _drain_requests(self) -> None:
-        """Handle up to a turn's worth of requests; flush the log once; then reply and publish."""
-        done: list[tuple[list[bytes], Decision]] = []
-        for _ in range(MAX_REQUESTS_PER_TURN):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._on_request(frames, done)
-        if not done:
-            return
-        self.core.log.flush()
-        for envelope, decision in done:
-            self._send_reply(envelope, decision.reply)
-            self._publish(decision)
-
-    def _on_request(self, frames: list[bytes], done: list[tuple[list[bytes], Decision]]) -> None:
+    def _on_request(self, frames: list[bytes]) -> None:
         if len(frames) < 3 or frames[-2] != b"":
             garbage_log.warning("dropping request with %d frames: no envelope delimiter",
                                 len(frames))
@@ -376,12 +433,12 @@ class Broker:
         try:
             t = type(request)
             if t is Set or t is SetMany or t is Delete:
-                self._run_expiry(now)
-                decision = self.core.decide(request, now, time.time())
-                if decision.events and decision.namespace is not None:
-                    self.core.log.append(decision.namespace, decision.events, now)
+                self._expire(now)
+                wall = time.time()
+                decision = self.core.decide(request, now, wall)
+                self.core.append_to_log(decision, now, wall)
                 self.core.commit(decision, now)
-                done.append((envelope, decision))
+                self._outbox.append((envelope, decision.reply, decision))
             elif t is Hello:
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, self.config.max_value_bytes,
@@ -415,6 +472,9 @@ class Broker:
         self._pending_snapshots[request.nonce] = (envelope, request, now)
 
     def _send_reply(self, envelope: list[bytes], reply: Reply) -> None:
+        if self._in_turn:  # held back until the turn's log flush succeeded
+            self._outbox.append((envelope, reply, None))
+            return
         try:
             self._router.send_multipart([*envelope, self._replies.encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)

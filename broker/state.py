@@ -90,6 +90,19 @@ class NamespaceState:
             raise TypeError(f"not an event: {event!r}")
         self.seq = event.seq
 
+    def restore(self, key: str, old: Entry | None) -> None:
+        """Put back ``key`` as it was before a rolled-back event (``old`` None: absent)."""
+        entries = self.entries
+        if old is None:
+            if entries.pop(key, None) is not None:
+                self.index.remove(key)
+            return
+        if key not in entries:
+            self.index.add(key)
+        entries[key] = old
+        if old.deadline is not None:
+            heapq.heappush(self._deadlines, (old.deadline, key, old.version))
+
     # ------------------------------------------------------------------ reading
 
     def live(self, key: str, now: float) -> Entry | None:

@@ -1,0 +1,436 @@
+"""The durable log: append-only segments, atomic snapshots, compaction and crash recovery.
+
+Owns the files under ``data_dir`` (format: docs/persistence.md):
+- ``seg-NNNNNNNN.log``: a 32-byte header (magic, epoch, segment number) then records
+  ``u32 length | u32 crc32(payload) | payload`` (little-endian; payload = msgpack LogRecord);
+- ``snap-NNNNNNNN.snap``: the whole state as of the start of segment NNNNNNNN, written to a
+  temp file, fsynced, renamed, and the directory fsynced.
+
+Rules: an event is acknowledged or published only after ``flush()`` returned (under
+``fsync=always`` that includes the fsync; all writes of one loop turn share it: group commit).
+A failed flush truncates the segment back to where the turn began and raises StorageError, so
+the caller can roll the turn back; nothing acknowledged before is touched. Old segments are
+deleted only after the snapshot that covers them is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from broker.errors import StorageError
+from broker.log import MemoryLog
+from broker.protocol import Event, KeySet
+
+log = logging.getLogger("sharedmem.broker.durable")
+
+SEG_MAGIC = b"SHMLOG1\x00"
+SNAP_MAGIC = b"SHMSNAP1"
+SEG_HEADER = struct.Struct("<8s16sQ")  # magic, epoch (16 ascii hex), segment number
+REC_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
+SNAP_HEADER = struct.Struct("<8sQI")  # magic, payload length, crc32(payload)
+MAX_RECORD = 256 * 1024 * 1024
+FSYNC_POLICIES = ("always", "everysec", "no")
+_SEG_RE = re.compile(r"seg-(\d{8})\.log")
+_SNAP_RE = re.compile(r"snap-(\d{8})\.snap")
+
+
+class NamespaceRecord(msgspec.Struct, tag="N", array_like=True):
+    """A namespace was created with ``max_keys``."""
+
+    namespace: str
+    max_keys: int
+
+
+class BatchRecord(msgspec.Struct, tag="B", array_like=True):
+    """Events applied to a namespace at broker wall time ``wall`` (KeySet.ttl counts from it);
+    ``client``/``request_no``/``changed`` rebuild the dedup table's reply after a restart."""
+
+    namespace: str
+    wall: float
+    events: list[Event]
+    client: bytes | None = None
+    request_no: int = 0
+    changed: bool = True
+
+
+LogRecord = NamespaceRecord | BatchRecord
+
+
+class SnapEntryFile(msgspec.Struct, array_like=True):
+    key: str
+    value: bytes
+    version: int
+    created_at: float
+    modified_at: float
+    expires_at: float | None  # broker wall clock, absolute
+
+
+class NamespaceFile(msgspec.Struct, array_like=True):
+    name: str
+    max_keys: int
+    seq: int
+    entries: list[SnapEntryFile]
+
+
+class DedupFile(msgspec.Struct, array_like=True):
+    client: bytes
+    request_no: int
+    seq: int
+    changed: bool
+
+
+class SnapshotFile(msgspec.Struct):
+    epoch: str
+    segment: int  # replay segments >= this one on top of the snapshot
+    wall: float
+    namespaces: list[NamespaceFile]
+    dedup: list[DedupFile]
+
+
+class CorruptLog(StorageError):
+    """Raised at start-up when a record in the middle of the log fails its checksum."""
+
+    kind = "StorageError"
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        super().__init__(
+            f"corrupt log record in {path} at offset {offset}: {reason}; run "
+            f"'python -m broker repair --data-dir {path.parent}' to truncate at the last good "
+            "record (this discards every record after it)"
+        )
+        self.path = path
+        self.offset = offset
+
+
+_record_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(LogRecord)
+_snap_decoder = msgspec.msgpack.Decoder(SnapshotFile)
+
+
+def seg_path(data_dir: Path, n: int) -> Path:
+    return data_dir / f"seg-{n:08d}.log"
+
+
+def snap_path(data_dir: Path, n: int) -> Path:
+    return data_dir / f"snap-{n:08d}.snap"
+
+
+def list_numbered(data_dir: Path, pattern: re.Pattern[str]) -> list[int]:
+    out = []
+    for p in data_dir.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_record(record: LogRecord) -> bytes:
+    payload = _record_encoder.encode(record)
+    return REC_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass
+class ScanResult:
+    """Records read from one segment, and where (if anywhere) reading stopped early."""
+
+    records: list[LogRecord] = field(default_factory=list)
+    good_end: int = SEG_HEADER.size  # offset just after the last good record
+    size: int = 0
+    error: str | None = None  # why reading stopped before the end of the file
+    error_offset: int = 0
+    torn: bool = False  # the bad part is an incomplete final record (a crash mid-append)
+
+
+def read_segment_header(path: Path) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        raw = f.read(SEG_HEADER.size)
+    if len(raw) < SEG_HEADER.size:
+        raise CorruptLog(path, 0, "segment header is truncated")
+    magic, epoch, n = SEG_HEADER.unpack(raw)
+    if magic != SEG_MAGIC:
+        raise CorruptLog(path, 0, "not a sharedmem log segment (bad magic)")
+    return epoch.decode("ascii"), n
+
+
+def scan_segment(path: Path) -> ScanResult:
+    """Read every record; classify a bad tail as torn (incomplete last record) or corrupt."""
+    data = path.read_bytes()
+    res = ScanResult(size=len(data))
+    off = SEG_HEADER.size
+    n = len(data)
+    while off < n:
+        if n - off < REC_HEADER.size:
+            res.error, res.error_offset, res.torn = "incomplete record header", off, True
+            break
+        length, crc = REC_HEADER.unpack_from(data, off)
+        end = off + REC_HEADER.size + length
+        if length > MAX_RECORD:
+            # A garbage length: torn only if nothing after it could be a record anyway.
+            res.error, res.error_offset = f"record length {length} is impossible", off
+            res.torn = False
+            break
+        if end > n:
+            res.error, res.error_offset, res.torn = (
+                f"record of {length} bytes runs past the end of the file", off, True)
+            break
+        payload = data[off + REC_HEADER.size:end]
+        if zlib.crc32(payload) != crc:
+            res.error, res.error_offset = "checksum mismatch", off
+            # The last record, partly written (e.g. zero-filled by the file system): torn.
+            res.torn = end == n
+            break
+        try:
+            res.records.append(_record_decoder.decode(payload))
+        except msgspec.DecodeError as exc:
+            res.error, res.error_offset, res.torn = f"undecodable record: {exc}", off, False
+            break
+        off = end
+        res.good_end = off
+    return res
+
+
+class DurableLog(MemoryLog):
+    """MemoryLog (for Fetch) plus segment files, group commit and snapshots."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, fsync: str = "always",
+                 retention: int = 100_000, compact_bytes: int = 64 * 1024 * 1024) -> None:
+        super().__init__(retention)
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
+        self.data_dir = Path(data_dir)
+        self.fsync = fsync
+        self.compact_bytes = compact_bytes
+        self._buf = bytearray()
+        self._turn_events: dict[str, int] = {}
+        self._fd: int | None = None
+        self._segment = 0
+        self._seg_size = 0
+        self._last_fsync = time.monotonic()
+        self._unsynced = False
+        self.epoch: str | None = None
+        self.fsync_seconds_total = 0.0
+        self.fsync_count = 0
+        self._compaction: threading.Thread | None = None
+        self._compaction_error: BaseException | None = None
+        self._compaction_done_segment: int | None = None
+        self.compactions = 0
+
+    # ------------------------------------------------------------------ opening
+
+    def open_segment(self, n: int, epoch: str, size: int | None = None) -> None:
+        """Append to segment ``n`` (creating it with a header if new)."""
+        path = seg_path(self.data_dir, n)
+        new = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if new:
+            os.write(fd, SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n))
+            os.fsync(fd)
+            fsync_dir(self.data_dir)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        self._segment = n
+        self._seg_size = os.fstat(fd).st_size if size is None else size
+        self.epoch = epoch
+
+    @property
+    def segment(self) -> int:
+        return self._segment
+
+    # ------------------------------------------------------------------ appending
+
+    def record_namespace(self, namespace: str, max_keys: int) -> None:
+        self._buf += encode_record(NamespaceRecord(namespace, max_keys))
+
+    def append(self, namespace: str, events: Sequence[Event], now: float, *, wall: float = 0.0,
+               client: tuple[bytes, int] | None = None, changed: bool = True) -> None:
+        super().append(namespace, events, now)
+        self._turn_events[namespace] = self._turn_events.get(namespace, 0) + len(events)
+        cid, no = client if client is not None else (None, 0)
+        self._buf += encode_record(BatchRecord(namespace, wall or time.time(), list(events),
+                                               cid, no, changed))
+
+    def flush(self) -> None:
+        """Write the turn's records (and fsync under ``always``); raise StorageError on failure
+        after truncating the segment back, so the turn can be rolled back."""
+        if not self._buf:
+            self._turn_events.clear()
+            return
+        assert self._fd is not None
+        data = bytes(self._buf)
+        start = self._seg_size
+        try:
+            written = 0
+            view = memoryview(data)
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+            if self.fsync == "always":
+                self._do_fsync()
+            else:
+                self._unsynced = True
+                if self.fsync == "everysec":
+                    self.tick()
+        except OSError as exc:
+            self._abort_turn(start)
+            raise StorageError(f"write to the log failed ({exc.strerror or exc}); the write "
+                               "was refused and nothing changed") from exc
+        self._seg_size = start + len(data)
+        self._buf.clear()
+        self._turn_events.clear()
+
+    def _do_fsync(self) -> None:
+        assert self._fd is not None
+        t = time.perf_counter()
+        os.fsync(self._fd)
+        self.fsync_seconds_total += time.perf_counter() - t
+        self.fsync_count += 1
+        self._last_fsync = time.monotonic()
+        self._unsynced = False
+
+    def tick(self) -> None:
+        """``everysec``: fsync once a second when something was written since."""
+        if self.fsync == "everysec" and self._unsynced and \
+                time.monotonic() - self._last_fsync >= 1.0:
+            try:
+                self._do_fsync()
+            except OSError as exc:
+                log.error("background fsync failed: %s", exc)
+
+    def _abort_turn(self, start: int) -> None:
+        self._buf.clear()
+        for ns, count in self._turn_events.items():
+            q = self._events.get(ns)
+            for _ in range(min(count, len(q) if q else 0)):
+                assert q is not None
+                q.pop()
+        self._turn_events.clear()
+        try:
+            assert self._fd is not None
+            os.ftruncate(self._fd, start)
+        except OSError as exc:  # the next open will treat the tail as torn
+            log.error("could not truncate %s back to %d: %s",
+                      seg_path(self.data_dir, self._segment), start, exc)
+
+    def discard_turn(self) -> None:
+        """Forget the unflushed records of this turn (the caller rolled its state back)."""
+        self._abort_turn(self._seg_size)
+
+    def close(self) -> None:
+        if self._compaction is not None:
+            self._compaction.join()
+        if self._fd is not None:
+            try:
+                if self._unsynced:
+                    os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    # ------------------------------------------------------------------ compaction
+
+    def wants_compaction(self) -> bool:
+        return self._seg_size >= self.compact_bytes and self._compaction is None
+
+    @property
+    def compacting(self) -> bool:
+        return self._compaction is not None
+
+    def start_compaction(self, build: Callable[[], SnapshotFile]) -> None:
+        """Rotate to a new segment now; on a thread, ``build()`` the snapshot of the state as of
+        this moment and write it.
+
+        ``build`` must read only a frozen view (entries are immutable; the dicts it reads are
+        copies made before this call), and its ``segment`` must be ``self.segment + 1``.
+        """
+        assert self.epoch is not None
+        self._do_fsync()
+        self.open_segment(self._segment + 1, self.epoch)
+        segment = self._segment
+
+        def work() -> None:
+            try:
+                view = build()
+                assert view.segment == segment
+                write_snapshot(self.data_dir, view)
+                self._compaction_done_segment = segment
+            except BaseException as exc:  # noqa: BLE001 - reported by finish_compaction
+                self._compaction_error = exc
+
+        self._compaction = threading.Thread(target=work, name="sharedmem-compaction",
+                                            daemon=True)
+        self._compaction.start()
+
+    def finish_compaction(self) -> None:
+        """If the snapshot thread is done: delete what it made obsolete (or log its failure)."""
+        t = self._compaction
+        if t is None or t.is_alive():
+            return
+        self._compaction = None
+        if self._compaction_error is not None:
+            log.error("compaction failed, old segments kept: %s", self._compaction_error)
+            self._compaction_error = None
+            return
+        n = self._compaction_done_segment
+        assert n is not None
+        for old in list_numbered(self.data_dir, _SEG_RE):
+            if old < n:
+                seg_path(self.data_dir, old).unlink(missing_ok=True)
+        for old in list_numbered(self.data_dir, _SNAP_RE):
+            if old < n:
+                snap_path(self.data_dir, old).unlink(missing_ok=True)
+        fsync_dir(self.data_dir)
+        self.compactions += 1
+        log.info("compaction done: snapshot %s, older segments removed",
+                 snap_path(self.data_dir, n))
+
+
+def write_snapshot(data_dir: Path, view: SnapshotFile) -> Path:
+    """Atomically write a snapshot: temp file, fsync, rename, fsync the directory."""
+    payload = msgspec.msgpack.encode(view)
+    final = snap_path(data_dir, view.segment)
+    tmp = final.with_suffix(".snap.tmp")
+    with open(tmp, "wb") as f:
+        f.write(SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)))
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(data_dir)
+    return final
+
+
+def read_snapshot(path: Path) -> SnapshotFile:
+    data = path.read_bytes()
+    if len(data) < SNAP_HEADER.size:
+        raise CorruptLog(path, 0, "snapshot header is truncated")
+    magic, length, crc = SNAP_HEADER.unpack_from(data)
+    payload = data[SNAP_HEADER.size:]
+    if magic != SNAP_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+        raise CorruptLog(path, 0, "snapshot fails its checksum")
+    return _snap_decoder.decode(payload)
+
+
+def keyset_ttl_at(event: Event, wall: float, now_wall: float) -> float | None:
+    """Remaining TTL at ``now_wall`` of a KeySet logged at ``wall`` (for reporting)."""
+    if type(event) is not KeySet or event.ttl is None:
+        return None
+    return max(0.0, wall + event.ttl - now_wall)
