@@ -238,6 +238,8 @@ class BrokerCore:
                                    [(e.key, state.entries.get(e.key)) for e in decision.events]))
             state.apply_batch(decision.events, now)
             self.counters["events"] += len(decision.events)
+            if type(decision.events[0]) is KeyExpired:
+                self.counters["expired"] += len(decision.events)
         if decision.client is not None and self._undo is not None:
             self._undo.append(("dedup", decision.client[0],
                                self.dedup._last.get(decision.client[0])))
@@ -263,7 +265,6 @@ class BrokerCore:
                     KeyExpired(state.seq + i + 1, k) for i, k in enumerate(keys)
                 ]
                 out.append(Decision(WriteOk(self.epoch, state.seq + len(keys)), name, events))
-                self.counters["expired"] += len(keys)
         return out
 
     def next_deadline(self) -> float | None:

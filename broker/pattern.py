@@ -74,11 +74,15 @@ def _parse_class(pattern: str, i: int) -> tuple[str, int]:
     return (f"[^{body}]" if negate else f"[{body}]"), j
 
 
-@lru_cache(maxsize=1024)
 def compile_pattern(pattern: str) -> Pattern:
     """Compile a glob, raising PatternError with the position of the first problem."""
     if not isinstance(pattern, str):
         raise PatternError(f"pattern must be a str, got {type(pattern).__name__}")
+    return _compile(pattern)
+
+
+@lru_cache(maxsize=1024)
+def _compile(pattern: str) -> Pattern:
     parts: list[str] = []
     prefix_chars: list[str] = []
     in_prefix = True

@@ -150,16 +150,22 @@ class NamespaceState:
     # ------------------------------------------------------------------ expiry (broker side)
 
     def due_expirations(self, now: float) -> list[str]:
-        """Keys whose deadline has passed and that still hold the version that set it."""
-        due: list[str] = []
+        """Keys whose deadline has passed and that still hold the version that set it.
+
+        Only stale heap items are dropped; due ones stay until their KeyExpired event removes
+        the entry, so a decision that is never committed is offered again next time."""
+        due: list[tuple[float, str, int]] = []
         heap = self._deadlines
         entries = self.entries
         while heap and heap[0][0] <= now:
-            deadline, key, version = heapq.heappop(heap)
+            item = heapq.heappop(heap)
+            deadline, key, version = item
             entry = entries.get(key)
             if entry is not None and entry.version == version and entry.deadline == deadline:
-                due.append(key)
-        return due
+                due.append(item)
+        for item in due:
+            heapq.heappush(heap, item)
+        return [key for _, key, _ in due]
 
     def next_deadline(self) -> float | None:
         """Earliest pending deadline (possibly stale; harmless: the timer just finds nothing)."""

@@ -20,7 +20,7 @@ DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
 MAX_VALUE_DEPTH = 256
 
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 _json_encoder = msgspec.json.Encoder()
 

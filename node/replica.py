@@ -150,13 +150,15 @@ class Replica:
 
     def on_batch(self, batch: EventBatch, now: float) -> list[Action]:
         self.last_heard = now
-        if batch.events:
-            self.head_seq = max(self.head_seq, batch.events[-1].seq)
         if self.sync is not Sync.LIVE:
+            if batch.events and (self.epoch is None or batch.epoch == self.epoch):
+                self.head_seq = max(self.head_seq, batch.events[-1].seq)
             return self._buffer_batch(batch, now)
         if batch.epoch != self.epoch:
-            self._buffer_batch(batch, now)
-            return self._resync(now)
+            # Another history: keep the batch for after the snapshot, never apply it here.
+            return self._buffer_batch(batch, now) or self._resync(now)
+        if batch.events:
+            self.head_seq = max(self.head_seq, batch.events[-1].seq)
         return self._apply_live(batch.events, now)
 
     def _apply_live(self, events: list[Event], now: float) -> list[Action]:
@@ -169,8 +171,9 @@ class Replica:
         try:
             self.state.apply_batch(events, now)
         except SeqGap:
-            self._buffer_batch(EventBatch(self.namespace, self.epoch or "", events), now)
-            return self._ask_fetch(now)
+            overflow = self._buffer_batch(EventBatch(self.namespace, self.epoch or "", events),
+                                          now)
+            return overflow or self._ask_fetch(now)
         self.head_seq = max(self.head_seq, self.state.seq)
         return []
 
@@ -207,10 +210,12 @@ class Replica:
         for batch in buffered:
             if batch.epoch != reply.epoch:
                 continue
+            if batch.events:
+                self.head_seq = max(self.head_seq, batch.events[-1].seq)
             if self.sync is Sync.LIVE:
                 actions += self._apply_live(batch.events, now)
             else:
-                self._buffer_batch(batch, now)
+                actions += self._buffer_batch(batch, now)
         return actions
 
     def on_fetch(self, reply: FetchReply, now: float) -> list[Action]:
@@ -230,10 +235,16 @@ class Replica:
         self.sync = Sync.LIVE
         actions: list[Action] = []
         for batch in buffered:
+            if batch.epoch != self.epoch:
+                # A newer history showed up while we repaired: take a snapshot of it.
+                self._buffer = [b for b in buffered if b.epoch != self.epoch]
+                self._buffered = sum(len(b.events) for b in self._buffer)
+                return self._resync(now)
+        for batch in buffered:
             if self.sync is Sync.LIVE:
                 actions += self._apply_live(batch.events, now)
             else:
-                self._buffer_batch(batch, now)
+                actions += self._buffer_batch(batch, now)
         if self.sync is Sync.LIVE and self.head_seq > self.state.seq and not actions:
             actions = self._ask_fetch(now)  # the log gave us less than the head: ask for more
         return actions

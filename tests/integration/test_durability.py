@@ -73,8 +73,13 @@ def test_crash_loop_keeps_every_acknowledged_write(tmp_path: Path) -> None:
             with SharedMemory(SharedMemoryConfig(namespace="crash", broker=broker.address,
                                                  max_keys=0, connect_timeout=30)) as probe:
                 target = probe.seq + rng.randrange(50, 400)
-                wait_until(lambda p=probe, t=target: p.seq >= t, 60,  # noqa: B023
-                           message="writers to make progress")
+                try:
+                    wait_until(lambda p=probe, t=target: p.seq >= t, 60,  # noqa: B023
+                               message="writers to make progress")
+                except AssertionError:
+                    raise AssertionError(
+                        f"no progress: probe {probe.status()}, broker digest "
+                        f"{probe.broker_digest()}, broker alive {broker.alive}") from None
             broker.kill()
             broker = durable_broker(port, data, "--compact-bytes", "300000")
             assert broker.epoch == epoch  # fsync=always: the history continues

@@ -1,0 +1,529 @@
+"""BrokerCore: decide (pure) -> log append -> commit, as the broker shell drives it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from broker.core import BrokerCore, Decision, DedupTable
+from broker.log import MemoryLog
+from broker.protocol import (
+    Delete,
+    DigestReply,
+    Error,
+    FetchReply,
+    KeyDeleted,
+    KeyExpired,
+    KeySet,
+    Open,
+    OpenReply,
+    Set,
+    SetMany,
+    Snapshot,
+    SnapshotReply,
+    WriteOk,
+    WriteRequest,
+)
+
+NS = "ns"
+EPOCH = "epoch-a"
+
+
+class Client:
+    """Builds write requests with increasing request numbers, like one node does."""
+
+    def __init__(self, client_id: bytes = b"node-1", max_keys: int = 0, ns: str = NS) -> None:
+        self.client_id = client_id
+        self.max_keys = max_keys
+        self.ns = ns
+        self._no = itertools.count(1)
+
+    def set(self, key: str, value: bytes = b"1", ttl: float | None = None) -> Set:
+        return Set(self.client_id, next(self._no), self.ns, self.max_keys, key, value, ttl)
+
+    def set_many(self, items: list[tuple[str, bytes]], ttl: float | None = None) -> SetMany:
+        return SetMany(self.client_id, next(self._no), self.ns, self.max_keys, items, ttl)
+
+    def delete(self, key: str) -> Delete:
+        return Delete(self.client_id, next(self._no), self.ns, self.max_keys, key)
+
+
+def shell(core: BrokerCore, request: WriteRequest, now: float = 0.0,
+          wall: float = 1000.0) -> Decision:
+    """The broker shell's write path: decide -> append -> commit."""
+    decision = core.decide(request, now, wall)
+    if decision.events and decision.namespace is not None:
+        core.log.append(decision.namespace, decision.events, now)
+    core.commit(decision, now)
+    return decision
+
+
+def fingerprint(core: BrokerCore, ns: str = NS) -> tuple[int, str] | None:
+    state = core.namespaces.get(ns)
+    return None if state is None else (state.seq, state.digest())
+
+
+# --------------------------------------------------------------------------- set
+
+
+def test_set_returns_write_ok_with_seq_and_stores_the_value() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    d1 = shell(core, c.set("a", b'"x"'))
+    d2 = shell(core, c.set("b", b"[1]"))
+    assert d1.reply == WriteOk(EPOCH, 1, True)
+    assert d2.reply == WriteOk(EPOCH, 2, True)
+    assert d1.events == [KeySet(1, "a", b'"x"', 1000.0, 1000.0, None)]
+    state = core.namespaces[NS]
+    assert state.seq == 2
+    assert state.entries["a"].value == b'"x"'
+    assert core.log.read(NS, 1, 10, 0.0) == d1.events + d2.events
+
+
+def test_created_at_is_kept_on_overwrite_and_modified_at_moves() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a", b"1"), wall=1000.0)
+    d = shell(core, c.set("a", b"2"), wall=2000.0)
+    (event,) = d.events
+    assert (event.created_at, event.modified_at) == (1000.0, 2000.0)
+    entry = core.namespaces[NS].entries["a"]
+    assert (entry.created_at, entry.modified_at, entry.version) == (1000.0, 2000.0, 2)
+
+
+def test_overwriting_an_expired_key_starts_a_new_created_at() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a", b"1", ttl=5.0), now=0.0, wall=1000.0)
+    d = shell(core, c.set("a", b"2"), now=6.0, wall=1006.0)  # due but not yet expired
+    assert d.events[0].created_at == 1006.0
+
+
+def test_decide_is_pure_until_commit() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a"))
+    before = fingerprint(core)
+    d = core.decide(c.set("b"), 0.0, 1000.0)
+    assert isinstance(d.reply, WriteOk)
+    assert fingerprint(core) == before
+    assert core.log.read(NS, 2, 10, 0.0) == []
+    # A write to a new namespace does not create it before commit either.
+    other = Client(b"n2", ns="other")
+    d2 = core.decide(other.set("x"), 0.0, 1000.0)
+    assert d2.create_max_keys == 0
+    assert "other" not in core.namespaces
+    core.commit(d2, 0.0)
+    assert core.namespaces["other"].seq == 1
+
+
+@pytest.mark.parametrize("ttl", [-1.0, float("nan"), float("inf"), float("-inf")])
+def test_bad_ttl_is_refused(ttl: float) -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    d = shell(core, c.set("a", ttl=ttl))
+    assert isinstance(d.reply, Error) and d.reply.kind == "InvalidValue"
+    assert d.events == []
+    assert NS not in core.namespaces  # a refused write does not even create the namespace
+
+
+def test_zero_ttl_means_never_expires() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    d = shell(core, c.set("a", ttl=0))
+    assert d.events[0].ttl is None
+    assert core.namespaces[NS].live("a", 1e12) is not None
+
+
+@pytest.mark.parametrize(
+    ("request_", "kind"),
+    [
+        (Set(b"c", 1, NS, 0, "", b"1"), "InvalidKey"),
+        (Set(b"c", 1, NS, 0, "a\x00", b"1"), "InvalidKey"),
+        (Set(b"c", 1, NS, 0, "k" * 1025, b"1"), "InvalidKey"),
+        (Set(b"c", 1, NS, 0, "a", b"{not json"), "InvalidValue"),
+        (Set(b"c", 1, NS, 0, "a", b'"' + b"x" * 100 + b'"'), "InvalidValue"),
+        (Set(b"c", 1, "bad ns", 0, "a", b"1"), "InvalidNamespace"),
+        (Delete(b"c", 1, NS, 0, ""), "InvalidKey"),
+    ],
+)
+def test_invalid_requests_are_refused_with_their_kind(request_: WriteRequest, kind: str) -> None:
+    core = BrokerCore(EPOCH, max_value_bytes=64)
+    shell(core, Set(b"other", 1, NS, 0, "seed", b"1"))
+    before = fingerprint(core)
+    d = shell(core, request_)
+    assert isinstance(d.reply, Error)
+    assert d.reply.kind == kind
+    assert d.events == []
+    assert fingerprint(core) == before
+    assert core.counters["refused"] == 1
+
+
+# --------------------------------------------------------------------------- capacity
+
+
+def test_max_keys_refusal_changes_nothing() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=2)
+    shell(core, c.set("a"))
+    shell(core, c.set("b"))
+    before = fingerprint(core)
+    log_before = core.log.read(NS, 1, 100, 0.0)
+    d = shell(core, c.set("c"))
+    assert isinstance(d.reply, Error)
+    assert d.reply.kind == "StorageError"
+    assert "'ns'" in d.reply.message and "max_keys 2" in d.reply.message
+    assert d.events == []
+    assert fingerprint(core) == before
+    assert core.log.read(NS, 1, 100, 0.0) == log_before
+    assert "c" not in core.namespaces[NS].entries
+    # Overwriting an existing key adds no key, so it is allowed at capacity ...
+    assert isinstance(shell(core, c.set("a", b"2")).reply, WriteOk)
+    # ... and a delete makes room.
+    shell(core, c.delete("b"))
+    assert isinstance(shell(core, c.set("c")).reply, WriteOk)
+    assert sorted(core.namespaces[NS].entries) == ["a", "c"]
+
+
+def test_max_keys_zero_is_unlimited() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=0)
+    for i in range(50):
+        assert isinstance(shell(core, c.set(f"k{i}")).reply, WriteOk)
+    assert len(core.namespaces[NS].entries) == 50
+
+
+# --------------------------------------------------------------------------- set_many
+
+
+def test_set_many_is_one_contiguous_batch() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a", b"0"), wall=500.0)
+    d = shell(core, c.set_many([("a", b"1"), ("b", b"2"), ("a", b"3")]), wall=900.0)
+    assert d.reply == WriteOk(EPOCH, 4, True)
+    assert [e.seq for e in d.events] == [2, 3, 4]
+    assert all(type(e) is KeySet for e in d.events)
+    # created_at: kept for a live key, the same within the batch for a repeated key.
+    assert [e.created_at for e in d.events] == [500.0, 900.0, 500.0]
+    state = core.namespaces[NS]
+    assert state.entries["a"].value == b"3"
+    assert state.seq == 4
+
+
+def test_set_many_capacity_is_checked_for_the_whole_batch() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=3)
+    shell(core, c.set("a"))
+    before = fingerprint(core)
+    d = shell(core, c.set_many([("b", b"1"), ("c", b"1"), ("d", b"1")]))  # 1 + 3 > 3
+    assert isinstance(d.reply, Error) and d.reply.kind == "StorageError"
+    assert "adds 3" in d.reply.message
+    assert fingerprint(core) == before
+    assert sorted(core.namespaces[NS].entries) == ["a"]  # not even b and c
+    # Existing keys and repeats within the batch are not new keys.
+    d = shell(core, c.set_many([("a", b"2"), ("b", b"1"), ("c", b"1"), ("b", b"2")]))
+    assert isinstance(d.reply, WriteOk)
+    assert sorted(core.namespaces[NS].entries) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("items", "kind"),
+    [
+        ([("ok1", b"1"), ("", b"1"), ("ok2", b"1")], "InvalidKey"),
+        ([("ok1", b"1"), ("ok2", b"1"), ("bad\n", b"1")], "InvalidKey"),
+        ([("ok1", b"1"), ("ok2", b"{")], "InvalidValue"),
+        ([], "InvalidValue"),
+    ],
+)
+def test_set_many_one_bad_item_refuses_all(items: list[tuple[str, bytes]], kind: str) -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("seed"))
+    before = fingerprint(core)
+    d = shell(core, c.set_many(items))
+    assert isinstance(d.reply, Error) and d.reply.kind == kind
+    assert d.events == []
+    assert fingerprint(core) == before
+    assert "ok1" not in core.namespaces[NS].entries
+
+
+def test_set_many_with_ttl_applies_to_every_item() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    d = shell(core, c.set_many([("a", b"1"), ("b", b"1")], ttl=3.0), now=10.0)
+    assert [e.ttl for e in d.events] == [3.0, 3.0]
+    state = core.namespaces[NS]
+    assert state.list_keys("*", 12.9) == ["a", "b"]
+    assert state.list_keys("*", 13.0) == []
+
+
+# --------------------------------------------------------------------------- delete
+
+
+def test_delete_reports_whether_the_key_existed() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a"))
+    d = shell(core, c.delete("a"))
+    assert d.reply == WriteOk(EPOCH, 2, changed=True)
+    assert d.events == [KeyDeleted(2, "a")]
+    assert "a" not in core.namespaces[NS].entries
+    d = shell(core, c.delete("a"))
+    assert d.reply == WriteOk(EPOCH, 2, changed=False)
+    assert d.events == []
+    assert core.namespaces[NS].seq == 2
+
+
+def test_delete_of_a_due_key_removes_it_but_reports_unchanged() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a", ttl=1.0), now=0.0)
+    d = shell(core, c.delete("a"), now=5.0)
+    assert d.events == [KeyDeleted(2, "a")]
+    assert d.reply == WriteOk(EPOCH, 2, changed=False)  # a reader already saw it absent
+    assert "a" not in core.namespaces[NS].entries
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+def test_a_retried_request_is_applied_once_with_the_identical_reply() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    request = c.set("a", b"1")
+    first = shell(core, request)
+    after_first = fingerprint(core)
+    retry = shell(core, request)
+    assert retry.duplicate is True
+    assert retry.reply == first.reply
+    assert retry.events == []
+    assert fingerprint(core) == after_first
+    assert core.counters["duplicates"] == 1
+    assert core.counters["writes"] == 1
+    assert len(core.log.read(NS, 1, 100, 0.0)) == 1
+
+
+def test_a_retried_set_many_and_delete_are_applied_once() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    many = c.set_many([("a", b"1"), ("b", b"2")])
+    r1 = shell(core, many).reply
+    assert shell(core, many).reply == r1
+    delete = c.delete("a")
+    r2 = shell(core, delete).reply
+    shell(core, Client(b"other").set("a"))  # someone else re-creates "a"
+    assert shell(core, delete).reply == r2  # the retry does not delete it again
+    assert "a" in core.namespaces[NS].entries
+    assert core.namespaces[NS].seq == 4
+
+
+def test_a_retried_refusal_gets_the_same_refusal() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=1)
+    shell(core, c.set("a"))
+    refused = c.set("b")
+    r1 = shell(core, refused).reply
+    assert isinstance(r1, Error)
+    assert shell(core, refused).reply == r1
+    assert fingerprint(core) == (1, core.namespaces[NS].digest())
+
+
+def test_an_older_request_number_is_refused_and_changes_nothing() -> None:
+    core = BrokerCore(EPOCH)
+    shell(core, Set(b"n", 5, NS, 0, "a", b"1"))
+    before = fingerprint(core)
+    d = shell(core, Set(b"n", 4, NS, 0, "b", b"1"))
+    assert isinstance(d.reply, Error)
+    assert d.reply.kind == "StorageError"
+    assert "4" in d.reply.message and "5" in d.reply.message
+    assert fingerprint(core) == before
+    # A newer number is a new request.
+    assert shell(core, Set(b"n", 6, NS, 0, "b", b"1")).reply == WriteOk(EPOCH, 2)
+
+
+def test_request_numbers_are_per_client() -> None:
+    core = BrokerCore(EPOCH)
+    shell(core, Set(b"n1", 1, NS, 0, "a", b"1"))
+    d = shell(core, Set(b"n2", 1, NS, 0, "b", b"1"))
+    assert d.duplicate is False
+    assert d.reply == WriteOk(EPOCH, 2)
+
+
+def test_dedup_table_evicts_the_least_recently_used_client() -> None:
+    table = DedupTable(capacity=2)
+    ok = WriteOk(EPOCH, 1)
+    table.remember(b"a", 1, ok)
+    table.remember(b"b", 1, ok)
+    assert table.lookup(b"a", 1) is ok  # touches "a"
+    table.remember(b"c", 1, ok)  # evicts "b"
+    assert table.lookup(b"b", 1) is None
+    assert table.lookup(b"a", 1) is ok
+    assert table.lookup(b"c", 2) is None  # a newer request is not a duplicate
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+def test_expire_due_emits_contiguous_key_expired_events() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a", ttl=5.0), now=0.0)
+    shell(core, c.set("b", ttl=10.0), now=0.0)
+    shell(core, c.set("c", ttl=5.0), now=0.0)
+    shell(core, c.set("d"), now=0.0)
+    assert core.next_deadline() == 5.0
+    assert core.expire_due(4.9) == []
+    (d,) = core.expire_due(5.0)
+    assert d.namespace == NS
+    assert d.events == [KeyExpired(5, "a"), KeyExpired(6, "c")]
+    assert d.reply == WriteOk(EPOCH, 6)
+    assert core.namespaces[NS].seq == 4  # nothing applied before commit
+    core.log.append(NS, d.events, 5.0)
+    core.commit(d, 5.0)
+    state = core.namespaces[NS]
+    assert state.seq == 6
+    assert sorted(state.entries) == ["b", "d"]
+    (d,) = core.expire_due(100.0)
+    assert d.events == [KeyExpired(7, "b")]
+    core.commit(d, 100.0)
+    assert sorted(core.namespaces[NS].entries) == ["d"]
+    assert core.expire_due(1e9) == []
+    assert core.counters["expired"] == 3
+
+
+def test_expire_due_skips_overwritten_and_deleted_keys() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a", ttl=5.0))
+    shell(core, c.set("b", ttl=5.0))
+    shell(core, c.set("a", b"2"))  # no TTL any more
+    shell(core, c.delete("b"))
+    assert core.expire_due(10.0) == []
+    assert core.namespaces[NS].live("a", 10.0) is not None
+
+
+def test_expire_due_is_per_namespace() -> None:
+    core = BrokerCore(EPOCH)
+    one, two = Client(b"1", ns="one"), Client(b"2", ns="two")
+    shell(core, one.set("x", ttl=1.0))
+    shell(core, two.set("p"))
+    shell(core, two.set("q", ttl=1.0))
+    decisions = {d.namespace: d for d in core.expire_due(2.0)}
+    assert decisions["one"].events == [KeyExpired(2, "x")]
+    assert decisions["two"].events == [KeyExpired(3, "q")]
+
+
+def test_an_uncommitted_expiry_decision_is_offered_again() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    shell(core, c.set("a", ttl=1.0))
+    (lost,) = core.expire_due(2.0)  # e.g. the log append raised: nothing committed
+    assert core.namespaces[NS].seq == 1
+    again = core.expire_due(2.0)
+    assert [d.events for d in again] == [lost.events]
+
+
+# ---------------------------------------------------------------- open / snapshot / digest
+
+
+def test_open_creates_then_agrees_on_max_keys() -> None:
+    core = BrokerCore(EPOCH)
+    assert core.open(Open(NS, 10)) == OpenReply(EPOCH, NS, 10, 0)
+    shell(core, Client(max_keys=10).set("a"))
+    assert core.open(Open(NS, 10)) == OpenReply(EPOCH, NS, 10, 1)
+
+
+def test_open_with_mismatched_max_keys_is_a_storage_error_naming_both() -> None:
+    core = BrokerCore(EPOCH)
+    core.open(Open(NS, 10))
+    reply = core.open(Open(NS, 20))
+    assert isinstance(reply, Error)
+    assert reply.kind == "StorageError"
+    assert "max_keys=10" in reply.message and "max_keys=20" in reply.message
+    assert core.namespaces[NS].max_keys == 10
+
+
+def test_open_with_invalid_namespace() -> None:
+    reply = BrokerCore(EPOCH).open(Open("bad/ns", 0))
+    assert isinstance(reply, Error) and reply.kind == "InvalidNamespace"
+
+
+def test_snapshot_reply_reflects_the_state_with_remaining_ttls() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=7)
+    shell(core, c.set("b", b"2", ttl=10.0), now=0.0)
+    shell(core, c.set("a", b"1"), now=0.0)
+    reply = core.snapshot(Snapshot(NS, 7, 42, b"nonce"), now=4.0)
+    assert isinstance(reply, SnapshotReply)
+    assert (reply.snap_id, reply.namespace, reply.epoch, reply.seq, reply.max_keys) == (
+        42, NS, EPOCH, 2, 7,
+    )
+    assert [(e.key, e.value, e.version) for e in reply.entries] == [("a", b"1", 2), ("b", b"2", 1)]
+    assert reply.entries[1].ttl == pytest.approx(6.0)
+    assert reply.entries[0].ttl is None
+
+
+def test_snapshot_of_a_missing_namespace_creates_it_empty() -> None:
+    core = BrokerCore(EPOCH)
+    reply = core.snapshot(Snapshot("fresh", 3, 1, b"n"), now=0.0)
+    assert isinstance(reply, SnapshotReply)
+    assert (reply.seq, reply.entries, reply.max_keys) == (0, [], 3)
+    assert core.namespaces["fresh"].max_keys == 3
+
+
+def test_digest_reply() -> None:
+    core = BrokerCore(EPOCH)
+    shell(core, Client().set("a"))
+    reply = core.digest(NS)
+    assert isinstance(reply, DigestReply)
+    assert (reply.seq, reply.keys, reply.digest) == (1, 1, core.namespaces[NS].digest())
+    missing = core.digest("nope")
+    assert isinstance(missing, Error) and missing.kind == "KeyNotFound"
+
+
+# --------------------------------------------------------------------------- fetch and the log
+
+
+def test_fetch_returns_exactly_the_missing_events() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    events = []
+    for i in range(6):
+        events += shell(core, c.set(f"k{i % 3}", str(i).encode())).events
+    events += shell(core, c.delete("k0")).events
+    reply = core.fetch(NS, EPOCH, 4, 10_000, 9, now=0.0)
+    assert reply == FetchReply(9, NS, EPOCH, True, events[3:])
+    assert [e.seq for e in reply.events] == [4, 5, 6, 7]
+    # Nothing missing: available, empty.
+    assert core.fetch(NS, EPOCH, 8, 10_000, 1, now=0.0) == FetchReply(1, NS, EPOCH, True, [])
+    # The limit caps the answer.
+    assert [e.seq for e in core.fetch(NS, EPOCH, 2, 3, 1, now=0.0).events] == [2, 3, 4]
+
+
+def test_fetch_is_unavailable_when_retention_dropped_the_events() -> None:
+    core, c = BrokerCore(EPOCH, log=MemoryLog(retention=4)), Client()
+    for i in range(10):
+        shell(core, c.set(f"k{i}"))
+    assert core.log.first_seq(NS) == 7
+    assert core.fetch(NS, EPOCH, 6, 100, 3, now=0.0) == FetchReply(3, NS, EPOCH, False)
+    reply = core.fetch(NS, EPOCH, 7, 100, 3, now=0.0)
+    assert reply.available is True
+    assert [e.seq for e in reply.events] == [7, 8, 9, 10]
+
+
+def test_fetch_with_another_epoch_or_namespace_is_unavailable() -> None:
+    core = BrokerCore(EPOCH)
+    shell(core, Client().set("a"))
+    assert core.fetch(NS, "old-epoch", 1, 100, 1, now=0.0).available is False
+    assert core.fetch(NS, "old-epoch", 1, 100, 1, now=0.0).epoch == EPOCH
+    assert core.fetch("unknown", EPOCH, 1, 100, 1, now=0.0).available is False
+
+
+def test_memory_log_re_stamps_ttl_as_remaining_seconds() -> None:
+    log = MemoryLog()
+    original = KeySet(1, "t", b"1", 0.0, 0.0, 10.0)
+    log.append(NS, [original, KeySet(2, "p", b"1", 0.0, 0.0, None), KeyDeleted(3, "x")], 100.0)
+    at = {now: log.read(NS, 1, 10, now) for now in (100.0, 104.0, 109.5, 120.0)}
+    assert [evs[0].ttl for evs in at.values()] == pytest.approx([10.0, 6.0, 0.5, 0.0])
+    assert all(evs[1].ttl is None for evs in at.values())
+    assert all(evs[2] == KeyDeleted(3, "x") for evs in at.values())
+    assert original.ttl == 10.0  # the logged event itself is not changed
+
+
+def test_fetch_re_stamps_ttl_at_fetch_time() -> None:
+    core = BrokerCore(EPOCH)
+    shell(core, Client().set("t", ttl=30.0), now=50.0)
+    (event,) = core.fetch(NS, EPOCH, 1, 10, 1, now=70.0).events
+    assert event.ttl == pytest.approx(10.0)
+
+
+def test_memory_log_read_bounds() -> None:
+    log = MemoryLog(retention=3)
+    assert log.read(NS, 1, 10, 0.0) is None
+    assert log.first_seq(NS) is None
+    log.append(NS, [KeySet(i, "k", b"1", 0.0, 0.0) for i in range(1, 6)], 0.0)
+    assert log.first_seq(NS) == 3
+    assert log.read(NS, 2, 10, 0.0) is None
+    assert [e.seq for e in log.read(NS, 3, 10, 0.0)] == [3, 4, 5]
+    assert [e.seq for e in log.read(NS, 4, 1, 0.0)] == [4]
+    assert log.read(NS, 6, 10, 0.0) == []
