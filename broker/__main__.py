@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="when the log is fsynced (default always: before any reply)")
     p.add_argument("--compact-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
                    help="snapshot and start a new segment when one grows past N bytes")
+    p.add_argument("--hwm", type=int, default=200_000, metavar="N",
+                   help="high-water mark of the request router and, per subscriber, of the "
+                        "publisher (messages; default 200000)")
+    p.add_argument("--log-retention", type=int, default=100_000, metavar="N",
+                   help="events per namespace kept in memory for gap repair (default 100000)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=args.data_dir,
             fsync=args.fsync,
             compact_bytes=args.compact_bytes,
+            hwm=args.hwm,
+            log_retention=args.log_retention,
         )
     except ValueError as exc:
         print(f"broker: {exc}", file=sys.stderr)

@@ -44,6 +44,7 @@ from broker.protocol import (
     SetMany,
     Snapshot,
     Stats,
+    WriteOk,
     published_codec,
     reply_codec,
     request_codec,
@@ -106,6 +107,7 @@ class BrokerConfig:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     log_retention: int = 100_000
     hwm: int = 200_000  # SNDHWM of the publisher per subscriber, RCVHWM of the router
+    pub_hwm: int | None = None  # publisher SNDHWM per subscriber (default: ``hwm``)
     data_dir: str | None = None  # None: the log lives in memory only
     fsync: str = "always"  # always | everysec | no (with data_dir)
     compact_bytes: int = 64 * 1024 * 1024  # rotate + snapshot when a segment grows past this
@@ -162,6 +164,7 @@ class Broker:
         self._seen_nonces: OrderedDict[bytes, str] = OrderedDict()
         self.subscribers: dict[str, int] = {}
         self._in_turn = False
+        self.drop_write_replies = 0  # fault injection (tests): drop the next N write replies
         self._outbox: list[tuple[list[bytes] | None, Reply | None, Decision | None]] = []
 
     @property
@@ -211,7 +214,12 @@ class Broker:
         self._router.setsockopt(zmq.RCVHWM, cfg.hwm)
         self._router.setsockopt(zmq.SNDHWM, cfg.hwm)
         self._xpub.setsockopt(zmq.XPUB_MANUAL, 1)
-        self._xpub.setsockopt(zmq.SNDHWM, cfg.hwm)
+        self._xpub.setsockopt(zmq.SNDHWM, cfg.pub_hwm or cfg.hwm)
+        for sock in (self._router, self._xpub):
+            # ZMTP heartbeats close dead TCP links (a cut cable sends no RST); the application
+            # heartbeat on the stream is what tells nodes about lost messages.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self._ctl.bind(self._ctl_endpoint)
         for ep in cfg.bind:
             self._router.bind(ep)
@@ -474,6 +482,10 @@ class Broker:
     def _send_reply(self, envelope: list[bytes], reply: Reply) -> None:
         if self._in_turn:  # held back until the turn's log flush succeeded
             self._outbox.append((envelope, reply, None))
+            return
+        if self.drop_write_replies > 0 and type(reply) is WriteOk:
+            self.drop_write_replies -= 1
+            log.info("fault injection: dropping a write reply")
             return
         try:
             self._router.send_multipart([*envelope, self._replies.encode(reply)], zmq.NOBLOCK)

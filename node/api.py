@@ -81,7 +81,7 @@ class SharedMemory:
         deadline = time.monotonic() + config.connect_timeout
         self._node: Node = acquire_node(
             address, zmq.Context.instance(), connect_timeout=config.connect_timeout,
-            retry_interval=config.retry_interval,
+            retry_interval=config.retry_interval, receive_hwm=config.receive_hwm,
         )
         try:
             self._replica = self._node.open_namespace(config.namespace, config.max_keys, deadline)
@@ -90,6 +90,7 @@ class SharedMemory:
             raise
         self._lock = self._node.lock
         self._max_value_bytes = self._node.max_value_bytes
+        self._max_staleness = config.max_staleness
         self._closed = False
         self._close_lock = threading.Lock()
 
@@ -119,6 +120,15 @@ class SharedMemory:
             raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
         state = self._replica.state
         assert state is not None
+        if self._max_staleness is not None:
+            heard = self._replica.last_heard
+            age = float("inf") if heard is None else time.monotonic() - heard
+            if age > self._max_staleness:
+                raise StorageError(
+                    f"stale: namespace {self.namespace!r} has heard nothing from the broker at "
+                    f"{self._node.address} for {age:.1f}s (max_staleness "
+                    f"{self._max_staleness}s); its last known seq is {state.seq}"
+                )
         return state
 
     # ------------------------------------------------------------------ reads (local)

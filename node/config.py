@@ -38,7 +38,13 @@ class SharedMemoryConfig:
     - ``broker``: ``"tcp://HOST:PORT"``; None = ``$SHAREDMEM_BROKER`` if set, else the process's
       embedded in-process broker.
     - ``request_timeout``: how long a write may take, retries included, before
-      ``BrokerUnavailable``; ``connect_timeout``: the same for opening the namespace.
+      ``BrokerUnavailable``; ``connect_timeout``: the same for opening the namespace;
+      ``retry_interval``: the first Lazy Pirate timeout (grows up to 4x per attempt).
+    - ``max_staleness``: seconds; when set, reads raise StorageError ("stale: ...") once the
+      node has heard nothing from the broker for longer. None = always serve.
+    - ``receive_hwm``: the node's SUB high-water mark in messages (a slow consumer past it
+      loses events, detects the gap and repairs). Fixed by the first handle of a process for a
+      broker address.
     """
 
     max_keys: int = 10000
@@ -48,6 +54,8 @@ class SharedMemoryConfig:
     request_timeout: float = 10.0
     connect_timeout: float = 10.0
     retry_interval: float = field(default=1.0, compare=True)
+    max_staleness: float | None = None
+    receive_hwm: int = 1_000_000
 
     def __post_init__(self) -> None:
         if isinstance(self.max_keys, bool) or not isinstance(self.max_keys, int) \
@@ -70,6 +78,15 @@ class SharedMemoryConfig:
             if not v:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
             object.__setattr__(self, name, v)
+
+        if self.max_staleness is not None:
+            v = _seconds("max_staleness", self.max_staleness)
+            if not v:
+                raise ValueError(f"max_staleness must be > 0 or None, got {self.max_staleness!r}")
+            object.__setattr__(self, "max_staleness", v)
+        if isinstance(self.receive_hwm, bool) or not isinstance(self.receive_hwm, int) \
+                or self.receive_hwm < 0:
+            raise ValueError(f"receive_hwm must be an int >= 0, got {self.receive_hwm!r}")
 
     def resolved_broker(self) -> str | None:
         """The broker address to use; None = the embedded broker."""

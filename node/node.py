@@ -90,9 +90,14 @@ class Node:
     """Replicas of one broker's namespaces in this process. Use ``acquire_node`` to share."""
 
     def __init__(self, address: str, ctx: zmq.Context, *, connect_timeout: float = 10.0,
-                 retry_interval: float = 1.0, heartbeat_timeout: float | None = None) -> None:
+                 retry_interval: float = 1.0, heartbeat_timeout: float | None = None,
+                 receive_hwm: int = SUB_HWM) -> None:
         self.address = address
         self._ctx = ctx
+        self.receive_hwm = receive_hwm
+        # Fault injection (tests): while set, the I/O thread stops reading its SUB socket, as a
+        # busy or stalled consumer would; events then pile up and overflow the high-water marks.
+        self.pause_reading = threading.Event()
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.replicas: dict[str, Replica] = {}
@@ -229,7 +234,11 @@ class Node:
         dealer = self._ctx.socket(zmq.DEALER)
         for s in (sub, dealer):
             s.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RCVHWM, SUB_HWM)
+        sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
+        for s in (sub, dealer):
+            s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sub.connect(self.pub_endpoint)
         dealer.connect(self.address)
         self._sub, self._dealer = sub, dealer
@@ -240,6 +249,7 @@ class Node:
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
+        sub_registered = True
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._io_ready.set()
         next_tick = time.monotonic() + TICK
@@ -254,6 +264,12 @@ class Node:
                         pass
                 if self._commands and not self._run_commands():
                     return
+                if self.pause_reading.is_set() == sub_registered:
+                    if sub_registered:
+                        poller.unregister(sub)
+                    else:
+                        poller.register(sub, zmq.POLLIN)
+                    sub_registered = not sub_registered
                 if sub in ready:
                     self._drain_sub()
                 if dealer in ready:
@@ -400,14 +416,15 @@ _nodes_lock = threading.Lock()
 
 
 def acquire_node(address: str, ctx: zmq.Context, *, connect_timeout: float,
-                 retry_interval: float) -> Node:
+                 retry_interval: float, receive_hwm: int = SUB_HWM) -> Node:
     """The process's node for ``address`` (created on first use), with one more reference."""
     with _nodes_lock:
         item = _nodes.get(address)
         if item is not None and not item[0]._closed:
             _nodes[address] = (item[0], item[1] + 1)
             return item[0]
-        node = Node(address, ctx, connect_timeout=connect_timeout, retry_interval=retry_interval)
+        node = Node(address, ctx, connect_timeout=connect_timeout, retry_interval=retry_interval,
+                    receive_hwm=receive_hwm)
         _nodes[address] = (node, 1)
         return node
 
