@@ -12,6 +12,7 @@ from broker.errors import (
     ProtocolError,
     SharedMemoryError,
     StorageError,
+    VersionConflict,
 )
 from broker.server import Broker, BrokerConfig
 
@@ -29,4 +30,5 @@ __all__ = [
     "ProtocolError",
     "SharedMemoryError",
     "StorageError",
+    "VersionConflict",
 ]

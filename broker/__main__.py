@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "publisher (messages; default 200000)")
     p.add_argument("--log-retention", type=int, default=100_000, metavar="N",
                    help="events per namespace kept in memory for gap repair (default 100000)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
+                            "error"])
     return p.parse_args(argv)
 
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        broker.start()
+        broker.start(timeout=24 * 3600.0)  # recovery of a large data dir may take a while
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         print(f"broker: cannot start: {exc}", file=sys.stderr)
         return 1

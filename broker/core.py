@@ -22,8 +22,10 @@ from broker.durable import DedupFile, NamespaceFile, SnapEntryFile, SnapshotFile
 from broker.errors import (
     InvalidKey,
     InvalidValue,
+    KeyNotFound,
     SharedMemoryError,
     StorageError,
+    VersionConflict,
 )
 from broker.log import MemoryLog
 from broker.protocol import (
@@ -35,6 +37,7 @@ from broker.protocol import (
     KeyDeleted,
     KeyExpired,
     KeySet,
+    KeyTouched,
     Open,
     OpenReply,
     Reply,
@@ -43,10 +46,11 @@ from broker.protocol import (
     Snapshot,
     SnapshotReply,
     StatsReply,
+    Touch,
     WriteOk,
     WriteRequest,
 )
-from broker.state import NamespaceState
+from broker.state import Entry, NamespaceState
 from broker.validation import (
     DEFAULT_MAX_VALUE_BYTES,
     check_encoded_value,
@@ -148,6 +152,8 @@ class BrokerCore:
             return Decision(cached, duplicate=True)
         try:
             decision = self._decide(request, now, wall)
+        except VersionConflict as exc:
+            decision = Decision(Error(exc.kind, str(exc), exc.current_version))
         except SharedMemoryError as exc:
             decision = Decision(Error(exc.kind, str(exc)))
         decision.client = client
@@ -167,6 +173,7 @@ class BrokerCore:
             check_key(request.key)
             check_encoded_value(request.key, request.value, self.max_value_bytes)
             old = state.live(request.key, now)
+            self._check_version(state, request.key, old, request.if_version)
             if old is None and request.key not in entries:
                 self._check_capacity(state, 1)
             created = old.created_at if old is not None else wall
@@ -199,13 +206,33 @@ class BrokerCore:
             return Decision(WriteOk(self.epoch, seq), ns_name, events, create)
         if type(request) is Delete:
             check_key(request.key)
+            self._check_version(state, request.key, state.live(request.key, now),
+                                request.if_version)
             if request.key not in entries:
                 return Decision(WriteOk(self.epoch, seq, changed=False), ns_name, [], create)
             # A due-but-unexpired key is still deleted (and reported absent, as a reader saw).
             existed = state.live(request.key, now) is not None
             event = KeyDeleted(seq + 1, request.key)
             return Decision(WriteOk(self.epoch, seq + 1, changed=existed), ns_name, [event], create)
+        if type(request) is Touch:
+            ttl = _check_ttl(request.ttl)
+            check_key(request.key)
+            if state.live(request.key, now) is None:
+                raise KeyNotFound(f"key {request.key!r} not found in namespace {ns_name!r}")
+            event = KeyTouched(seq + 1, request.key, ttl)
+            return Decision(WriteOk(self.epoch, seq + 1), ns_name, [event], create)
         raise InvalidKey(f"not a write request: {type(request).__name__}")  # pragma: no cover
+
+    @staticmethod
+    def _check_version(state: NamespaceState, key: str, live: Entry | None,
+                       expected: int | None) -> None:
+        if expected is None:
+            return
+        current = live.version if live is not None else 0
+        if current != expected:
+            raise VersionConflict(
+                f"key {key!r} in namespace {state.name!r} is at version {current}, "
+                f"not {expected}", current)
 
     @staticmethod
     def _check_capacity(state: NamespaceState, new_keys: int) -> None:

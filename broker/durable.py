@@ -30,7 +30,7 @@ import msgspec
 
 from broker.errors import StorageError
 from broker.log import MemoryLog
-from broker.protocol import Event, KeySet
+from broker.protocol import Event
 
 log = logging.getLogger("sharedmem.broker.durable")
 
@@ -427,10 +427,3 @@ def read_snapshot(path: Path) -> SnapshotFile:
     if magic != SNAP_MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
         raise CorruptLog(path, 0, "snapshot fails its checksum")
     return _snap_decoder.decode(payload)
-
-
-def keyset_ttl_at(event: Event, wall: float, now_wall: float) -> float | None:
-    """Remaining TTL at ``now_wall`` of a KeySet logged at ``wall`` (for reporting)."""
-    if type(event) is not KeySet or event.ttl is None:
-        return None
-    return max(0.0, wall + event.ttl - now_wall)

@@ -5,8 +5,9 @@ node turns those names back into these classes: one list, used by both sides.
 
 Whose fault (trio's rule): InvalidKey, InvalidValue and PatternError are the caller's and are
 raised before anything leaves the process. StorageError and AccessDenied mean the broker refused
-the write and nothing changed. WriteOutcomeUnknown is the third outcome: the request left, the
-broker went away, and the write may or may not have been applied; retrying it is safe.
+the write and nothing changed. The third outcome is BrokerUnavailable with
+``outcome_unknown=True``: the request left, the broker went away, and the write may or may not
+have been applied; retrying it is safe.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ class PatternError(SharedMemoryError, ValueError):
 
 
 class StorageError(SharedMemoryError):
-    """Raised when the broker refused a write (capacity, settings, internal error).
+    """Raised when the broker refused a write (capacity, settings, internal error), and for a
+    stale replica under ``max_staleness``.
 
-    Nothing was changed by the refused request.
+    Nothing was changed by a refused request -- except for the subclass BrokerUnavailable with
+    ``outcome_unknown=True``, whose outcome is not known: check that flag before assuming.
     """
 
     kind = "StorageError"
@@ -73,6 +76,19 @@ class BrokerUnavailable(StorageError):
     def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
         super().__init__(message)
         self.outcome_unknown = outcome_unknown
+
+
+class VersionConflict(StorageError):
+    """Raised when a compare-and-set found another version; nothing changed.
+
+    ``current_version`` is the key's version at the broker when it refused (0 = absent).
+    """
+
+    kind = "VersionConflict"
+
+    def __init__(self, message: str, current_version: int | None = None) -> None:
+        super().__init__(message)
+        self.current_version = current_version
 
 
 class AccessDenied(SharedMemoryError):
@@ -98,13 +114,17 @@ ERROR_KINDS: dict[str, type[SharedMemoryError]] = {
         PatternError,
         StorageError,
         BrokerUnavailable,
+        VersionConflict,
         AccessDenied,
         ProtocolError,
     )
 }
 
 
-def error_from_kind(kind: str, message: str) -> SharedMemoryError:
+def error_from_kind(kind: str, message: str,
+                    current_version: int | None = None) -> SharedMemoryError:
     """Rebuild the exception named by a broker ``Error`` reply (unknown kinds -> StorageError)."""
     cls = ERROR_KINDS.get(kind, StorageError)
+    if cls is VersionConflict:
+        return VersionConflict(message, current_version)
     return cls(message)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from broker.protocol import Event, KeySet
+from broker.protocol import Event, KeySet, KeyTouched
 
 
 class MemoryLog:
@@ -37,7 +37,9 @@ class MemoryLog:
         if q is None:
             q = self._events[namespace] = deque(maxlen=self.retention)
         for ev in events:
-            deadline = now + ev.ttl if type(ev) is KeySet and ev.ttl is not None else None
+            t = type(ev)
+            ttl = ev.ttl if t is KeySet or t is KeyTouched else None
+            deadline = None if ttl is None else now + ttl
             q.append((ev, deadline))
 
     def flush(self) -> None:

@@ -61,7 +61,15 @@ class KeyExpired(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=Fals
     key: str
 
 
-Event = KeySet | KeyDeleted | KeyExpired
+class KeyTouched(msgspec.Struct, tag=True, array_like=True, frozen=True, gc=False):
+    """A key's TTL was changed without rewriting its value (version and value unchanged)."""
+
+    seq: int
+    key: str
+    ttl: float | None = None
+
+
+Event = KeySet | KeyDeleted | KeyExpired | KeyTouched
 
 
 class EventBatch(msgspec.Struct, tag=True, frozen=True):
@@ -131,6 +139,7 @@ class Set(msgspec.Struct, tag=True, frozen=True):
     key: str
     value: bytes
     ttl: float | None = None
+    if_version: int | None = None  # compare-and-set: 0 = only if absent
 
 
 class SetMany(msgspec.Struct, tag=True, frozen=True):
@@ -152,6 +161,24 @@ class Delete(msgspec.Struct, tag=True, frozen=True):
     namespace: str
     max_keys: NonNegInt
     key: str
+    if_version: int | None = None
+
+
+class Touch(msgspec.Struct, tag=True, frozen=True):
+    """Give ``key`` a new TTL (None or 0 = never) without rewriting its value."""
+
+    client_id: bytes
+    request_no: int
+    namespace: str
+    max_keys: NonNegInt
+    key: str
+    ttl: float | None = None
+
+
+class Head(msgspec.Struct, tag=True, frozen=True):
+    """Ask for a namespace's epoch and head seq (consistent reads wait for it locally)."""
+
+    namespace: str
 
 
 class Stats(msgspec.Struct, tag=True, frozen=True):
@@ -164,8 +191,10 @@ class Digest(msgspec.Struct, tag=True, frozen=True):
     namespace: str
 
 
-Request = Hello | Open | Snapshot | Fetch | Set | SetMany | Delete | Stats | Digest
-WriteRequest = Set | SetMany | Delete
+Request = (
+    Hello | Open | Snapshot | Fetch | Set | SetMany | Delete | Touch | Head | Stats | Digest
+)
+WriteRequest = Set | SetMany | Delete | Touch
 
 
 # --------------------------------------------------------------------------- replies
@@ -242,6 +271,7 @@ class Error(msgspec.Struct, tag=True, frozen=True):
 
     kind: str
     message: str
+    current_version: int | None = None  # VersionConflict: the key's version now (0 = absent)
 
 
 Reply = (

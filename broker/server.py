@@ -35,15 +35,18 @@ from broker.protocol import (
     Error,
     EventBatch,
     Fetch,
+    Head,
     Heartbeat,
     Hello,
     HelloReply,
     Open,
+    OpenReply,
     Reply,
     Set,
     SetMany,
     Snapshot,
     Stats,
+    Touch,
     WriteOk,
     published_codec,
     reply_codec,
@@ -324,8 +327,13 @@ class Broker:
                 log.error("%s", exc)
                 self.core.rollback_turn()
                 refusal = Error("StorageError", str(exc))
-                outbox = [(env, refusal if not isinstance(reply, HelloReply) else reply, None)
-                          for env, reply, _ in outbox if env is not None]
+                # A resent reply of an earlier, durable write stays what it was; everything
+                # computed from this turn's state is refused.
+                outbox = [
+                    (env, reply if isinstance(reply, HelloReply)
+                     or (d is not None and d.duplicate) else refusal, None)
+                    for env, reply, d in outbox if env is not None
+                ]
             else:
                 self.core.end_turn()
         finally:
@@ -440,7 +448,7 @@ class Broker:
         now = time.monotonic()
         try:
             t = type(request)
-            if t is Set or t is SetMany or t is Delete:
+            if t is Set or t is SetMany or t is Delete or t is Touch:
                 self._expire(now)
                 wall = time.time()
                 decision = self.core.decide(request, now, wall)
@@ -461,6 +469,11 @@ class Broker:
                     request.namespace, request.epoch, request.from_seq, request.limit,
                     request.snap_id, now,
                 ))
+            elif t is Head:
+                st = self.core.namespaces.get(request.namespace)
+                self._send_reply(envelope, OpenReply(self.epoch, request.namespace,
+                                                     st.max_keys if st else 0,
+                                                     st.seq if st else 0))
             elif t is Stats:
                 self._send_reply(envelope, self.core.stats())
             elif t is Digest:
@@ -471,7 +484,7 @@ class Broker:
 
     def _on_snapshot(self, envelope: list[bytes], request: Snapshot, now: float) -> None:
         seen = self._seen_nonces.pop(request.nonce, None)
-        if seen is not None:
+        if seen is not None and seen == request.namespace:
             self._send_reply(envelope, self.core.snapshot(request, now))
             return
         if len(self._pending_snapshots) >= MAX_PENDING_SNAPSHOTS:

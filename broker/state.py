@@ -23,7 +23,7 @@ import msgspec
 from sortedcontainers import SortedList
 
 from broker.pattern import compile_pattern
-from broker.protocol import Event, KeyDeleted, KeyExpired, KeySet, SnapEntry
+from broker.protocol import Event, KeyDeleted, KeyExpired, KeySet, KeyTouched, SnapEntry
 
 
 class SeqGap(Exception):
@@ -81,6 +81,14 @@ class NamespaceState:
             )
             if deadline is not None:
                 heapq.heappush(self._deadlines, (deadline, event.key, event.seq))
+        elif type(event) is KeyTouched:
+            old = entries.get(event.key)
+            if old is not None:
+                deadline = None if event.ttl is None else now + event.ttl
+                entries[event.key] = Entry(old.value, old.version, old.created_at,
+                                           old.modified_at, deadline)
+                if deadline is not None:
+                    heapq.heappush(self._deadlines, (deadline, event.key, old.version))
         elif type(event) is KeyDeleted or type(event) is KeyExpired:
             # Tolerant of an absent key: a snapshot may omit nothing, but a replica built from
             # a snapshot taken between expiry and its event must still accept the event.

@@ -10,6 +10,7 @@ from broker.errors import (
     PatternError,
     SharedMemoryError,
     StorageError,
+    VersionConflict,
 )
 from node.api import (
     AsyncSharedMemory,
@@ -20,10 +21,13 @@ from node.api import (
     get_or_create,
 )
 from node.config import SharedMemoryConfig
+from node.watch import CallbackHandle, ChangeEvent, Watcher
 
 __all__ = [
     "AccessDenied",
     "AsyncSharedMemory",
+    "CallbackHandle",
+    "ChangeEvent",
     "BrokerUnavailable",
     "InvalidKey",
     "InvalidNamespace",
@@ -37,5 +41,7 @@ __all__ = [
     "SharedMemoryError",
     "Status",
     "StorageError",
+    "VersionConflict",
+    "Watcher",
     "get_or_create",
 ]

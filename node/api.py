@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,14 +20,28 @@ from typing import Any
 import msgspec
 import zmq
 
-from broker.errors import KeyNotFound, StorageError, error_from_kind
+from broker.errors import KeyNotFound, StorageError, VersionConflict, error_from_kind
 from broker.pattern import compile_pattern
-from broker.protocol import Delete, Digest, DigestReply, Error, Set, SetMany, WriteOk
+from broker.protocol import (
+    Delete,
+    Digest,
+    DigestReply,
+    Error,
+    Fetch,
+    FetchReply,
+    Head,
+    OpenReply,
+    Set,
+    SetMany,
+    Touch,
+    WriteOk,
+)
 from broker.state import Entry, NamespaceState
 from broker.validation import check_key, encode_value
 from node.config import SharedMemoryConfig, _seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
+from node.watch import INITIAL_DONE, CallbackHandle, ChangeEvent, Watcher, change_from_event
 
 log = logging.getLogger("sharedmem.node")
 
@@ -139,8 +153,30 @@ class SharedMemory:
         with self._lock:
             return self._state().live(key, time.monotonic())
 
-    def get(self, key: str, default: Any = _MISSING) -> Any:
-        """The value of ``key`` as a fresh copy; ``default`` or KeyNotFound if absent/expired."""
+    def sync_with_broker(self) -> int:
+        """Wait until this replica has every event the broker had when asked; return that seq.
+
+        This is what ``consistent=True`` does before a read: one round trip, then a local wait.
+        """
+        deadline = time.monotonic() + self.config.request_timeout
+        reply = self._node.request(Head(self.namespace), deadline)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message)
+        if not isinstance(reply, OpenReply):
+            raise StorageError(f"unexpected reply to Head: {type(reply).__name__}")
+        self._node.wait_visible(self.namespace, WriteOk(reply.epoch, reply.seq), deadline,
+                                strict=True)
+        return reply.seq
+
+    def get(self, key: str, default: Any = _MISSING, *, consistent: bool = False) -> Any:
+        """The value of ``key`` as a fresh copy; ``default`` or KeyNotFound if absent/expired.
+
+        ``consistent=True``: first wait until this replica has caught up with the broker's head
+        (a round trip), so the read reflects every write acknowledged before the call."""
+        if consistent:
+            if not _fast_key_ok(key):
+                check_key(key)
+            self.sync_with_broker()
         entry = self._entry(key)
         if entry is None:
             if default is _MISSING:
@@ -170,9 +206,13 @@ class SharedMemory:
             version=entry.version,
         )
 
-    def list_keys(self, pattern: str = "*") -> list[str]:
-        """Sorted keys matching the glob (``*``, ``?``, ``[a-z]``, ``[!a]``, ``\\`` escapes)."""
+    def list_keys(self, pattern: str = "*", *, consistent: bool = False) -> list[str]:
+        """Sorted keys matching the glob (``*``, ``?``, ``[a-z]``, ``[!a]``, ``\\`` escapes).
+
+        ``consistent=True``: catch up with the broker's head first (see ``get``)."""
         compile_pattern(pattern)  # PatternError before taking the lock
+        if consistent:
+            self.sync_with_broker()
         with self._lock:
             return self._state().list_keys(pattern, time.monotonic())
 
@@ -204,6 +244,8 @@ class SharedMemory:
 
     def status(self) -> Status:
         """Connection and freshness of this replica."""
+        if self._closed:
+            raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
         ns = self._node.status(self.namespace, time.monotonic())
         return Status(self._node.connected, self._node.address, self._replica.epoch, ns)
 
@@ -227,20 +269,23 @@ class SharedMemory:
         deadline = time.monotonic() + self.config.request_timeout
         reply = self._node.request(build, deadline, is_write=True)
         if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
+            raise error_from_kind(reply.kind, reply.message, reply.current_version)
         if not isinstance(reply, WriteOk):
             raise StorageError(f"unexpected reply to a write: {type(reply).__name__}")
         self._node.wait_visible(self.namespace, reply, deadline)
         return reply
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None) -> int:
+    def set(self, key: str, value: Any, *, ttl: float | None = None,
+            if_version: int | None = None) -> int:
         """Store ``value`` (JSON) under ``key``; returns its new version. ``ttl``: seconds,
-        None = the config's default, 0 = never expires."""
+        None = the config's default, 0 = never expires. ``if_version``: compare-and-set, write
+        only if the key is at that version (0 = only if absent), else VersionConflict."""
         check_key(key)
         data = encode_value(key, value, self._max_value_bytes)
         t = self._ttl(ttl)
+        v = _check_version(if_version)
         ns, mk = self.namespace, self.config.max_keys
-        return self._write(lambda cid, no: Set(cid, no, ns, mk, key, data, t)).seq
+        return self._write(lambda cid, no: Set(cid, no, ns, mk, key, data, t, v)).seq
 
     def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> int:
         """Store several keys atomically (one event batch); returns the last version."""
@@ -256,11 +301,134 @@ class SharedMemory:
         ns, mk = self.namespace, self.config.max_keys
         return self._write(lambda cid, no: SetMany(cid, no, ns, mk, items, t)).seq
 
-    def delete(self, key: str) -> bool:
-        """Remove ``key``; True if it existed (and had not expired)."""
+    def delete(self, key: str, *, if_version: int | None = None) -> bool:
+        """Remove ``key``; True if it existed (and had not expired). ``if_version``: only if
+        the key is at that version, else VersionConflict."""
         check_key(key)
+        v = _check_version(if_version)
         ns, mk = self.namespace, self.config.max_keys
-        return self._write(lambda cid, no: Delete(cid, no, ns, mk, key)).changed
+        return self._write(lambda cid, no: Delete(cid, no, ns, mk, key, v)).changed
+
+    def touch(self, key: str, ttl: float) -> int:
+        """Give ``key`` a new TTL (seconds from now; 0 = never) without rewriting its value.
+        KeyNotFound if absent. Returns the namespace seq of the change (the key's version is
+        unchanged)."""
+        check_key(key)
+        if ttl is None:
+            from broker.errors import InvalidValue
+
+            raise InvalidValue("touch needs a ttl in seconds (0 = never expires)")
+        t = self._ttl(ttl)
+        ns, mk = self.namespace, self.config.max_keys
+        return self._write(lambda cid, no: Touch(cid, no, ns, mk, key, t)).seq
+
+    def update(self, key: str, fn: Callable[[Any], Any], *, default: Any = None,
+               ttl: float | None = None, retries: int = 1000) -> Any:
+        """Read ``key`` (``default`` if absent), write ``fn(value)`` with compare-and-set, and
+        retry on VersionConflict (up to ``retries`` times). Returns the value written."""
+        deadline = time.monotonic() + self.config.request_timeout * max(1, retries)
+        for _ in range(retries + 1):
+            entry = self._entry(key)
+            current = default if entry is None else _json_decode(entry.value)
+            version = 0 if entry is None else entry.version
+            new = fn(current)
+            try:
+                self.set(key, new, ttl=ttl, if_version=version)
+                return new
+            except VersionConflict as exc:
+                # Our replica is behind the broker: wait until it shows the winner's write.
+                seen = exc.current_version or 0
+                self._wait_for_key_version(key, seen, deadline)
+        raise VersionConflict(f"update of key {key!r} lost the race {retries + 1} times")
+
+    def _wait_for_key_version(self, key: str, version: int, deadline: float) -> None:
+        with self._node.changed:
+            while True:
+                state = self._state()
+                e = state.entries.get(key)
+                if (e.version if e is not None else 0) >= version or state.seq >= version:
+                    return
+                remaining = min(deadline, time.monotonic() + self.config.request_timeout) \
+                    - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._node.changed.wait(remaining)
+
+    # ------------------------------------------------------------------ watching
+
+    def watch(self, pattern: str = "*", *, initial: bool = True,
+              from_version: int | None = None) -> Watcher:
+        """Changes of keys matching ``pattern``, in log order, as an iterator (and context
+        manager). ``initial``: first the current values (``initial=True`` events), then an
+        ``initial_done`` marker, then live changes. ``from_version``: instead of the current
+        values, the changes after that version (from the broker's log; if the log no longer
+        has them, the current values marked ``resync``), then the marker."""
+        return self._watch(pattern, initial, from_version, None)
+
+    def on_change(self, pattern: str, callback: Callable[[ChangeEvent], object]
+                  ) -> CallbackHandle:
+        """Run ``callback(change)`` on a background thread for every live change matching
+        ``pattern``; returns a handle whose ``cancel()`` stops it."""
+        return CallbackHandle(self._watch(pattern, False, None, None), callback)
+
+    def _watch(self, pattern: str, initial: bool, from_version: int | None,
+               loop: Any) -> Watcher:
+        p = compile_pattern(pattern)
+        if from_version is not None and (isinstance(from_version, bool)
+                                         or not isinstance(from_version, int)
+                                         or from_version < 0):
+            from broker.errors import InvalidValue
+
+            raise InvalidValue(f"from_version must be an int >= 0, got {from_version!r}")
+        ns = self.namespace
+        watcher = Watcher(p, lambda w: self._node.remove_watcher(ns, w), loop)
+        now = time.monotonic()
+        with self._lock:
+            state = self._state()
+            self._node.add_watcher(ns, watcher)
+            seq, epoch = state.seq, self._replica.epoch
+            current = [(k, state.entries[k]) for k in state.list_keys(pattern, now)]
+        backlog: list[ChangeEvent] = []
+        if from_version is not None:
+            events = self._fetch_log(from_version + 1, seq, epoch) if from_version < seq else []
+            if events is None:
+                backlog += [_initial_change(k, e, resync=True) for k, e in current]
+            else:
+                backlog += [change_from_event(e) for e in events if p.matches(e.key)]
+        elif initial:
+            backlog += [_initial_change(k, e) for k, e in current]
+        if initial or from_version is not None:
+            backlog.append(ChangeEvent("", INITIAL_DONE, seq))
+        watcher.release(backlog, through_version=seq)
+        return watcher
+
+    def _fetch_log(self, first: int, last: int, epoch: str | None) -> list[Any] | None:
+        """Events ``first..last`` from the broker's log, or None if it no longer has them."""
+        out: list[Any] = []
+        deadline = time.monotonic() + self.config.request_timeout
+        while first <= last:
+            reply = self._node.request(Fetch(self.namespace, epoch or "", first, 0,
+                                             min(10_000, last - first + 1)), deadline)
+            if not isinstance(reply, FetchReply) or not reply.available or not reply.events:
+                return None
+            out += [e for e in reply.events if e.seq <= last]
+            first = reply.events[-1].seq + 1
+        return out
+
+
+def _check_version(v: object) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        from broker.errors import InvalidValue
+
+        raise InvalidValue(f"if_version must be an int >= 0 (0 = absent), got {v!r}")
+    return v
+
+
+def _initial_change(key: str, e: Entry, *, resync: bool = False) -> ChangeEvent:
+    return ChangeEvent(key, "set", e.version, _json_decode(e.value),
+                       datetime.fromtimestamp(e.modified_at, UTC), initial=True, resync=resync)
 
 
 class AsyncSharedMemory:
@@ -284,7 +452,8 @@ class AsyncSharedMemory:
 
     async def close(self) -> None:
         if self._shm is not None:
-            await asyncio.to_thread(self._shm.close)
+            shm, self._shm = self._shm, None
+            await asyncio.to_thread(shm.close)
 
     @property
     def sync(self) -> SharedMemory:
@@ -292,7 +461,9 @@ class AsyncSharedMemory:
             raise StorageError("AsyncSharedMemory is not open: use 'async with' or await open()")
         return self._shm
 
-    async def get(self, key: str, default: Any = _MISSING) -> Any:
+    async def get(self, key: str, default: Any = _MISSING, *, consistent: bool = False) -> Any:
+        if consistent:
+            await asyncio.to_thread(self.sync.sync_with_broker)
         return self.sync.get(key, default)
 
     async def exists(self, key: str) -> bool:
@@ -301,20 +472,47 @@ class AsyncSharedMemory:
     async def get_metadata(self, key: str) -> Metadata:
         return self.sync.get_metadata(key)
 
-    async def list_keys(self, pattern: str = "*") -> list[str]:
+    async def list_keys(self, pattern: str = "*", *, consistent: bool = False) -> list[str]:
+        if consistent:
+            await asyncio.to_thread(self.sync.sync_with_broker)
         return self.sync.list_keys(pattern)
 
     async def status(self) -> Status:
         return self.sync.status()
 
-    async def set(self, key: str, value: Any, *, ttl: float | None = None) -> int:
-        return await asyncio.to_thread(self.sync.set, key, value, ttl=ttl)
+    async def set(self, key: str, value: Any, *, ttl: float | None = None,
+                  if_version: int | None = None) -> int:
+        return await asyncio.to_thread(self.sync.set, key, value, ttl=ttl,
+                                       if_version=if_version)
 
     async def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> int:
         return await asyncio.to_thread(self.sync.set_many, mapping, ttl=ttl)
 
-    async def delete(self, key: str) -> bool:
-        return await asyncio.to_thread(self.sync.delete, key)
+    async def delete(self, key: str, *, if_version: int | None = None) -> bool:
+        return await asyncio.to_thread(self.sync.delete, key, if_version=if_version)
+
+    async def touch(self, key: str, ttl: float) -> int:
+        return await asyncio.to_thread(self.sync.touch, key, ttl)
+
+    async def update(self, key: str, fn: Callable[[Any], Any], *, default: Any = None,
+                     ttl: float | None = None, retries: int = 1000) -> Any:
+        return await asyncio.to_thread(self.sync.update, key, fn, default=default, ttl=ttl,
+                                       retries=retries)
+
+    def watch(self, pattern: str = "*", *, initial: bool = True,
+              from_version: int | None = None) -> Watcher:
+        """An async iterator of changes (``async for change in shm.watch(...)``)."""
+        return self.sync._watch(pattern, initial, from_version, asyncio.get_running_loop())
+
+    @property
+    def seq(self) -> int:
+        return self.sync.seq
+
+    def local_digest(self) -> tuple[int, str]:
+        return self.sync.local_digest()
+
+    async def broker_digest(self) -> tuple[int, str]:
+        return await asyncio.to_thread(self.sync.broker_digest)
 
 
 class Registry:

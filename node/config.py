@@ -93,4 +93,6 @@ class SharedMemoryConfig:
         if self.broker is not None:
             return self.broker
         env = os.environ.get("SHAREDMEM_BROKER")
+        if env and not env.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"SHAREDMEM_BROKER must be 'tcp://HOST:PORT', got {env!r}")
         return env or None

@@ -42,8 +42,9 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
-from node.replica import Replica, RequestFetch, RequestProbe, RequestSnapshot, Sync
+from node.replica import Replica, RequestFetch, RequestProbe, RequestSnapshot
 from node.requests import ChannelPool, RequestChannel
+from node.watch import Watcher, change_from_event
 
 log = logging.getLogger("sharedmem.node")
 
@@ -101,6 +102,7 @@ class Node:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.replicas: dict[str, Replica] = {}
+        self.watchers: dict[str, list[Watcher]] = {}
         self._refs: dict[str, int] = {}
         self._pool = ChannelPool(lambda: RequestChannel(ctx, address,
                                                         retry_interval=retry_interval))
@@ -178,8 +180,11 @@ class Node:
                     )
                 self.changed.wait(remaining)
 
-    def wait_visible(self, namespace: str, ok: WriteOk, deadline: float) -> None:
-        """Wait until the replica shows the write acknowledged by ``ok`` (read-your-writes)."""
+    def wait_visible(self, namespace: str, ok: WriteOk, deadline: float,
+                     *, strict: bool = False) -> None:
+        """Wait until the replica shows the write acknowledged by ``ok`` (read-your-writes).
+
+        ``strict``: raise BrokerUnavailable instead of returning when the deadline passes."""
         with self.changed:
             while True:
                 r = self.replicas.get(namespace)
@@ -187,19 +192,20 @@ class Node:
                     return  # namespace closed meanwhile
                 if r.state is not None and r.epoch == ok.epoch and r.state.seq >= ok.seq:
                     return
-                if r.state is not None and r.epoch != ok.epoch and r.sync is Sync.LIVE \
-                        and r.epoch is not None and r.seq > 0 and r.pending_id is None:
-                    # The broker that acknowledged the write was replaced (in-memory restart);
-                    # its history is gone, there is nothing to wait for.
-                    log.warning("namespace %r: write seq %d of epoch %s outlived by epoch %s",
-                                namespace, ok.seq, ok.epoch, r.epoch)
-                    return
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 and strict:
                     raise BrokerUnavailable(
-                        f"namespace {namespace!r}: write applied at seq {ok.seq} but this node's "
-                        f"replica is still at seq {r.seq} ({r.sync.value})",
-                    )
+                        f"namespace {namespace!r}: this node's replica did not reach seq "
+                        f"{ok.seq} of epoch {ok.epoch} in time (at seq {r.seq}, {r.sync.value})")
+                if remaining <= 0:
+                    # The write *was* applied (we hold its acknowledgement); only our replica
+                    # has not shown it yet -- or the broker incarnation that applied it is gone
+                    # (in-memory restart). Reporting it as refused would be a lie.
+                    log.warning(
+                        "namespace %r: write acknowledged at seq %d (epoch %s) not yet visible; "
+                        "replica at seq %d (epoch %s, %s)", namespace, ok.seq, ok.epoch, r.seq,
+                        r.epoch, r.sync.value)
+                    return
                 self.changed.wait(remaining)
 
     def status(self, namespace: str, now: float) -> NamespaceStatus:
@@ -326,6 +332,8 @@ class Node:
                     actions += r.on_batch(msg, now)
                 elif type(msg) is Heartbeat:
                     actions += r.on_heartbeat(msg, now)
+                if r.changes:
+                    self._dispatch(r)
             self.changed.notify_all()
         self._carry_out(actions)
 
@@ -362,8 +370,37 @@ class Node:
                         actions += r.on_probe(reply.epoch, reply.seq, time.monotonic())
                 elif isinstance(reply, Error):
                     log.warning("broker refused a sync request: %s: %s", reply.kind, reply.message)
+                for r in self.replicas.values():
+                    if r.changes:
+                        self._dispatch(r)
                 self.changed.notify_all()
         self._carry_out(actions)
+
+    def _dispatch(self, r: Replica) -> None:
+        """Hand the replica's recorded changes to the namespace's watchers (under ``lock``)."""
+        changes, r.changes = r.changes, []
+        for watcher in self.watchers.get(r.namespace, ()):
+            matches = watcher.pattern.matches
+            for event, resync in changes:
+                if matches(event.key):
+                    watcher.push(change_from_event(event, resync=resync))
+
+    def add_watcher(self, namespace: str, watcher: Watcher) -> None:
+        """Register under ``lock`` (the caller holds it and takes the backlog meanwhile)."""
+        self.watchers.setdefault(namespace, []).append(watcher)
+        r = self.replicas.get(namespace)
+        if r is not None:
+            r.record = True
+
+    def remove_watcher(self, namespace: str, watcher: Watcher) -> None:
+        with self.lock:
+            ws = self.watchers.get(namespace, [])
+            if watcher in ws:
+                ws.remove(watcher)
+            r = self.replicas.get(namespace)
+            if r is not None and not ws:
+                r.record = False
+                r.changes.clear()
 
     def _tick(self, now: float) -> None:
         actions: list = []

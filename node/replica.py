@@ -21,8 +21,29 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from broker.protocol import Event, EventBatch, FetchReply, Heartbeat, SnapshotReply
+from broker.protocol import (
+    Event,
+    EventBatch,
+    FetchReply,
+    Heartbeat,
+    KeyDeleted,
+    KeySet,
+    SnapshotReply,
+)
 from broker.state import NamespaceState, SeqGap
+
+
+def diff_events(old: NamespaceState, new: NamespaceState) -> list[Event]:
+    """Events that turn ``old`` into ``new`` (for watchers after a resync), in key order."""
+    out: list[Event] = []
+    old_e, new_e = old.entries, new.entries
+    for key in sorted(old_e.keys() | new_e.keys()):
+        a, b = old_e.get(key), new_e.get(key)
+        if b is None:
+            out.append(KeyDeleted(new.seq, key))
+        elif a is None or a.version != b.version or a.value != b.value:
+            out.append(KeySet(b.version, key, b.value, b.created_at, b.modified_at, None))
+    return out
 
 
 class Sync(enum.Enum):
@@ -92,11 +113,15 @@ class Replica:
         self.repairs = 0
         self.last_heard: float | None = None  # any message of this namespace, local clock
         self.head_seq = 0  # highest seq the broker has announced (events or heartbeats)
-        self._buffer: list[EventBatch] = []
+        self._buffer: list[tuple[EventBatch, float]] = []  # with arrival time (for TTLs)
         self._buffered = 0
         self._next_id = 0
         self._pending_id: int | None = None
         self._pending_since = 0.0
+        # While ``record`` is set (a watcher exists), every applied event is appended to
+        # ``changes`` in log order, and a snapshot swap appends the diff as ``(event, True)``.
+        self.record = False
+        self.changes: list[tuple[Event, bool]] = []
 
     # ------------------------------------------------------------------ helpers
 
@@ -130,7 +155,7 @@ class Replica:
         return self._ask_snapshot(now)
 
     def _buffer_batch(self, batch: EventBatch, now: float) -> list[Action]:
-        self._buffer.append(batch)
+        self._buffer.append((batch, now))
         self._buffered += len(batch.events)
         if self._buffered > self.max_buffer:
             # Too far behind to catch up from the buffer: forget it, a snapshot covers it.
@@ -170,6 +195,8 @@ class Replica:
             events = [e for e in events if e.seq > seq]
         try:
             self.state.apply_batch(events, now)
+            if self.record:
+                self.changes.extend((e, False) for e in events)
         except SeqGap:
             overflow = self._buffer_batch(EventBatch(self.namespace, self.epoch or "", events),
                                           now)
@@ -201,21 +228,24 @@ class Replica:
             reply.namespace, reply.max_keys, reply.seq, reply.entries, now
         )
         buffered, self._buffer, self._buffered = self._buffer, [], 0
+        if self.record and self.state is not None:
+            self.changes.extend((e, True) for e in diff_events(self.state, fresh))
         self.state = fresh  # swapped in whole, never merged
         self.epoch = reply.epoch
         self.max_keys = reply.max_keys
         self.head_seq = reply.seq
         self.sync = Sync.LIVE
         actions: list[Action] = []
-        for batch in buffered:
+        for batch, arrived in buffered:
             if batch.epoch != reply.epoch:
                 continue
             if batch.events:
                 self.head_seq = max(self.head_seq, batch.events[-1].seq)
             if self.sync is Sync.LIVE:
-                actions += self._apply_live(batch.events, now)
+                # TTLs count from when the batch arrived, not from now.
+                actions += self._apply_live(batch.events, arrived)
             else:
-                actions += self._buffer_batch(batch, now)
+                actions += self._buffer_batch(batch, arrived)
         return actions
 
     def on_fetch(self, reply: FetchReply, now: float) -> list[Action]:
@@ -229,22 +259,24 @@ class Replica:
         events = [e for e in reply.events if e.seq > self.state.seq]
         try:
             self.state.apply_batch(events, now)
+            if self.record:
+                self.changes.extend((e, False) for e in events)
         except SeqGap:
             return self._resync(now)
         buffered, self._buffer, self._buffered = self._buffer, [], 0
         self.sync = Sync.LIVE
         actions: list[Action] = []
-        for batch in buffered:
+        for batch, _ in buffered:
             if batch.epoch != self.epoch:
                 # A newer history showed up while we repaired: take a snapshot of it.
-                self._buffer = [b for b in buffered if b.epoch != self.epoch]
-                self._buffered = sum(len(b.events) for b in self._buffer)
+                self._buffer = [(b, t) for b, t in buffered if b.epoch != self.epoch]
+                self._buffered = sum(len(b.events) for b, _ in self._buffer)
                 return self._resync(now)
-        for batch in buffered:
+        for batch, arrived in buffered:
             if self.sync is Sync.LIVE:
-                actions += self._apply_live(batch.events, now)
+                actions += self._apply_live(batch.events, arrived)
             else:
-                actions += self._buffer_batch(batch, now)
+                actions += self._buffer_batch(batch, arrived)
         if self.sync is Sync.LIVE and self.head_seq > self.state.seq and not actions:
             actions = self._ask_fetch(now)  # the log gave us less than the head: ask for more
         return actions
