@@ -302,7 +302,50 @@ print(json.dumps([secs, after - before, len(shm.list_keys())]))
         b.stop()
 
 
+def bench_compaction(q: bool) -> list[Row]:
+    """How long compaction stalls the broker loop: the frozen view (dict copies) and the
+    segment rotation happen on the loop; encoding and writing the snapshot on a thread."""
+    from broker.core import BrokerCore
+    from broker.durable import DurableLog
+    from broker.protocol import SetMany
+    from broker.recovery import recover
+
+    rows = []
+    for total in ([10_000] if q else [100_000, 1_000_000]):
+        with tempfile.TemporaryDirectory() as d:
+            log = DurableLog(d, compact_bytes=1 << 40)
+            core = BrokerCore(log=log)
+            recover(core, log)
+            for start in range(0, total, 5000):
+                core.begin_turn()
+                req = SetMany(b"c" * 12, start + 1, "ns", 0,
+                              [(f"k{i:07d}", b'{"i":1}') for i in range(start, start + 5000)])
+                dec = core.decide(req, 0.0, 0.0)
+                core.append_to_log(dec, 0.0, 1.0)
+                core.commit(dec, 0.0)
+                log.flush()
+                core.end_turn()
+            t = time.perf_counter()
+            build = core.frozen_view(log.segment + 1, time.monotonic(), time.time())
+            freeze = time.perf_counter() - t
+            t = time.perf_counter()
+            log.start_compaction(build)  # fsync + new segment + thread start
+            stall = freeze + time.perf_counter() - t
+            t2 = time.perf_counter()
+            while log.compacting:
+                log.finish_compaction()
+                time.sleep(0.005)  # poll
+            background = time.perf_counter() - t2
+            log.close()
+            rows.append(Row("compaction stall on the loop", f"{total} keys", 1, stall,
+                            stall * 1e6, stall * 1e6,
+                            note=f"freeze {freeze * 1e3:.1f} ms; snapshot written in the "
+                                 f"background in {background:.2f} s"))
+    return rows
+
+
 WORKLOADS: dict[str, Callable[[bool], list[Row]]] = {
+    "compaction": bench_compaction,
     "reads": bench_local_reads,
     "list_keys": bench_list_keys,
     "sets": bench_sets,

@@ -23,7 +23,9 @@ from tests.conftest import ROOT, BrokerProcess, child_env, free_port_pair, start
 WRITER = r"""
 import os, sys, time
 from node import SharedMemory, SharedMemoryConfig, BrokerUnavailable, StorageError
-broker, name, stop_file = sys.argv[1], sys.argv[2], sys.argv[3]
+broker, name, stop_file, ack_file = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+# acks go to a file: a pipe nobody reads until the end would fill up and block the writer
+acks = open(ack_file, "w", buffering=1)
 cfg = SharedMemoryConfig(namespace="crash", broker=broker, max_keys=0, ttl=0,
                          request_timeout=3.0, retry_interval=0.2, connect_timeout=30)
 shm = SharedMemory(cfg)
@@ -35,18 +37,19 @@ while not os.path.exists(stop_file):
         version = shm.set(key, {"writer": name, "i": i})
     except (BrokerUnavailable, StorageError):
         continue  # outcome unknown or broker down: the same key and value again
-    print("ack", key, version, flush=True)
+    acks.write(f"ack {key} {version}\n")
     i += 1
 deadline = time.monotonic() + 30
 while time.monotonic() < deadline:
     try:
         if shm.local_digest() == shm.broker_digest():
-            print("converged", flush=True)
+            acks.write("converged\n")
             break
     except (BrokerUnavailable, StorageError):
         pass
     time.sleep(0.05)  # poll
 shm.close()
+acks.close()
 """
 
 
@@ -63,7 +66,9 @@ def test_crash_loop_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     data = tmp_path / "data"
     stop_file = tmp_path / "stop"
     broker = durable_broker(port, data, "--compact-bytes", "300000")
-    writers = [start_agent(WRITER, broker.address, f"w{n}", str(stop_file)) for n in range(4)]
+    ack_files = [tmp_path / f"acks-w{n}.txt" for n in range(4)]
+    writers = [start_agent(WRITER, broker.address, f"w{n}", str(stop_file), str(ack_files[n]))
+               for n in range(4)]
     try:
         for w in writers:
             assert w.stdout is not None and w.stdout.readline().strip() == "ready"
@@ -77,18 +82,21 @@ def test_crash_loop_keeps_every_acknowledged_write(tmp_path: Path) -> None:
                     wait_until(lambda p=probe, t=target: p.seq >= t, 60,  # noqa: B023
                                message="writers to make progress")
                 except AssertionError:
+                    dead = [(w.returncode, w.stderr.read() if w.stderr else "")
+                            for w in writers if w.poll() is not None]
                     raise AssertionError(
                         f"no progress: probe {probe.status()}, broker digest "
-                        f"{probe.broker_digest()}, broker alive {broker.alive}") from None
+                        f"{probe.broker_digest()}, broker alive {broker.alive}, "
+                        f"dead writers {dead}") from None
             broker.kill()
             broker = durable_broker(port, data, "--compact-bytes", "300000")
             assert broker.epoch == epoch  # fsync=always: the history continues
         stop_file.write_text("stop")
         outputs = []
-        for w in writers:
-            out, err = w.communicate(timeout=120)
+        for w, ack_file in zip(writers, ack_files, strict=True):
+            _, err = w.communicate(timeout=120)
             assert w.returncode == 0, err
-            outputs.append(out)
+            outputs.append(ack_file.read_text())
     finally:
         for w in writers:
             if w.poll() is None:
