@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "publisher (messages; default 200000)")
     p.add_argument("--log-retention", type=int, default=100_000, metavar="N",
                    help="events per namespace kept in memory for gap repair (default 100000)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with the broker's CURVE key and the clients' keys and "
+                        "permissions (docs/security.md); enables authentication")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --bind without --config (no authentication!)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])
@@ -55,16 +60,45 @@ def repair_main(argv: list[str]) -> int:
     return 0
 
 
+def keygen_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m broker keygen",
+                                description="Create a CURVE key pair: DIR/NAME.key (public, "
+                                            "give it out) and DIR/NAME.key_secret (keep it).")
+    p.add_argument("name")
+    p.add_argument("--dir", default="keys")
+    args = p.parse_args(argv)
+    from broker.security import keygen
+
+    public, secret = keygen(args.dir, args.name)
+    print(f"public key: {public}\nsecret key: {secret} (mode 600; never share it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["repair"]:
         return repair_main(argv[1:])
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    security = None
+    bind = args.bind
+    if args.config:
+        from broker.security import SecurityConfigError, load_security
+
+        try:
+            security, table = load_security(args.config)
+        except SecurityConfigError as exc:
+            print(f"broker: --config: {exc}", file=sys.stderr)
+            return 2
+        bind = bind or table.get("bind")
     try:
         config = BrokerConfig(
-            bind=args.bind or ["tcp://127.0.0.1:7400"],
+            bind=bind or ["tcp://127.0.0.1:7400"],
+            security=security,
+            insecure=args.insecure,
             pub_bind=args.pub_bind,
             heartbeat_interval=args.heartbeat,
             max_value_bytes=args.max_value_bytes,

@@ -46,6 +46,7 @@ from broker.protocol import (
     SetMany,
     Snapshot,
     Stats,
+    StatsReply,
     Touch,
     WriteOk,
     published_codec,
@@ -54,9 +55,33 @@ from broker.protocol import (
     topic_for,
 )
 from broker.recovery import RecoveryReport, mark_clean, recover
+from broker.security import Security, is_loopback_endpoint
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
 
 log = logging.getLogger("sharedmem.broker")
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP-authenticated identity (z85 public key) on a message, if any."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:  # EINVAL: no such property (inproc, or a disconnect's unsubscribe)
+        return None
+
+
+def _who(sec: Security, user: str | None) -> str:
+    c = sec.client(user)
+    return f"client {c.name!r}" if c is not None else "an unauthenticated peer"
+
+
+class _KnownKeys:
+    """ZAP credentials provider: only listed public keys complete the CURVE handshake."""
+
+    def __init__(self, sec: Security) -> None:
+        self._sec = sec
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self._sec.is_known_key(key)
 
 
 class _RateLimitedLog:
@@ -87,6 +112,7 @@ garbage_log = _RateLimitedLog()
 MAX_REQUESTS_PER_TURN = 512
 MAX_PENDING_SNAPSHOTS = 10_000
 MAX_SEEN_NONCES = 10_000
+MAX_PENDING_SNAPSHOTS_PER_PEER = 8
 SNAPSHOT_WAIT = 10.0  # seconds a snapshot request may wait for its barrier subscription
 
 
@@ -114,6 +140,9 @@ class BrokerConfig:
     data_dir: str | None = None  # None: the log lives in memory only
     fsync: str = "always"  # always | everysec | no (with data_dir)
     compact_bytes: int = 64 * 1024 * 1024  # rotate + snapshot when a segment grows past this
+    security: Security | None = None  # CURVE keys and permissions (None: no authentication)
+    insecure: bool = False  # allow binding a non-loopback address without CURVE
+    max_message_bytes: int = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE of every broker socket
 
     def __post_init__(self) -> None:
         if not self.bind:
@@ -127,6 +156,17 @@ class BrokerConfig:
                              f"got {self.fsync!r}")
         if self.compact_bytes <= 0:
             raise ValueError(f"compact_bytes must be > 0, got {self.compact_bytes}")
+        if self.security is None:
+            exposed = [e for e in [*self.bind, *(self.pub_bind or [])]
+                       if not is_loopback_endpoint(e)]
+            if exposed and not self.insecure:
+                raise ValueError(
+                    f"bind: refusing to listen on {', '.join(exposed)} without CURVE "
+                    "authentication; give a --config with keys, or --insecure to accept the risk")
+            if exposed:
+                log.warning("INSECURE: listening on %s without authentication or encryption: "
+                            "anyone who reaches it can read and overwrite every namespace",
+                            ", ".join(exposed))
 
     def pub_endpoints(self) -> list[str]:
         if self.pub_bind:
@@ -150,7 +190,11 @@ class Broker:
             core = BrokerCore(max_value_bytes=cfg.max_value_bytes, log=log_)
         self.core = core
         self.recovery: RecoveryReport | None = None
-        self._ctx = context or zmq.Context.instance()
+        # A secure broker gets a context of its own: ZAP's handler is per context.
+        self._own_ctx = context is None and self.config.security is not None
+        self._ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
+        self._auth: object | None = None
+        self._pending_per_peer: dict[bytes, int] = {}
         self._ctl_endpoint = f"inproc://sharedmem-broker-ctl-{id(self)}-{os.getpid()}"
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -199,6 +243,8 @@ class Broker:
                 ctl.close(linger=0)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._own_ctx and self._stopped.is_set() and not self._ctx.closed:
+            self._ctx.destroy(linger=0)
 
     def __enter__(self) -> Broker:
         return self.start()
@@ -208,11 +254,28 @@ class Broker:
 
     def _open_sockets(self) -> None:
         cfg = self.config
+        sec = cfg.security
+        if sec is not None:
+            # ZAP handler first: a CURVE server with no handler running accepts anyone.
+            from zmq.auth.thread import ThreadAuthenticator
+
+            auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("sharedmem.broker.zap"))
+            auth.start()
+            auth.configure_curve_callback(domain="sharedmem",
+                                          credentials_provider=_KnownKeys(sec))
+            self._auth = auth
         self._router = self._ctx.socket(zmq.ROUTER)
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._ctl = self._ctx.socket(zmq.PAIR)
         for s in (self._router, self._xpub, self._ctl):
             s.setsockopt(zmq.LINGER, 0)
+        for s in (self._router, self._xpub):
+            s.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+            if sec is not None:
+                s.curve_server = True
+                s.curve_secretkey = sec.secret_key
+                s.curve_publickey = sec.public_key
+                s.zap_domain = b"sharedmem"
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.RCVHWM, cfg.hwm)
         self._router.setsockopt(zmq.SNDHWM, cfg.hwm)
@@ -236,6 +299,9 @@ class Broker:
             s = getattr(self, name, None)
             if s is not None:
                 s.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()  # type: ignore[attr-defined]
+            self._auth = None
 
     def run(self) -> None:
         """The event loop; returns after ``stop()``."""
@@ -316,10 +382,14 @@ class Broker:
             if drain:
                 for _ in range(MAX_REQUESTS_PER_TURN):
                     try:
-                        frames = self._router.recv_multipart(zmq.NOBLOCK)
+                        if self.config.security is None:
+                            frames, user = self._router.recv_multipart(zmq.NOBLOCK), None
+                        else:
+                            raw = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames, user = [f.bytes for f in raw], _user_id(raw[-1])
                     except zmq.Again:
                         break
-                    self._on_request(frames)
+                    self._on_request(frames, user)
             outbox = self._outbox
             try:
                 self.core.log.flush()
@@ -374,12 +444,16 @@ class Broker:
     def _drain_subscriptions(self) -> None:
         while True:
             try:
-                msg = self._xpub.recv(zmq.NOBLOCK)
+                if self.config.security is None:
+                    msg, user = self._xpub.recv(zmq.NOBLOCK), None
+                else:
+                    frame = self._xpub.recv(zmq.NOBLOCK, copy=False)
+                    msg, user = frame.bytes, _user_id(frame)
             except zmq.Again:
                 return
-            self._on_subscription(msg)
+            self._on_subscription(msg, user)
 
-    def _on_subscription(self, msg: bytes) -> None:
+    def _on_subscription(self, msg: bytes, user: str | None = None) -> None:
         if not msg or msg[0] not in (0, 1):
             garbage_log.warning("ignoring %d-byte non-subscription message on the publisher",
                                 len(msg))
@@ -395,6 +469,11 @@ class Broker:
         if not sep:
             garbage_log.warning("refusing subscription to %r: topic lacks the NUL terminator",
                                 topic[:80])
+            return
+        sec = self.config.security
+        if subscribe and sec is not None and not sec.allowed(user, name, "read"):
+            # Refusal is silent on this socket; the request channel says AccessDenied.
+            log.warning("refused subscription to %r by %s", name, _who(sec, user))
             return
         if not nonce:
             # Exact namespace topic: accept (XPUB_MANUAL applies it to the peer just read).
@@ -430,7 +509,7 @@ class Broker:
 
     # ------------------------------------------------------------------ requests
 
-    def _on_request(self, frames: list[bytes]) -> None:
+    def _on_request(self, frames: list[bytes], user: str | None = None) -> None:
         if len(frames) < 3 or frames[-2] != b"":
             garbage_log.warning("dropping request with %d frames: no envelope delimiter",
                                 len(frames))
@@ -446,6 +525,11 @@ class Broker:
             self._send_reply(envelope, Error(exc.kind, str(exc)))
             return
         now = time.monotonic()
+        if self.config.security is not None:
+            denial = self._check_access(request, user)
+            if denial is not None:
+                self._send_reply(envelope, denial)
+                return
         try:
             t = type(request)
             if t is Set or t is SetMany or t is Delete or t is Touch:
@@ -475,12 +559,37 @@ class Broker:
                                                      st.max_keys if st else 0,
                                                      st.seq if st else 0))
             elif t is Stats:
-                self._send_reply(envelope, self.core.stats())
+                stats = self.core.stats()
+                sec = self.config.security
+                if sec is not None:
+                    stats = StatsReply(stats.epoch, {
+                        k: v for k, v in stats.namespaces.items() if sec.allowed(user, k, "read")
+                    }, stats.counters)
+                self._send_reply(envelope, stats)
             elif t is Digest:
                 self._send_reply(envelope, self.core.digest(request.namespace))
         except Exception as exc:  # noqa: BLE001 - never let one request end the broker
             log.exception("internal error handling %s", type(request).__name__)
             self._send_reply(envelope, Error("StorageError", f"internal broker error: {exc!r}"))
+
+    def _check_access(self, request: object, user: str | None) -> Error | None:
+        """AccessDenied for a request the authenticated client may not make, else None."""
+        sec = self.config.security
+        assert sec is not None
+        namespace = getattr(request, "namespace", None)
+        if namespace is None:
+            return None  # Hello, Stats (filtered per namespace)
+        t = type(request)
+        if t is Set or t is SetMany or t is Delete or t is Touch:
+            need = "write"
+        elif t is Open and namespace not in self.core.namespaces:
+            need = "write"  # opening a namespace that does not exist creates it
+        else:
+            need = "read"
+        if sec.allowed(user, namespace, need):
+            return None
+        return Error("AccessDenied",
+                     f"{_who(sec, user)} may not {need} namespace {namespace!r}")
 
     def _on_snapshot(self, envelope: list[bytes], request: Snapshot, now: float) -> None:
         seen = self._seen_nonces.pop(request.nonce, None)
@@ -489,6 +598,13 @@ class Broker:
             return
         if len(self._pending_snapshots) >= MAX_PENDING_SNAPSHOTS:
             self._send_reply(envelope, Error("StorageError", "too many pending snapshots"))
+            return
+        peer = envelope[0]
+        if sum(1 for env, _, _ in self._pending_snapshots.values() if env[0] == peer) \
+                >= MAX_PENDING_SNAPSHOTS_PER_PEER:
+            self._send_reply(envelope, Error(
+                "StorageError", f"more than {MAX_PENDING_SNAPSHOTS_PER_PEER} snapshot requests "
+                "of this peer are waiting for their barrier"))
             return
         self._pending_snapshots[request.nonce] = (envelope, request, now)
 

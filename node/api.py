@@ -96,6 +96,7 @@ class SharedMemory:
         self._node: Node = acquire_node(
             address, zmq.Context.instance(), connect_timeout=config.connect_timeout,
             retry_interval=config.retry_interval, receive_hwm=config.receive_hwm,
+            curve=config.curve_keys(),
         )
         try:
             self._replica = self._node.open_namespace(config.namespace, config.max_keys, deadline)
@@ -397,9 +398,12 @@ class SharedMemory:
                 backlog += [change_from_event(e) for e in events if p.matches(e.key)]
         elif initial:
             backlog += [_initial_change(k, e) for k, e in current]
+        # Changes the caller already has (up to from_version, even if that is ahead of this
+        # replica) are never delivered twice.
+        through = max(seq, from_version or 0)
         if initial or from_version is not None:
-            backlog.append(ChangeEvent("", INITIAL_DONE, seq))
-        watcher.release(backlog, through_version=seq)
+            backlog.append(ChangeEvent("", INITIAL_DONE, through))
+        watcher.release(backlog, through_version=through)
         return watcher
 
     def _fetch_log(self, first: int, last: int, epoch: str | None) -> list[Any] | None:

@@ -28,6 +28,10 @@ def _seconds(name: str, value: object, *, allow_none: bool = False) -> float | N
     return float(value)
 
 
+def _as_bytes(key: str | bytes) -> bytes:
+    return key if isinstance(key, bytes) else key.encode("ascii")
+
+
 @dataclass(frozen=True)
 class SharedMemoryConfig:
     """Settings of one shared-memory handle.
@@ -45,6 +49,9 @@ class SharedMemoryConfig:
     - ``receive_hwm``: the node's SUB high-water mark in messages (a slow consumer past it
       loses events, detects the gap and repairs). Fixed by the first handle of a process for a
       broker address.
+    - CURVE (docs/security.md): ``curve_key_file`` (this node's ``NAME.key_secret``) and
+      ``broker_key_file`` (the broker's ``NAME.key``), or the z85 strings
+      ``curve_public_key``/``curve_secret_key``/``broker_public_key``. All or nothing.
     """
 
     max_keys: int = 10000
@@ -56,6 +63,11 @@ class SharedMemoryConfig:
     retry_interval: float = field(default=1.0, compare=True)
     max_staleness: float | None = None
     receive_hwm: int = 1_000_000
+    curve_public_key: str | None = None
+    curve_secret_key: str | None = None
+    broker_public_key: str | None = None
+    curve_key_file: str | None = None
+    broker_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_keys, bool) or not isinstance(self.max_keys, int) \
@@ -87,6 +99,50 @@ class SharedMemoryConfig:
         if isinstance(self.receive_hwm, bool) or not isinstance(self.receive_hwm, int) \
                 or self.receive_hwm < 0:
             raise ValueError(f"receive_hwm must be an int >= 0, got {self.receive_hwm!r}")
+
+        own = (self.curve_public_key or self.curve_secret_key) is not None or \
+            self.curve_key_file is not None
+        server = self.broker_public_key is not None or self.broker_key_file is not None
+        if own != server:
+            raise ValueError("curve: give this node's keys (curve_key_file or curve_public_key + "
+                             "curve_secret_key) together with the broker's (broker_key_file or "
+                             "broker_public_key)")
+        if own:
+            self.curve_keys()  # fail now, naming the field, if a key cannot be read
+
+    def curve_keys(self) -> tuple[bytes, bytes, bytes] | None:
+        """(public, secret, broker public) as z85 bytes, or None without CURVE."""
+        if self.curve_key_file is None and self.curve_public_key is None \
+                and self.curve_secret_key is None:
+            return None
+        import zmq.auth
+
+        if self.curve_key_file is not None:
+            try:
+                public, secret = zmq.auth.load_certificate(self.curve_key_file)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"curve_key_file: cannot load {self.curve_key_file}: {exc}"
+                                 ) from None
+            if secret is None:
+                raise ValueError(f"curve_key_file: {self.curve_key_file} holds no secret key")
+        else:
+            if not self.curve_public_key or not self.curve_secret_key:
+                raise ValueError("curve_public_key and curve_secret_key go together")
+            public, secret = _as_bytes(self.curve_public_key), _as_bytes(self.curve_secret_key)
+        if self.broker_key_file is not None:
+            try:
+                server, _ = zmq.auth.load_certificate(self.broker_key_file)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"broker_key_file: cannot load {self.broker_key_file}: {exc}"
+                                 ) from None
+        else:
+            assert self.broker_public_key is not None
+            server = _as_bytes(self.broker_public_key)
+        for name, key in (("curve public key", public), ("curve secret key", secret),
+                          ("broker_public_key", server)):
+            if len(key) != 40:
+                raise ValueError(f"{name}: a z85 CURVE key has 40 characters")
+        return public, secret, server
 
     def resolved_broker(self) -> str | None:
         """The broker address to use; None = the embedded broker."""

@@ -43,7 +43,7 @@ from broker.protocol import (
     topic_for,
 )
 from node.replica import Replica, RequestFetch, RequestProbe, RequestSnapshot
-from node.requests import ChannelPool, RequestChannel
+from node.requests import ChannelPool, CurveKeys, RequestChannel, apply_curve
 from node.watch import Watcher, change_from_event
 
 log = logging.getLogger("sharedmem.node")
@@ -92,7 +92,7 @@ class Node:
 
     def __init__(self, address: str, ctx: zmq.Context, *, connect_timeout: float = 10.0,
                  retry_interval: float = 1.0, heartbeat_timeout: float | None = None,
-                 receive_hwm: int = SUB_HWM) -> None:
+                 receive_hwm: int = SUB_HWM, curve: CurveKeys | None = None) -> None:
         self.address = address
         self._ctx = ctx
         self.receive_hwm = receive_hwm
@@ -104,14 +104,19 @@ class Node:
         self.replicas: dict[str, Replica] = {}
         self.watchers: dict[str, list[Watcher]] = {}
         self._refs: dict[str, int] = {}
+        self.curve = curve
         self._pool = ChannelPool(lambda: RequestChannel(ctx, address,
-                                                        retry_interval=retry_interval))
+                                                        retry_interval=retry_interval,
+                                                        curve=curve))
         deadline = time.monotonic() + connect_timeout
         try:
             hello = self._pool.call(Hello(os.urandom(12)), deadline)
         except BrokerUnavailable as exc:
             self._pool.close()
             raise BrokerUnavailable(f"cannot reach broker at {address}: {exc}") from None
+        except BaseException:
+            self._pool.close()
+            raise
         if not isinstance(hello, HelloReply):
             self._pool.close()
             raise BrokerUnavailable(f"broker at {address} answered Hello with {hello!r}")
@@ -240,6 +245,7 @@ class Node:
         dealer = self._ctx.socket(zmq.DEALER)
         for s in (sub, dealer):
             s.setsockopt(zmq.LINGER, 0)
+            apply_curve(s, self.curve)
         sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
         for s in (sub, dealer):
             s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
@@ -448,32 +454,36 @@ class Node:
 
 # ---------------------------------------------------------------------- sharing per process
 
-_nodes: dict[str, tuple[Node, int]] = {}
+_nodes: dict[tuple[str, CurveKeys | None], tuple[Node, int]] = {}
 _nodes_lock = threading.Lock()
 
 
 def acquire_node(address: str, ctx: zmq.Context, *, connect_timeout: float,
-                 retry_interval: float, receive_hwm: int = SUB_HWM) -> Node:
-    """The process's node for ``address`` (created on first use), with one more reference."""
+                 retry_interval: float, receive_hwm: int = SUB_HWM,
+                 curve: CurveKeys | None = None) -> Node:
+    """The process's node for ``address`` and identity (created on first use), with one more
+    reference."""
+    k = (address, curve)
     with _nodes_lock:
-        item = _nodes.get(address)
+        item = _nodes.get(k)
         if item is not None and not item[0]._closed:
-            _nodes[address] = (item[0], item[1] + 1)
+            _nodes[k] = (item[0], item[1] + 1)
             return item[0]
         node = Node(address, ctx, connect_timeout=connect_timeout, retry_interval=retry_interval,
-                    receive_hwm=receive_hwm)
-        _nodes[address] = (node, 1)
+                    receive_hwm=receive_hwm, curve=curve)
+        _nodes[k] = (node, 1)
         return node
 
 
 def release_node(node: Node) -> None:
+    k = (node.address, node.curve)
     with _nodes_lock:
-        item = _nodes.get(node.address)
+        item = _nodes.get(k)
         if item is None or item[0] is not node:
             node.close()
             return
         if item[1] > 1:
-            _nodes[node.address] = (node, item[1] - 1)
+            _nodes[k] = (node, item[1] - 1)
             return
-        del _nodes[node.address]
+        del _nodes[k]
     node.close()

@@ -20,17 +20,35 @@ from typing import Any
 
 import zmq
 
-from broker.errors import BrokerUnavailable, ProtocolError
+from broker.errors import AccessDenied, BrokerUnavailable, ProtocolError
 from broker.protocol import Reply, Request, reply_codec, request_codec
 
 log = logging.getLogger("sharedmem.node")
+
+CurveKeys = tuple[bytes, bytes, bytes]  # (our public, our secret, the broker's public), z85
+
+_AUTH_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def apply_curve(sock: zmq.Socket, curve: CurveKeys | None) -> None:
+    """Make ``sock`` a CURVE client of the broker (before connect)."""
+    if curve is None:
+        return
+    public, secret, server = curve
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = server
 
 
 class RequestChannel:
     """REQ socket + Lazy Pirate retries. Not thread-safe: one caller at a time."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, *, retry_interval: float = 1.0) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, *, retry_interval: float = 1.0,
+                 curve: CurveKeys | None = None) -> None:
         self._ctx = ctx
+        self._curve = curve
+        self._monitor: zmq.Socket | None = None
         self.endpoint = endpoint
         self.client_id = os.urandom(12)
         self.retry_interval = retry_interval
@@ -43,14 +61,45 @@ class RequestChannel:
         if self._sock is None:
             s = self._ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
+            apply_curve(s, self._curve)
+            if self._curve is not None:
+                # A refused key just reconnects forever; the monitor turns it into AccessDenied.
+                self._monitor = s.get_monitor_socket(_AUTH_FAILED)
             s.connect(self.endpoint)
             self._sock = s
         return self._sock
 
     def _reset(self) -> None:
+        if self._monitor is not None:
+            assert self._sock is not None
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+    def _wait(self, sock: zmq.Socket, timeout_ms: int) -> bool:
+        """Wait for a reply; raise AccessDenied when the broker refuses our key."""
+        if self._monitor is None:
+            return bool(sock.poll(timeout_ms, zmq.POLLIN))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        if self._monitor in ready:
+            from zmq.utils.monitor import recv_monitor_message
+
+            event = recv_monitor_message(self._monitor)
+            if event["event"] & _AUTH_FAILED:
+                self._reset()
+                raise AccessDenied(
+                    f"broker at {self.endpoint} refused this node's CURVE key "
+                    f"(handshake failed: {event['value']})")
+        return sock in ready
 
     def close(self) -> None:
         self._reset()
@@ -89,7 +138,7 @@ class RequestChannel:
                 continue
             attempt += 1
             wait = min(self.retry_interval * min(attempt, 4), deadline - now)
-            if sock.poll(max(1, int(wait * 1000)), zmq.POLLIN):
+            if self._wait(sock, max(1, int(wait * 1000))):
                 raw = sock.recv()
                 try:
                     return self._replies.decode(raw)

@@ -180,6 +180,7 @@ class CallbackHandle:
     def __init__(self, watcher: Watcher, callback: Callable[[ChangeEvent], object]) -> None:
         self._watcher = watcher
         self._callback = callback
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sharedmem-on-change",
                                         daemon=True)
         self._thread.start()
@@ -188,12 +189,16 @@ class CallbackHandle:
         import logging
 
         for change in self._watcher:
+            if self._cancelled.is_set():
+                return  # changes queued before cancel() are not delivered after it
             try:
                 self._callback(change)
             except Exception:  # noqa: BLE001 - a failing callback must not end the watch
                 logging.getLogger("sharedmem.node").exception("on_change callback failed")
 
     def cancel(self, timeout: float = 5.0) -> None:
+        """Stop: no callback starts after this returns (one already running may finish)."""
+        self._cancelled.set()
         self._watcher.close()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
