@@ -1,0 +1,711 @@
+"""``sharedmem`` / ``python -m node``: the command-line interface to a running broker.
+
+Every command connects to a broker over the network (``--broker``, ``$SHAREDMEM_BROKER``, else
+``tcp://127.0.0.1:7400``); the CLI never starts the embedded in-process broker, whose data
+would vanish with the command. Reads (get, ls, meta, dump, watch) never create a namespace;
+writes (set, load) create it if missing. Errors are one line on stderr and an exit code (see
+``EXIT_CODES_HELP``); data goes to stdout only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import msgspec
+import zmq
+
+from broker.errors import (
+    AccessDenied,
+    BrokerUnavailable,
+    InvalidKey,
+    InvalidValue,
+    KeyNotFound,
+    PatternError,
+    SharedMemoryError,
+    StorageError,
+    error_from_kind,
+)
+from broker.pattern import compile_pattern
+from broker.protocol import Error, Head, Stats, StatsReply
+from broker.validation import check_key, check_namespace, encode_value
+from node.api import Metadata, SharedMemory
+from node.config import SharedMemoryConfig
+from node.node import Node, acquire_node, release_node
+from node.watch import INITIAL_DONE, ChangeEvent
+
+DEFAULT_BROKER = "tcp://127.0.0.1:7400"
+DEFAULT_BATCH = 1000
+PROGRESS_MIN_KEYS = 10_000  # below this, no progress counter even on a terminal
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_REFUSED = 4
+EXIT_DENIED = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  ok
+  1  not found: get/meta/del of a missing (or expired) key
+  2  usage or invalid input: bad arguments, invalid key/namespace/value/pattern, bad JSON
+  3  broker unavailable (not reachable within --timeout)
+  4  refused by the broker: StorageError, including VersionConflict (--if-version) and a
+     --max-keys that differs from the existing namespace's
+  5  access denied
+  130 interrupted (Ctrl-C) -- except `watch`, which exits 0 on SIGINT/SIGTERM
+
+environment:
+  SHAREDMEM_BROKER           default for --broker (else tcp://127.0.0.1:7400)
+  SHAREDMEM_CURVE_KEY_FILE   default for --curve-key-file
+  SHAREDMEM_BROKER_KEY_FILE  default for --broker-key-file
+"""
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+
+
+class CliError(Exception):
+    """A failure with its exit code; printed as ``sharedmem: <message>``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
+
+
+def _positive_int(text: str) -> int:
+    n = _non_negative_int(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError("expected an integer > 0, got 0")
+    return n
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number), got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return v
+
+
+def _timeout_arg(text: str) -> float:
+    v = _seconds_arg(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("timeout must be > 0")
+    return v
+
+
+def _add_global_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes, accepted before or after the command name.
+
+    On the subcommand parsers the defaults are SUPPRESS, so an option given only before the
+    command is not overwritten by the subparser's default."""
+
+    def d(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    g = p.add_argument_group("connection and output options (also accepted before the command)")
+    g.add_argument("--broker", metavar="ENDPOINT", default=d(None),
+                   help="broker request endpoint (default: $SHAREDMEM_BROKER, else "
+                        f"{DEFAULT_BROKER})")
+    g.add_argument("-n", "--namespace", default=d("shared"),
+                   help="namespace to use (default: shared)")
+    g.add_argument("--max-keys", type=_non_negative_int, metavar="N", default=d(None),
+                   help="the namespace's capacity, 0 = unlimited. Default: the existing "
+                        "namespace's value (asked from the broker), or 0 when a write creates "
+                        "it. A value differing from an existing namespace's is refused (exit 4)")
+    g.add_argument("--json", action="store_true", default=d(False),
+                   help="machine-readable output for get, set, ls, meta, stats and load")
+    g.add_argument("--timeout", type=_timeout_arg, metavar="SECONDS", default=d(10.0),
+                   help="deadline for reaching the broker and for each request (default 10)")
+    g.add_argument("--curve-key-file", metavar="FILE", default=d(None),
+                   help="CURVE authentication: this client's NAME.key_secret (default: "
+                        "$SHAREDMEM_CURVE_KEY_FILE); needs --broker-key-file")
+    g.add_argument("--broker-key-file", metavar="FILE", default=d(None),
+                   help="CURVE authentication: the broker's public NAME.key (default: "
+                        "$SHAREDMEM_BROKER_KEY_FILE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sharedmem",
+        description="Command-line client of a sharedmem broker: read, write, watch, dump and "
+                    "load the keys of a namespace.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_options(p, suppress=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help_text: str, description: str | None = None,
+            ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=description or help_text,
+                            epilog=EXIT_CODES_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_global_options(sp, suppress=True)
+        return sp
+
+    sp = cmd("get", "print the JSON value of KEY",
+             "Print the JSON value of KEY (indented; compact on one line with --json). "
+             "Exit 1 if the key is absent or expired.")
+    sp.add_argument("key", metavar="KEY")
+
+    sp = cmd("set", "store a JSON value under KEY",
+             "Store a JSON value under KEY, from the JSON argument or, when it is omitted, from "
+             "stdin. Prints the key's new version. Creates the namespace if missing.")
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("value", metavar="JSON", nargs="?",
+                    help="the value as JSON, e.g. '{\"state\": \"todo\"}' or '\"text\"'; "
+                         "read from stdin when omitted")
+    sp.add_argument("--ttl", type=_seconds_arg, default=0.0, metavar="SECONDS",
+                    help="time to live in seconds (default 0 = never expires)")
+    sp.add_argument("--if-version", type=_non_negative_int, metavar="N",
+                    help="compare-and-set: write only if the key is at version N "
+                         "(0 = only if absent); otherwise VersionConflict, exit 4")
+
+    sp = cmd("del", "delete KEY",
+             "Delete KEY. Exit 1 if it did not exist (or had expired).")
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("--if-version", type=_non_negative_int, metavar="N",
+                    help="delete only if the key is at version N, else VersionConflict (exit 4)")
+
+    sp = cmd("ls", "list the keys matching PATTERN, one per line",
+             "List the keys matching the glob PATTERN (default *), sorted, one per line "
+             "(a JSON array with --json). Globs: * ? [a-z] [!a] and \\ escapes.")
+    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+
+    sp = cmd("meta", "print the metadata of KEY",
+             "Print the metadata of KEY as 'name: value' lines (a JSON object with --json): "
+             "version, size, created_at, last_modified, expires_at, ttl. Exit 1 if absent.")
+    sp.add_argument("key", metavar="KEY")
+
+    sp = cmd("watch", "print every change of the keys matching PATTERN as JSON lines",
+             "Print one JSON object per line for every change of a key matching PATTERN "
+             "(default *): {key, op, version, value, modified_at, initial, resync}; op is set, "
+             "delete, expire or touch. First the current values (initial=true), then a line "
+             "with op 'initial_done', then live changes, until SIGINT/SIGTERM (exit 0). A line "
+             "'watching ...' on stderr says when the watch is in place. If the namespace does "
+             "not exist yet, waits for it to be created (unless --max-keys is given, which "
+             "creates it).")
+    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+    sp.add_argument("--from-version", type=_non_negative_int, metavar="N",
+                    help="instead of the current values, first replay the changes after "
+                         "version N from the broker's log (current values marked resync=true "
+                         "if the log no longer has them)")
+    sp.add_argument("--no-initial", action="store_true",
+                    help="skip the current values and the initial_done line; live changes only")
+
+    cmd("stats", "print the broker's counters and namespaces",
+        "Print the broker's epoch, counters (writes, events, duplicates, refused, snapshots, "
+        "fetches, expired) and every namespace's keys, seq and max_keys.")
+
+    sp = cmd("dump", "write the keys matching PATTERN as JSON lines to stdout",
+             "Write one JSON object per line, {\"key\": ..., \"value\": ..., \"ttl\": remaining "
+             "seconds or null}, for every key matching PATTERN (default *), in key order. "
+             "The output is what 'load' reads.")
+    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+
+    sp = cmd("load", "write the JSON lines of a dump from stdin into the namespace",
+             "Read JSON lines {\"key\": ..., \"value\": ..., \"ttl\": seconds or null} from "
+             "stdin (the output of 'dump') and write them with set_many in atomic batches. "
+             "All lines are checked before anything is written; a later line for the same key "
+             "wins. TTLs are rounded up to 1 s (0.1 s below 10 s) so keys can share a batch. "
+             "Creates the namespace if missing.")
+    sp.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+                    help=f"keys per set_many batch (default {DEFAULT_BATCH})")
+    return p
+
+
+# --------------------------------------------------------------------------- connection
+
+
+class Session:
+    """One command's connection: a node for the broker and, when needed, one namespace."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.address: str = args.broker or os.environ.get("SHAREDMEM_BROKER") or DEFAULT_BROKER
+        if not self.address.startswith(("tcp://", "ipc://")):
+            raise CliError(EXIT_USAGE,
+                           f"--broker must be 'tcp://HOST:PORT' (or ipc://PATH), got "
+                           f"{self.address!r}")
+        self.namespace: str = check_namespace(args.namespace)
+        self.max_keys: int | None = args.max_keys
+        self.timeout: float = args.timeout
+        self.retry_interval = min(1.0, self.timeout)
+        # What every SharedMemoryConfig of this command shares (besides namespace/max_keys).
+        self.base: dict[str, Any] = {
+            "broker": self.address, "request_timeout": self.timeout,
+            "connect_timeout": self.timeout, "retry_interval": self.retry_interval,
+        }
+        key_file = args.curve_key_file or os.environ.get("SHAREDMEM_CURVE_KEY_FILE")
+        broker_key = args.broker_key_file or os.environ.get("SHAREDMEM_BROKER_KEY_FILE")
+        self.curve: Any = None
+        if key_file or broker_key:
+            self.base.update(curve_key_file=key_file, broker_key_file=broker_key)
+            try:
+                config = SharedMemoryConfig(**self.base)
+            except TypeError:
+                raise CliError(EXIT_USAGE, "this version of sharedmem has no CURVE support "
+                                           "(--curve-key-file/--broker-key-file)") from None
+            self.curve = config.curve_keys()  # ValueError (exit 2) if a key is unreadable
+        self._node: Node | None = None
+        self.shm: SharedMemory | None = None
+
+    def node(self) -> Node:
+        if self._node is None:
+            kw: dict[str, Any] = {} if self.curve is None else {"curve": self.curve}
+            self._node = acquire_node(self.address, zmq.Context.instance(),
+                                      connect_timeout=self.timeout,
+                                      retry_interval=self.retry_interval, **kw)
+        return self._node
+
+    def stats(self) -> StatsReply:
+        reply = self.node().request(Stats(), time.monotonic() + self.timeout)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message)
+        if not isinstance(reply, StatsReply):
+            raise StorageError(f"unexpected reply to Stats: {type(reply).__name__}")
+        return reply
+
+    def namespace_info(self) -> dict[str, int] | None:
+        """The namespace's entry in Stats, or None if it does not exist.
+
+        A broker with access control leaves out the namespaces this client may not read; a
+        Head request then tells "absent" from "not yours" (AccessDenied), creating nothing."""
+        info = self.stats().namespaces.get(self.namespace)
+        if info is None:
+            reply = self.node().request(Head(self.namespace), time.monotonic() + self.timeout)
+            if isinstance(reply, Error):
+                raise error_from_kind(reply.kind, reply.message)
+        return info
+
+    def open(self, *, create: bool) -> SharedMemory | None:
+        """The namespace, or None if it does not exist and ``create`` is False."""
+        for attempt in range(2):
+            info = self.namespace_info()
+            if info is None and not create:
+                return None
+            if self.max_keys is not None:
+                max_keys = self.max_keys
+            else:
+                max_keys = info["max_keys"] if info is not None else 0
+            config = SharedMemoryConfig(max_keys=max_keys, ttl=0, namespace=self.namespace,
+                                        **self.base)
+            try:
+                self.shm = SharedMemory(config)
+                return self.shm
+            except BrokerUnavailable:
+                raise
+            except StorageError:
+                # Created meanwhile by someone else with another max_keys: ask again, once.
+                if self.max_keys is not None or attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        if self._node is not None:
+            release_node(self._node)
+            self._node = None
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    print(f"sharedmem: {text}", file=sys.stderr, flush=True)
+
+
+def _json_line(obj: Any) -> str:
+    return _encode(obj).decode()
+
+
+def _pretty(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return None if dt is None else dt.isoformat()
+
+
+def _remaining(meta: Metadata) -> float | None:
+    if meta.expires_at is None:
+        return None
+    return max(0.001, round((meta.expires_at - datetime.now(UTC)).total_seconds(), 3))
+
+
+class Progress:
+    """A ``\\r`` counter on stderr, only when stderr is a terminal and the job is large."""
+
+    def __init__(self, verb: str, total: int) -> None:
+        self.verb, self.total = verb, total
+        self.enabled = total >= PROGRESS_MIN_KEYS and sys.stderr.isatty()
+        self._last = 0.0
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last >= 0.1 or done >= self.total:
+            self._last = now
+            sys.stderr.write(f"\r{self.verb} {done}/{self.total} keys")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _parse_json(text: str | bytes, what: str) -> Any:
+    try:
+        return _decode(text)
+    except msgspec.DecodeError as exc:
+        raise CliError(EXIT_USAGE, f"{what} is not valid JSON: {exc}") from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_get(args: argparse.Namespace, s: Session) -> int:
+    check_key(args.key)
+    shm = s.open(create=False)
+    if shm is None:
+        raise KeyNotFound(f"key {args.key!r} not found: namespace {s.namespace!r} does not exist")
+    value = shm.get(args.key)
+    _out(_json_line(value) if args.json else _pretty(value))
+    return EXIT_OK
+
+
+def cmd_set(args: argparse.Namespace, s: Session) -> int:
+    check_key(args.key)
+    if args.value is None:
+        if sys.stdin.isatty():
+            print("sharedmem: reading the JSON value from stdin (end with Ctrl-D)",
+                  file=sys.stderr, flush=True)
+        value = _parse_json(sys.stdin.buffer.read(), "the value read from stdin")
+    else:
+        value = _parse_json(args.value, "the value")
+    encode_value(args.key, value)  # InvalidValue before connecting
+    shm = s.open(create=True)
+    assert shm is not None
+    version = shm.set(args.key, value, ttl=args.ttl, if_version=args.if_version)
+    _out(_json_line({"key": args.key, "version": version}) if args.json else str(version))
+    return EXIT_OK
+
+
+def cmd_del(args: argparse.Namespace, s: Session) -> int:
+    check_key(args.key)
+    shm = s.open(create=False)
+    if shm is None or not shm.delete(args.key, if_version=args.if_version):
+        raise KeyNotFound(f"key {args.key!r} not found in namespace {s.namespace!r}")
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace, s: Session) -> int:
+    compile_pattern(args.pattern)
+    shm = s.open(create=False)
+    keys = [] if shm is None else shm.list_keys(args.pattern)
+    if args.json:
+        _out(_json_line(keys))
+    else:
+        for k in keys:
+            _out(k)
+    return EXIT_OK
+
+
+def _meta_dict(key: str, m: Metadata) -> dict[str, Any]:
+    return {
+        "key": key,
+        "version": m.version,
+        "size": m.size,
+        "created_at": _iso(m.created_at),
+        "last_modified": _iso(m.last_modified),
+        "expires_at": _iso(m.expires_at),
+        "ttl": _remaining(m),
+    }
+
+
+def cmd_meta(args: argparse.Namespace, s: Session) -> int:
+    check_key(args.key)
+    shm = s.open(create=False)
+    if shm is None:
+        raise KeyNotFound(f"key {args.key!r} not found: namespace {s.namespace!r} does not exist")
+    d = _meta_dict(args.key, shm.get_metadata(args.key))
+    if args.json:
+        _out(_json_line(d))
+    else:
+        d["expires_at"] = d["expires_at"] or "never"
+        d["ttl"] = "none" if d["ttl"] is None else d["ttl"]
+        for name, value in d.items():
+            _out(f"{name}: {value}")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace, s: Session) -> int:
+    st = s.stats()
+    namespaces = dict(sorted(st.namespaces.items()))
+    if args.json:
+        _out(_json_line({"broker": s.address, "epoch": st.epoch, "counters": st.counters,
+                         "namespaces": namespaces}))
+        return EXIT_OK
+    _out(f"broker: {s.address}")
+    _out(f"epoch: {st.epoch}")
+    _out("counters:")
+    width = max((len(k) for k in st.counters), default=0)
+    for name, value in st.counters.items():
+        _out(f"  {name:<{width}}  {value}")
+    _out(f"namespaces: {len(namespaces)}")
+    if namespaces:
+        w = max(9, *(len(n) for n in namespaces))
+        _out(f"  {'NAMESPACE':<{w}}  {'KEYS':>10}  {'SEQ':>12}  MAX_KEYS")
+        for name, info in namespaces.items():
+            mk = info.get("max_keys", 0)
+            _out(f"  {name:<{w}}  {info.get('keys', 0):>10}  {info.get('seq', 0):>12}  "
+                 f"{mk if mk else '0 (unlimited)'}")
+    return EXIT_OK
+
+
+def cmd_dump(args: argparse.Namespace, s: Session) -> int:
+    compile_pattern(args.pattern)
+    shm = s.open(create=False)
+    if shm is None:
+        return EXIT_OK
+    keys = shm.list_keys(args.pattern)
+    progress = Progress("dumped", len(keys))
+    out = sys.stdout.buffer
+    chunk: list[bytes] = []
+    done = 0
+    for key in keys:
+        try:  # value and metadata are two reads: a key may expire or go in between
+            value = shm.get(key)
+            meta = shm.get_metadata(key)
+        except KeyNotFound:
+            continue
+        chunk.append(_encode({"key": key, "value": value, "ttl": _remaining(meta)}))
+        done += 1
+        if len(chunk) >= 1000:
+            out.write(b"\n".join(chunk) + b"\n")
+            chunk.clear()
+            progress.update(done)
+    if chunk:
+        out.write(b"\n".join(chunk) + b"\n")
+    out.flush()
+    progress.update(done)
+    progress.finish()
+    return EXIT_OK
+
+
+def _ttl_bucket(ttl: float | None) -> float:
+    """Round a TTL up so that keys written at about the same time share a batch (0 = never)."""
+    if not ttl:
+        return 0.0
+    if ttl >= 10:
+        return float(math.ceil(ttl))
+    return math.ceil(ttl * 10) / 10
+
+
+def read_load_input(stream: Iterable[bytes]) -> dict[str, tuple[Any, float]]:
+    """Parse dump lines into key -> (value, ttl bucket); a later line for a key wins."""
+    records: dict[str, tuple[Any, float]] = {}
+    for n, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        rec = _parse_json(line, f"line {n}")
+        if not isinstance(rec, dict) or "key" not in rec or "value" not in rec:
+            raise CliError(EXIT_USAGE, f"line {n}: expected an object with \"key\" and "
+                                       f"\"value\" (and optionally \"ttl\")")
+        key, ttl = rec["key"], rec.get("ttl")
+        try:
+            check_key(key)
+        except InvalidKey as exc:
+            raise CliError(EXIT_USAGE, f"line {n}: {exc}") from None
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                                or not math.isfinite(ttl) or ttl < 0):
+            raise CliError(EXIT_USAGE, f"line {n}: ttl must be seconds >= 0 or null, "
+                                       f"got {ttl!r}")
+        records.pop(key, None)  # keep the order of the last occurrence
+        records[key] = (rec["value"], _ttl_bucket(ttl))
+    return records
+
+
+def cmd_load(args: argparse.Namespace, s: Session) -> int:
+    records = read_load_input(sys.stdin.buffer)
+    if not records:
+        _out(_json_line({"loaded": 0}) if args.json else "loaded 0 keys")
+        return EXIT_OK
+    shm = s.open(create=True)
+    assert shm is not None
+    limit = s.node().max_value_bytes
+    buckets: dict[float, dict[str, Any]] = {}
+    for key, (value, bucket) in records.items():
+        encode_value(key, value, limit)  # InvalidValue (exit 2) before anything is written
+        buckets.setdefault(bucket, {})[key] = value
+    progress = Progress("loaded", len(records))
+    done = 0
+    start = time.monotonic()
+    for bucket, mapping in buckets.items():
+        items = list(mapping.items())
+        for i in range(0, len(items), args.batch_size):
+            batch = dict(items[i:i + args.batch_size])
+            ttl = 0.0
+            if bucket:  # count the time spent loading against the TTL, never below 1 ms
+                ttl = max(0.001, bucket - (time.monotonic() - start))
+            shm.set_many(batch, ttl=ttl)
+            done += len(batch)
+            progress.update(done)
+    progress.finish()
+    if args.json:
+        _out(_json_line({"loaded": done, "namespace": s.namespace}))
+    else:
+        _out(f"loaded {done} keys into namespace {s.namespace!r}")
+    return EXIT_OK
+
+
+def _change_dict(ch: ChangeEvent) -> dict[str, Any]:
+    return {"key": ch.key, "op": ch.op, "version": ch.version, "value": ch.value,
+            "modified_at": _iso(ch.modified_at), "initial": ch.initial, "resync": ch.resync}
+
+
+def cmd_watch(args: argparse.Namespace, s: Session) -> int:
+    compile_pattern(args.pattern)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    out: IO[str] = sys.stdout
+    shm = s.open(create=s.max_keys is not None)
+    if shm is None:
+        _err(f"namespace {s.namespace!r} does not exist yet; waiting for it to be created")
+        while shm is None:
+            if stop.wait(0.5):
+                return EXIT_OK
+            shm = s.open(create=False)
+    if stop.is_set():
+        return EXIT_OK
+    watcher = shm.watch(args.pattern, initial=not args.no_initial,
+                        from_version=args.from_version)
+    try:
+        print(f"sharedmem: watching {args.pattern!r} in namespace {s.namespace!r} at "
+              f"{s.address} from version {shm.seq}", file=sys.stderr, flush=True)
+        while not stop.is_set():
+            ch = watcher.get(timeout=0.2)
+            if ch is None:
+                continue
+            d = _change_dict(ch)
+            if ch.op == INITIAL_DONE:
+                d["key"] = None
+            try:
+                out.write(_json_line(d) + "\n")
+                out.flush()
+            except BrokenPipeError:  # the reader went away (e.g. `| head -1`): done
+                _silence_stdout()
+                return EXIT_OK
+    finally:
+        watcher.close()
+    return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+COMMANDS = {
+    "get": cmd_get,
+    "set": cmd_set,
+    "del": cmd_del,
+    "ls": cmd_ls,
+    "meta": cmd_meta,
+    "watch": cmd_watch,
+    "stats": cmd_stats,
+    "dump": cmd_dump,
+    "load": cmd_load,
+}
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code of an exception raised by a command."""
+    if isinstance(exc, CliError):
+        return exc.code
+    if isinstance(exc, KeyNotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (InvalidKey, InvalidValue, PatternError)):
+        return EXIT_USAGE
+    if isinstance(exc, BrokerUnavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, StorageError):
+        return EXIT_REFUSED
+    if isinstance(exc, AccessDenied):
+        return EXIT_DENIED
+    if isinstance(exc, SharedMemoryError):
+        return EXIT_REFUSED
+    if isinstance(exc, ValueError):  # a setting SharedMemoryConfig refused
+        return EXIT_USAGE
+    raise exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
+    session: Session | None = None
+    try:
+        session = Session(args)
+        code = COMMANDS[args.command](args, session)
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except (SharedMemoryError, CliError, ValueError) as exc:
+        code = exit_code_for(exc)
+        kind = "" if isinstance(exc, CliError) else f"{type(exc).__name__}: "
+        _err(f"{kind}{exc}")
+        return code
+    finally:
+        if session is not None:
+            session.close()
