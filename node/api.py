@@ -390,10 +390,12 @@ class SharedMemory:
             seq, epoch = state.seq, self._replica.epoch
             current = [(k, state.entries[k]) for k in state.list_keys(pattern, now)]
         backlog: list[ChangeEvent] = []
+        resync_marker = False
         if from_version is not None:
             events = self._fetch_log(from_version + 1, seq, epoch) if from_version < seq else []
             if events is None:
                 backlog += [_initial_change(k, e, resync=True) for k, e in current]
+                resync_marker = True
             else:
                 backlog += [change_from_event(e) for e in events if p.matches(e.key)]
         elif initial:
@@ -402,7 +404,9 @@ class SharedMemory:
         # replica) are never delivered twice.
         through = max(seq, from_version or 0)
         if initial or from_version is not None:
-            backlog.append(ChangeEvent("", INITIAL_DONE, through))
+            # resync=True on the marker: the log could not replay the gap, so the values
+            # before it are the whole current state -- reset your view to them.
+            backlog.append(ChangeEvent("", INITIAL_DONE, through, resync=resync_marker))
         watcher.release(backlog, through_version=through)
         return watcher
 

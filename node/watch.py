@@ -79,6 +79,7 @@ class Watcher:
         self._loop = loop
         self._aqueue: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
         self._held: list[Any] | None = []
+        self._floor = 0  # changes at or below this version were delivered in the backlog
         self._lock = threading.Lock()
         self.last_version = 0
         self.closed = False
@@ -102,6 +103,8 @@ class Watcher:
             if self._held is not None:
                 self._held.append(change)
                 return
+            if change.version <= self._floor and not change.resync:
+                return  # the caller already has it (from_version ahead of this replica)
             self._deliver(change)
 
     def release(self, backlog: list[ChangeEvent], *, through_version: int) -> None:
@@ -113,6 +116,7 @@ class Watcher:
                 if change.op == INITIAL_DONE or change.version > through_version:
                     self._deliver(change)
             self._held = None
+            self._floor = through_version
 
     # -- consumer side
 

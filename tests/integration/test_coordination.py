@@ -563,10 +563,6 @@ def test_watches_opened_during_a_write_stream_have_no_seam(
                 assert tuples(head + live) == script.expected(after=n), f"from_version={n}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: node/api.py SharedMemory._watch: when from_version is ahead of this replica's seq, "
-    "no log is fetched and the held changes are released with through_version=seq, so the "
-    "changes seq+1..from_version (which the caller already has) are delivered again"))
 @pytest.mark.timeout(60)
 def test_watch_from_version_ahead_of_this_replica_repeats_nothing(
     broker_process: BrokerProcess, agents: Agents,
@@ -633,10 +629,6 @@ def test_on_change_gets_live_changes_and_cancel_stops_it(
         assert len(got) == n, f"{len(got) - n} callbacks after cancel() returned"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: node/watch.py CallbackHandle._run keeps calling back for changes queued before "
-    "cancel(): cancel() from inside a callback returns at once and the remaining queued "
-    "changes are still delivered"))
 @pytest.mark.timeout(60)
 def test_on_change_cancel_from_the_callback_stops_it(
     broker_process: BrokerProcess, agents: Agents,
@@ -664,9 +656,6 @@ def test_on_change_cancel_from_the_callback_stops_it(
         assert late == [], f"{len(late)} callbacks after cancel() returned (versions {late[:5]})"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: node/watch.py CallbackHandle.cancel: when the join times out (a callback is busy), "
-    "cancel() returns but the thread goes on calling back for every change already queued"))
 @pytest.mark.timeout(60)
 def test_on_change_no_new_callback_after_cancel_returns_with_a_busy_callback(
     broker_process: BrokerProcess, agents: Agents,
