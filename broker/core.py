@@ -76,6 +76,7 @@ class Decision:
     create_max_keys: int | None = None  # create ``namespace`` with this max_keys first
     client: tuple[bytes, int] | None = None  # (client_id, request_no) to remember the reply for
     duplicate: bool = False
+    _body: bytes | None = None  # the shell's encoded EventBatch, shared by reply and publish
 
 
 class DedupTable:

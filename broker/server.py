@@ -411,7 +411,12 @@ class Broker:
             self._outbox = []
         for envelope, reply, decision in outbox:
             if envelope is not None and reply is not None:
-                self._send_reply(envelope, reply)
+                if decision is not None and decision.events and type(reply) is WriteOk:
+                    # The writer's node may apply its own write at once (same events, same
+                    # order as the stream): a second frame, the batch as published.
+                    self._send_reply(envelope, reply, self._batch_body(decision))
+                else:
+                    self._send_reply(envelope, reply)
             if decision is not None:
                 self._publish(decision)
 
@@ -428,11 +433,17 @@ class Broker:
         build = self.core.frozen_view(log_.segment + 1, time.monotonic(), time.time())
         log_.start_compaction(build)
 
+    def _batch_body(self, decision: Decision) -> bytes:
+        if decision._body is None:
+            assert decision.namespace is not None
+            decision._body = self._published.encode(
+                EventBatch(decision.namespace, self.epoch, decision.events))
+        return decision._body
+
     def _publish(self, decision: Decision) -> None:
         if not decision.events or decision.namespace is None:
             return
-        body = self._published.encode(EventBatch(decision.namespace, self.epoch, decision.events))
-        self._xpub.send_multipart([topic_for(decision.namespace), body])
+        self._xpub.send_multipart([topic_for(decision.namespace), self._batch_body(decision)])
 
     def _send_heartbeats(self) -> None:
         for name, state in self.core.namespaces.items():
@@ -608,7 +619,8 @@ class Broker:
             return
         self._pending_snapshots[request.nonce] = (envelope, request, now)
 
-    def _send_reply(self, envelope: list[bytes], reply: Reply) -> None:
+    def _send_reply(self, envelope: list[bytes], reply: Reply, extra: bytes | None = None
+                    ) -> None:
         if self._in_turn:  # held back until the turn's log flush succeeded
             self._outbox.append((envelope, reply, None))
             return
@@ -616,7 +628,10 @@ class Broker:
             self.drop_write_replies -= 1
             log.info("fault injection: dropping a write reply")
             return
+        frames = [*envelope, self._replies.encode(reply)]
+        if extra is not None:
+            frames.append(extra)
         try:
-            self._router.send_multipart([*envelope, self._replies.encode(reply)], zmq.NOBLOCK)
+            self._router.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
             log.info("reply to a vanished or full peer dropped: %s", exc)

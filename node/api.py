@@ -268,12 +268,11 @@ class SharedMemory:
         if self._closed:
             raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
         deadline = time.monotonic() + self.config.request_timeout
-        reply = self._node.request(build, deadline, is_write=True)
+        reply = self._node.write(self.namespace, build, deadline)
         if isinstance(reply, Error):
             raise error_from_kind(reply.kind, reply.message, reply.current_version)
         if not isinstance(reply, WriteOk):
             raise StorageError(f"unexpected reply to a write: {type(reply).__name__}")
-        self._node.wait_visible(self.namespace, reply, deadline)
         return reply
 
     def set(self, key: str, value: Any, *, ttl: float | None = None,

@@ -50,6 +50,7 @@ log = logging.getLogger("sharedmem.node")
 
 TICK = 0.1  # seconds between housekeeping passes of the I/O thread
 SUB_HWM = 1_000_000
+APPLY_OWN_WRITES = True  # apply a write's events from its reply (benchmarks turn it off)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,24 @@ class Node:
 
     def request(self, build: object, deadline: float, *, is_write: bool = False) -> object:
         return self._pool.call(build, deadline, is_write=is_write)
+
+    def write(self, namespace: str, build: object, deadline: float) -> object:
+        """Send a write; on WriteOk make it visible here (read-your-writes) before returning.
+
+        The reply carries the write's events: applied at once when the replica is exactly at
+        their predecessor (the common case), else we wait for the stream to get there."""
+        reply, batch = self._pool.call_with_events(build, deadline, is_write=True)
+        if type(reply) is WriteOk:
+            if batch is not None and batch.namespace == namespace and APPLY_OWN_WRITES:
+                with self.changed:
+                    r = self.replicas.get(namespace)
+                    if r is not None and r.apply_own(batch, time.monotonic()):
+                        if r.changes:
+                            self._dispatch(r)
+                        self.changed.notify_all()
+                        return reply
+            self.wait_visible(namespace, reply, deadline)
+        return reply
 
     def open_namespace(self, namespace: str, max_keys: int, deadline: float) -> Replica:
         """Open (create or check) a namespace and wait until its replica is live."""

@@ -204,6 +204,20 @@ class Replica:
         self.head_seq = max(self.head_seq, self.state.seq)
         return []
 
+    def apply_own(self, batch: EventBatch, now: float) -> bool:
+        """Apply the events of this node's own acknowledged write, sent along with the reply,
+        if they are exactly the next ones of a live replica of the same epoch; True if applied.
+        The same batch arriving later on the stream is then dropped as a duplicate."""
+        events = batch.events
+        if self.sync is not Sync.LIVE or batch.epoch != self.epoch or not events \
+                or self.state is None or events[0].seq != self.state.seq + 1:
+            return False
+        self.state.apply_batch(events, now)
+        if self.record:
+            self.changes.extend((e, False) for e in events)
+        self.head_seq = max(self.head_seq, self.state.seq)
+        return True
+
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
         self.last_heard = now
         if self.sync is Sync.JOINING:

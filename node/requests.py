@@ -21,7 +21,15 @@ from typing import Any
 import zmq
 
 from broker.errors import AccessDenied, BrokerUnavailable, ProtocolError
-from broker.protocol import Reply, Request, reply_codec, request_codec
+from broker.protocol import (
+    EventBatch,
+    Reply,
+    Request,
+    WriteOk,
+    published_codec,
+    reply_codec,
+    request_codec,
+)
 
 log = logging.getLogger("sharedmem.node")
 
@@ -56,6 +64,8 @@ class RequestChannel:
         self._sock: zmq.Socket | None = None
         self._requests = request_codec()
         self._replies = reply_codec()
+        self._published = published_codec()
+        self.last_batch: EventBatch | None = None  # events of the last write, if sent along
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -115,6 +125,7 @@ class RequestChannel:
         ``build(client_id, request_no)`` makes a write request (the number is fixed once, so
         every resend is the same request); a plain Request is sent as is.
         """
+        self.last_batch = None
         request = build(self.client_id, self.next_request_no()) if callable(build) else build
         data = self._requests.encode(request)
         attempt = 0
@@ -139,9 +150,14 @@ class RequestChannel:
             attempt += 1
             wait = min(self.retry_interval * min(attempt, 4), deadline - now)
             if self._wait(sock, max(1, int(wait * 1000))):
-                raw = sock.recv()
+                frames = sock.recv_multipart()
                 try:
-                    return self._replies.decode(raw)
+                    reply = self._replies.decode(frames[0])
+                    if len(frames) > 1 and type(reply) is WriteOk:
+                        batch = self._published.decode(frames[1])
+                        if type(batch) is EventBatch:
+                            self.last_batch = batch
+                    return reply
                 except ProtocolError:
                     log.warning("undecodable reply from %s; retrying", self.endpoint)
             log.debug("no reply from %s after %.2fs (attempt %d); reopening",
@@ -160,6 +176,11 @@ class ChannelPool:
         self._closed = False
 
     def call(self, build: Any, deadline: float, *, is_write: bool = False) -> Reply:
+        return self.call_with_events(build, deadline, is_write=is_write)[0]
+
+    def call_with_events(self, build: Any, deadline: float, *, is_write: bool = False
+                         ) -> tuple[Reply, EventBatch | None]:
+        """Like ``call``, plus the events a write reply carried (None if it carried none)."""
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("this node is closed")
@@ -169,7 +190,8 @@ class ChannelPool:
                 channel = self._factory()
                 self._all.append(channel)
         try:
-            return channel.call(build, deadline, is_write=is_write)
+            reply = channel.call(build, deadline, is_write=is_write)
+            return reply, channel.last_batch
         finally:
             with self._lock:
                 if self._closed:

@@ -80,7 +80,7 @@ def broker_call(address: str, request: Request, timeout: float = 10.0) -> Any:
         if not sock.poll(int(timeout * 1000)):
             raise AssertionError(f"broker at {address} did not answer {type(request).__name__} "
                                  f"within {timeout}s")
-        return reply_codec().decode(sock.recv_multipart()[-1])
+        return reply_codec().decode(sock.recv_multipart()[1])  # [b"", reply, (batch)]
     finally:
         sock.close(linger=0)
 
@@ -197,7 +197,7 @@ class PipelinedWriter:
     def _receive(self, pending: deque[dict[str, Any]]) -> int:
         if not self.sock.poll(10_000):
             raise AssertionError(f"no write reply within 10s ({len(pending)} in flight)")
-        reply = self._replies.decode(self.sock.recv_multipart()[-1])
+        reply = self._replies.decode(self.sock.recv_multipart()[1])
         assert isinstance(reply, WriteOk), f"write refused: {reply!r}"
         self.history.ack_many(self.name, pending.popleft(), reply.seq)
         return reply.seq
