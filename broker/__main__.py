@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "publisher (messages; default 200000)")
     p.add_argument("--log-retention", type=int, default=100_000, metavar="N",
                    help="events per namespace kept in memory for gap repair (default 100000)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
     p.add_argument("--config", metavar="FILE",
                    help="TOML file with the broker's CURVE key and the clients' keys and "
                         "permissions (docs/security.md); enables authentication")
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             compact_bytes=args.compact_bytes,
             hwm=args.hwm,
             log_retention=args.log_retention,
+            metrics_port=args.metrics_port,
         )
     except ValueError as exc:
         print(f"broker: {exc}", file=sys.stderr)

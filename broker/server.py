@@ -28,6 +28,8 @@ from broker.core import BrokerCore, Decision
 from broker.durable import FSYNC_POLICIES, DurableLog
 from broker.errors import ProtocolError, StorageError
 from broker.log import MemoryLog
+from broker.metrics import MetricsServer
+from broker.metrics import render as render_metrics
 from broker.protocol import (
     TOPIC_END,
     Delete,
@@ -143,6 +145,8 @@ class BrokerConfig:
     security: Security | None = None  # CURVE keys and permissions (None: no authentication)
     insecure: bool = False  # allow binding a non-loopback address without CURVE
     max_message_bytes: int = 64 * 1024 * 1024  # ZMQ_MAXMSGSIZE of every broker socket
+    metrics_port: int | None = None  # Prometheus text on http://metrics_host:port/metrics
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.bind:
@@ -211,6 +215,10 @@ class Broker:
         self._seen_nonces: OrderedDict[bytes, str] = OrderedDict()
         self.subscribers: dict[str, int] = {}
         self._in_turn = False
+        self.metrics: MetricsServer | None = None
+        self._started = time.monotonic()
+        self._rate_mark = (self._started, 0)
+        self._events_per_s = 0
         self.drop_write_replies = 0  # fault injection (tests): drop the next N write replies
         self._outbox: list[tuple[list[bytes] | None, Reply | None, Decision | None]] = []
 
@@ -287,6 +295,8 @@ class Broker:
             sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self._ctl.bind(self._ctl_endpoint)
+        if cfg.metrics_port is not None:
+            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
         for ep in cfg.bind:
             self._router.bind(ep)
             self.endpoints.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -302,6 +312,9 @@ class Broker:
         if self._auth is not None:
             self._auth.stop()  # type: ignore[attr-defined]
             self._auth = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def run(self) -> None:
         """The event loop; returns after ``stop()``."""
@@ -366,6 +379,8 @@ class Broker:
                 self._start_compaction()
             now = time.monotonic()
             if now >= next_heartbeat:
+                if self.metrics is not None:
+                    self.metrics.text = render_metrics(self.stats())
                 self._send_heartbeats()
                 self._expire_pending_snapshots(now)
                 next_heartbeat = now + hb_interval
@@ -570,7 +585,7 @@ class Broker:
                                                      st.max_keys if st else 0,
                                                      st.seq if st else 0))
             elif t is Stats:
-                stats = self.core.stats()
+                stats = self.stats()
                 sec = self.config.security
                 if sec is not None:
                     stats = StatsReply(stats.epoch, {
@@ -582,6 +597,30 @@ class Broker:
         except Exception as exc:  # noqa: BLE001 - never let one request end the broker
             log.exception("internal error handling %s", type(request).__name__)
             self._send_reply(envelope, Error("StorageError", f"internal broker error: {exc!r}"))
+
+    def stats(self) -> StatsReply:
+        """The core's counters plus the shell's: subscribers, fsyncs, compactions, rates."""
+        base = self.core.stats()
+        now = time.monotonic()
+        counters = dict(base.counters)
+        log_ = self.core.log
+        counters["subscribers"] = sum(self.subscribers.values())
+        counters["uptime_ms"] = int((now - self._started) * 1000)
+        counters["pending_snapshots"] = len(self._pending_snapshots)
+        if isinstance(log_, DurableLog):
+            counters["fsyncs"] = log_.fsync_count
+            counters["fsync_us_total"] = int(log_.fsync_seconds_total * 1e6)
+            counters["fsync_us_avg"] = int(log_.fsync_seconds_total * 1e6 / log_.fsync_count) \
+                if log_.fsync_count else 0
+            counters["compactions"] = log_.compactions
+        # events per second over the window since the previous Stats call (at least 1 s)
+        events = counters["events"]
+        t0, e0 = self._rate_mark
+        if now - t0 >= 1.0:
+            self._events_per_s = int((events - e0) / (now - t0))
+            self._rate_mark = (now, events)
+        counters["events_per_s"] = self._events_per_s
+        return StatsReply(base.epoch, base.namespaces, counters)
 
     def _check_access(self, request: object, user: str | None) -> Error | None:
         """AccessDenied for a request the authenticated client may not make, else None."""

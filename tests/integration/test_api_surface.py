@@ -127,3 +127,32 @@ def test_broker_process_stops_cleanly_on_sigterm_and_sigint() -> None:
         b.proc.send_signal(sig)
         assert b.proc.wait(10) == 0
         b.stop()
+
+
+def test_prometheus_metrics_endpoint() -> None:
+    import urllib.request
+
+    from tests.conftest import wait_until
+
+    metrics_port = free_port_pair()
+    b = BrokerProcess(free_port_pair(), ("--metrics-port", str(metrics_port))).start()
+    try:
+        with SharedMemory(SharedMemoryConfig(namespace="metrics", broker=b.address)) as shm:
+            shm.set("a", 1)
+            shm.set("b", 2)
+
+            def scrape() -> str:
+                url = f"http://127.0.0.1:{metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    return r.read().decode()
+
+            def ready() -> str | None:
+                text = scrape()
+                return text if 'sharedmem_namespace_keys{namespace="metrics"} 2' in text else None
+
+            text = wait_until(ready, 10, interval=0.1, message="metrics to show 2 keys")
+            assert "sharedmem_events 2" in text
+            assert "sharedmem_subscribers 1" in text
+            assert 'sharedmem_namespace_keys{namespace="metrics"} 2' in text
+    finally:
+        b.stop()
