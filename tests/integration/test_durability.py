@@ -121,6 +121,16 @@ def test_crash_loop_keeps_every_acknowledged_write(tmp_path: Path) -> None:
                     assert check.get_metadata(key).version == int(version)
                 total += len(acks)
             assert total > cycles * 50
+            # Nothing unattempted: every key is one a writer tried, with the value it tried
+            # (a writer tries key i only after key i-1 was acknowledged, so at most one
+            # unacknowledged key per writer can exist: the one in flight at the end).
+            acked_per_writer = {f"w{n}": sum(1 for line in out.split("\n")
+                                             if line.startswith("ack "))
+                                for n, out in enumerate(outputs)}
+            for key in check.list_keys("*"):
+                writer, _, i = key.partition("_")
+                assert writer in acked_per_writer and int(i) <= acked_per_writer[writer], key
+                assert check.get(key) == {"writer": writer, "i": int(i)}, key
             assert check.local_digest() == check.broker_digest()
     finally:
         broker.stop()
