@@ -150,7 +150,7 @@ class BrokerCore:
         client = (request.client_id, request.request_no)
         cached = self.dedup.lookup(*client)
         if cached is not None:
-            return Decision(cached, duplicate=True)
+            return Decision(cached, duplicate=True, client=client)
         try:
             decision = self._decide(request, now, wall)
         except VersionConflict as exc:

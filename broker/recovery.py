@@ -43,6 +43,7 @@ log = logging.getLogger("sharedmem.broker.recovery")
 
 EPOCH_FILE = "EPOCH"
 CLEAN_FILE = "CLEAN"
+POLICY_FILE = "FSYNC"  # the fsync policy the log was last written under
 
 
 @dataclass
@@ -107,6 +108,9 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         tmp.unlink()
     mono, wall = time.monotonic(), time.time()
     clean = (data_dir / CLEAN_FILE).exists()
+    policy_path = data_dir / POLICY_FILE
+    # What matters is the policy the existing log was written under, not today's.
+    written_under = policy_path.read_text().strip() if policy_path.exists() else "always"
     epoch_path = data_dir / EPOCH_FILE
     epoch = epoch_path.read_text().strip() if epoch_path.exists() else None
 
@@ -161,15 +165,20 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
                 raise CorruptLog(path, res.error_offset, res.error)
 
     changed_epoch = False
-    if not fresh and not clean and durable.fsync != "always" and (replay or snapshot):
+    if not fresh and not clean and written_under != "always" and (replay or snapshot):
         # Published events may not have reached the disk: never let nodes mix histories.
         old = epoch
         epoch = new_epoch()
         core.epoch = epoch
         changed_epoch = True
+        # Remembered replies name the epoch their writes now live in.
+        for client_id, (no, reply) in list(core.dedup._last.items()):
+            if isinstance(reply, WriteOk):
+                core.dedup._last[client_id] = (no, WriteOk(epoch, reply.seq, reply.changed))
         log.warning("unclean shutdown under fsync=%s: new epoch %s replaces %s; nodes will "
-                    "resync", durable.fsync, epoch, old)
+                    "resync", written_under, epoch, old)
     _write_small_file(epoch_path, epoch)
+    _write_small_file(policy_path, durable.fsync)
     (data_dir / CLEAN_FILE).unlink(missing_ok=True)
     last = replay[-1] if replay else start
     durable.open_segment(last, epoch)

@@ -415,8 +415,8 @@ class Broker:
                 # A resent reply of an earlier, durable write stays what it was; everything
                 # computed from this turn's state is refused.
                 outbox = [
-                    (env, reply if isinstance(reply, HelloReply)
-                     or (d is not None and d.duplicate) else refusal, None)
+                    (env, reply if isinstance(reply, HelloReply) or self._still_durable(d)
+                     else refusal, None)
                     for env, reply, d in outbox if env is not None
                 ]
             else:
@@ -434,6 +434,14 @@ class Broker:
                     self._send_reply(envelope, reply)
             if decision is not None:
                 self._publish(decision)
+
+    def _still_durable(self, d: Decision | None) -> bool:
+        """After a rollback: is this resent reply's original write still in the table (it was
+        durable before this turn), rather than one rolled back with the turn?"""
+        if d is None or not d.duplicate or d.client is None:
+            return False
+        item = self.core.dedup._last.get(d.client[0])
+        return item is not None and item[0] == d.client[1] and item[1] == d.reply
 
     def _expire(self, now: float) -> None:
         """Log, apply and queue for publishing the expiry of every key that is due."""

@@ -405,6 +405,7 @@ class Node:
         """Hand the replica's recorded changes to the namespace's watchers (under ``lock``)."""
         changes, r.changes = r.changes, []
         for watcher in self.watchers.get(r.namespace, ()):
+            watcher.note_epoch(r.epoch)
             matches = watcher.pattern.matches
             for event, resync in changes:
                 if matches(event.key):
@@ -416,6 +417,7 @@ class Node:
         r = self.replicas.get(namespace)
         if r is not None:
             r.record = True
+            watcher.note_epoch(r.epoch)
 
     def remove_watcher(self, namespace: str, watcher: Watcher) -> None:
         with self.lock:

@@ -80,6 +80,7 @@ class Watcher:
         self._aqueue: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
         self._held: list[Any] | None = []
         self._floor = 0  # changes at or below this version were delivered in the backlog
+        self._epoch: str | None = None  # the history the floor belongs to
         self._lock = threading.Lock()
         self.last_version = 0
         self.closed = False
@@ -95,6 +96,16 @@ class Watcher:
                 self.closed = True
         else:
             self._queue.put(item)
+
+    def note_epoch(self, epoch: str | None) -> None:
+        """Called before each dispatch: a new history (epoch) starts its versions afresh, so
+        the floor of the old one no longer applies."""
+        with self._lock:
+            if self._epoch is None:
+                self._epoch = epoch
+            elif epoch != self._epoch:
+                self._epoch = epoch
+                self._floor = 0
 
     def push(self, change: ChangeEvent) -> None:
         with self._lock:

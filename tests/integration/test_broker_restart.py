@@ -57,3 +57,49 @@ def _short_write(shm: SharedMemory) -> None:
     quick.config = SharedMemoryConfig(namespace=shm.config.namespace, broker=shm.config.broker,
                                       max_keys=0, request_timeout=1.0, retry_interval=0.25)
     quick.set("during_outage", 1)
+
+
+def test_watch_and_max_staleness_across_an_in_memory_restart() -> None:
+    """A watcher keeps delivering after the broker's history is replaced (new epoch, versions
+    starting again at 1); reads with max_staleness refuse while the broker is silent."""
+    from node import StorageError
+
+    port = free_port_pair()
+    broker = BrokerProcess(port).start()
+    cfg = SharedMemoryConfig(namespace="rw", broker=broker.address, max_keys=0,
+                             retry_interval=0.25, max_staleness=1.0)
+    shm = SharedMemory(cfg)
+    try:
+        for i in range(10):
+            shm.set(f"old{i}", i)
+        watcher = shm.watch("*", initial=False)
+        broker.kill()
+        def stale() -> bool:
+            try:
+                shm.get("old1")
+            except StorageError as exc:
+                assert "stale" in str(exc)
+                return True
+            return False
+
+        wait_until(stale, 10, interval=0.05, message="reads to go stale")
+        broker = BrokerProcess(port).start()
+        wait_until(lambda: shm.status().epoch == broker.epoch, 20, message="resync")
+        versions = [shm.set(f"new{i}", i) for i in range(3)]
+        assert versions == [1, 2, 3]
+        assert shm.get("new0") == 0  # fresh again: no StorageError
+        seen = []
+        while len([c for c in seen if not c.resync]) < 3:
+            change = watcher.get(timeout=10)
+            assert change is not None, f"watcher stalled after the restart: {seen}"
+            seen.append(change)
+        live = [c for c in seen if not c.resync]
+        assert [(c.key, c.op, c.version) for c in live] == [
+            ("new0", "set", 1), ("new1", "set", 2), ("new2", "set", 3)]
+        # the resync diff told the watcher that the old keys are gone
+        assert {c.key for c in seen if c.resync and c.op == "delete"} == \
+            {f"old{i}" for i in range(10)}
+        watcher.close()
+    finally:
+        shm.close()
+        broker.stop()

@@ -321,3 +321,83 @@ def test_disk_full_refuses_writes_keeps_reads_and_resumes(tmp_path: Path) -> Non
         if broker is not None:
             broker.stop()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_unclean_stop_under_everysec_starts_a_new_epoch_whatever_the_new_policy(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    log = DurableLog(data, fsync="everysec")
+    core = BrokerCore(log=log)
+    recover(core, log)
+    epoch = core.epoch
+    core.begin_turn()
+    d = core.decide(Set(b"c" * 12, 1, "ns", 0, "k", b"1", None), 0.0, 0.0)
+    core.append_to_log(d, 0.0, 1.0)
+    core.commit(d, 0.0)
+    log.flush()
+    core.end_turn()
+    log.close()  # no CLEAN marker: as after a crash
+    log2 = DurableLog(data, fsync="always")
+    core2 = BrokerCore(log=log2)
+    recover(core2, log2)
+    try:
+        assert core2.epoch != epoch  # events published under everysec may be lost
+        assert core2.namespaces["ns"].seq == 1
+        # the remembered reply names the new epoch (a retry is answered, not re-applied)
+        reply = core2.dedup.lookup(b"c" * 12, 1)
+        assert reply is not None and reply.epoch == core2.epoch
+    finally:
+        log2.close()
+
+
+def test_a_failed_flush_refuses_a_write_and_its_retry_in_the_same_turn() -> None:
+    """If the original and its retry land in one turn whose flush fails, both are refused:
+    the retry must not be told WriteOk for a write that was rolled back."""
+    import zmq
+
+    from broker.log import MemoryLog
+    from broker.protocol import Error, WriteOk, reply_codec, request_codec
+    from broker.server import Broker, BrokerConfig
+
+    class FailingOnce(MemoryLog):
+        failures = 1
+
+        def flush(self) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise StorageError("write to the log failed (injected); nothing changed")
+
+    port = free_port_pair()
+    broker = Broker(BrokerConfig(bind=[f"tcp://127.0.0.1:{port}"]),
+                    core=BrokerCore(log=FailingOnce()))
+    broker.start()
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        body = request_codec().encode(Set(b"r" * 12, 1, "ns", 0, "k", b"1", None))
+        # queue both before the broker can run a turn: the loop drains them together
+        broker.core.log.failures = 1
+        dealer.send_multipart([b"", body])
+        dealer.send_multipart([b"", body])
+        replies = []
+        for _ in range(2):
+            assert dealer.poll(5000)
+            replies.append(reply_codec().decode(dealer.recv_multipart()[1]))
+        if all(isinstance(r, Error) for r in replies):
+            assert "ns" not in broker.core.namespaces or broker.core.namespaces["ns"].seq == 0
+        else:
+            # the two landed in different turns: the first was refused, the retry applied
+            assert isinstance(replies[0], Error) and isinstance(replies[1], WriteOk)
+            assert broker.core.namespaces["ns"].seq == 1
+        # a further retry is answered consistently with the state
+        dealer.send_multipart([b"", body])
+        assert dealer.poll(5000)
+        last = reply_codec().decode(dealer.recv_multipart()[1])
+        assert isinstance(last, WriteOk) and last.seq == 1
+        assert broker.core.namespaces["ns"].seq == 1
+    finally:
+        ctx.destroy(linger=0)
+        broker.stop()
