@@ -115,6 +115,7 @@ MAX_REQUESTS_PER_TURN = 512
 MAX_PENDING_SNAPSHOTS = 10_000
 MAX_SEEN_NONCES = 10_000
 MAX_PENDING_SNAPSHOTS_PER_PEER = 8
+MAX_ENVELOPE_FRAMES = 8  # identity + routing frames of proxies + delimiter
 SNAPSHOT_WAIT = 10.0  # seconds a snapshot request may wait for its barrier subscription
 
 
@@ -544,13 +545,20 @@ class Broker:
     # ------------------------------------------------------------------ requests
 
     def _on_request(self, frames: list[bytes], user: str | None = None) -> None:
-        if len(frames) < 3 or frames[-2] != b"":
+        # [identity, ..., b"", body]: the envelope ends at the first empty frame
+        try:
+            delim = frames.index(b"", 1)
+        except ValueError:
             garbage_log.warning("dropping request with %d frames: no envelope delimiter",
                                 len(frames))
             return
-        envelope = frames[:-1]
-        if len(envelope) > 2:
-            self._send_reply(envelope[:2], Error("ProtocolError", "one body frame expected"))
+        envelope = frames[: delim + 1]
+        if len(envelope) > MAX_ENVELOPE_FRAMES:
+            garbage_log.warning("dropping request with a %d-frame envelope", len(envelope))
+            return
+        if len(frames) - len(envelope) != 1:
+            self._send_reply(envelope, Error(
+                "ProtocolError", f"one body frame expected, got {len(frames) - len(envelope)}"))
             return
         try:
             request = self._requests.decode(frames[-1])
