@@ -76,9 +76,9 @@ class NamespaceState:
             deadline = None if event.ttl is None else now + event.ttl
             if event.key not in entries:
                 self.index.add(event.key)
-            entries[event.key] = Entry(
-                event.value, event.seq, event.created_at, event.modified_at, deadline
-            )
+            c, m = event.created_at, event.modified_at
+            # one float object when equal (a key written once): 24 bytes less per key
+            entries[event.key] = Entry(event.value, event.seq, c, c if m == c else m, deadline)
             if deadline is not None:
                 heapq.heappush(self._deadlines, (deadline, event.key, event.seq))
         elif type(event) is KeyTouched:
@@ -201,7 +201,8 @@ class NamespaceState:
         heap = state._deadlines
         for s in entries:
             deadline = None if s.ttl is None else now + s.ttl
-            table[s.key] = Entry(s.value, s.version, s.created_at, s.modified_at, deadline)
+            c, m = s.created_at, s.modified_at
+            table[s.key] = Entry(s.value, s.version, c, c if m == c else m, deadline)
             if deadline is not None:
                 heap.append((deadline, s.key, s.version))
         heapq.heapify(heap)
