@@ -49,6 +49,9 @@ from node.watch import Watcher, change_from_event
 log = logging.getLogger("sharedmem.node")
 
 TICK = 0.1  # seconds between housekeeping passes of the I/O thread
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per call
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 SUB_HWM = 1_000_000
 APPLY_OWN_WRITES = True  # apply a write's events from its reply (benchmarks turn it off)
 
@@ -110,14 +113,18 @@ class Node:
                                                         retry_interval=retry_interval,
                                                         curve=curve))
         deadline = time.monotonic() + connect_timeout
+        first = RequestChannel(ctx, address, retry_interval=retry_interval, curve=curve,
+                               watch_handshake=True)
         try:
-            hello = self._pool.call(Hello(os.urandom(12)), deadline)
+            hello = first.call(Hello(os.urandom(12)), deadline)
         except BrokerUnavailable as exc:
             self._pool.close()
             raise BrokerUnavailable(f"cannot reach broker at {address}: {exc}") from None
         except BaseException:
             self._pool.close()
             raise
+        finally:
+            first.close()
         if not isinstance(hello, HelloReply):
             self._pool.close()
             raise BrokerUnavailable(f"broker at {address} answered Hello with {hello!r}")
@@ -336,9 +343,12 @@ class Node:
     def _drain_sub(self) -> None:
         actions: list = []
         with self.changed:
+            sub = self._sub
             for _ in range(10_000):
+                if not sub.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a zmq.Again
+                    break
                 try:
-                    topic, body = self._sub.recv_multipart(zmq.NOBLOCK)
+                    topic, body = sub.recv_multipart(_NOBLOCK)
                 except zmq.Again:
                     break
                 except ValueError:

@@ -53,9 +53,12 @@ class RequestChannel:
     """REQ socket + Lazy Pirate retries. Not thread-safe: one caller at a time."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, *, retry_interval: float = 1.0,
-                 curve: CurveKeys | None = None) -> None:
+                 curve: CurveKeys | None = None, watch_handshake: bool = False) -> None:
         self._ctx = ctx
         self._curve = curve
+        # Watch the handshake (AccessDenied instead of a timeout): always with CURVE keys, and
+        # on request for the first contact (a broker may demand CURVE of a client without).
+        self._watch_handshake = watch_handshake or curve is not None
         self._monitor: zmq.Socket | None = None
         self.endpoint = endpoint
         self.client_id = os.urandom(12)
@@ -72,7 +75,7 @@ class RequestChannel:
             s = self._ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
             apply_curve(s, self._curve)
-            if self._curve is not None:
+            if self._watch_handshake and self.endpoint.startswith("tcp://"):
                 # A refused key just reconnects forever; the monitor turns it into AccessDenied.
                 self._monitor = s.get_monitor_socket(_AUTH_FAILED)
             s.connect(self.endpoint)
@@ -106,6 +109,10 @@ class RequestChannel:
             event = recv_monitor_message(self._monitor)
             if event["event"] & _AUTH_FAILED:
                 self._reset()
+                if self._curve is None:
+                    raise AccessDenied(
+                        f"broker at {self.endpoint} requires CURVE authentication; give this "
+                        "node keys (curve_key_file and broker_key_file)")
                 raise AccessDenied(
                     f"broker at {self.endpoint} refused this node's CURVE key "
                     f"(handshake failed: {event['value']})")
