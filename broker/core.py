@@ -43,6 +43,7 @@ from broker.protocol import (
     Reply,
     Set,
     SetMany,
+    SnapEntry,
     Snapshot,
     SnapshotReply,
     StatsReply,
@@ -77,6 +78,39 @@ class Decision:
     client: tuple[bytes, int] | None = None  # (client_id, request_no) to remember the reply for
     duplicate: bool = False
     _body: bytes | None = None  # the shell's encoded EventBatch, shared by reply and publish
+
+
+@dataclass(slots=True)
+class SnapshotJob:
+    """A frozen copy of a namespace, handed out in chunks (``next_chunk``) across loop turns."""
+
+    snap_id: int
+    namespace: str
+    epoch: str
+    seq: int
+    max_keys: int
+    items: list[tuple[str, Entry]]
+    position: int = 0
+    chunk: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.items) and self.chunk > 0
+
+    def next_chunk(self, now: float, size: int) -> SnapshotReply:
+        """The next ``size`` entries, TTLs as seconds remaining at ``now``."""
+        part = self.items[self.position:self.position + size]
+        self.position += len(part)
+        rows = [
+            SnapEntry(k, e.value, e.version, e.created_at, e.modified_at,
+                      None if e.deadline is None else max(0.0, e.deadline - now))
+            for k, e in part
+        ]
+        reply = SnapshotReply(self.snap_id, self.namespace, self.epoch, self.seq,
+                              self.max_keys, rows, self.chunk,
+                              self.position >= len(self.items))
+        self.chunk += 1
+        return reply
 
 
 class DedupTable:
@@ -377,6 +411,17 @@ class BrokerCore:
                 f"for max_keys={request.max_keys}",
             )
         return OpenReply(self.epoch, name, state.max_keys, state.seq)
+
+    def snapshot_job(self, request: Snapshot) -> SnapshotJob | Error:
+        """Freeze the namespace now (a copy of its entries: they are immutable) for chunks."""
+        try:
+            name = check_namespace(request.namespace)
+        except SharedMemoryError as exc:
+            return Error(exc.kind, str(exc))
+        state = self.namespaces.get(name) or self._create(name, request.max_keys)
+        self.counters["snapshots"] += 1
+        return SnapshotJob(request.snap_id, name, self.epoch, state.seq, state.max_keys,
+                           list(state.entries.items()))
 
     def snapshot(self, request: Snapshot, now: float) -> Reply:
         try:

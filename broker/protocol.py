@@ -225,12 +225,18 @@ class SnapEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 
 class SnapshotReply(msgspec.Struct, tag=True, frozen=True):
+    """One chunk of a snapshot (the state at ``seq``): chunks ``0..`` in order, the one with
+    ``last`` True completes it. The broker sends one chunk per loop turn, so a big snapshot
+    never holds up writes."""
+
     snap_id: int
     namespace: str
     epoch: str
     seq: int
     max_keys: int
     entries: list[SnapEntry]
+    chunk: int = 0
+    last: bool = True
 
 
 class FetchReply(msgspec.Struct, tag=True, frozen=True):

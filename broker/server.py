@@ -19,12 +19,12 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import zmq
 
-from broker.core import BrokerCore, Decision
+from broker.core import BrokerCore, Decision, SnapshotJob
 from broker.durable import FSYNC_POLICIES, DurableLog
 from broker.errors import ProtocolError, StorageError
 from broker.log import MemoryLog
@@ -120,6 +120,7 @@ MAX_PENDING_SNAPSHOTS = 10_000
 MAX_SEEN_NONCES = 10_000
 MAX_PENDING_SNAPSHOTS_PER_PEER = 8
 MAX_ENVELOPE_FRAMES = 8  # identity + routing frames of proxies + delimiter
+SNAPSHOT_CHUNK = 5000  # entries per snapshot chunk (one chunk per loop turn)
 SNAPSHOT_WAIT = 10.0  # seconds a snapshot request may wait for its barrier subscription
 
 
@@ -220,6 +221,8 @@ class Broker:
         self._seen_nonces: OrderedDict[bytes, str] = OrderedDict()
         self.subscribers: dict[str, int] = {}
         self._in_turn = False
+        self._ready_snapshots: list[tuple[list[bytes], Snapshot]] = []
+        self._snapshot_jobs: deque[tuple[list[bytes], SnapshotJob]] = deque()
         self.metrics: MetricsServer | None = None
         self._started = time.monotonic()
         self._rate_mark = (self._started, 0)
@@ -369,6 +372,8 @@ class Broker:
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             if log_.compacting:
                 timeout_ms = min(timeout_ms, 50)
+            if self._snapshot_jobs or self._ready_snapshots:
+                timeout_ms = 0
             ready = dict(poller.poll(min(timeout_ms, 1000)))
             if self._ctl in ready:
                 return
@@ -377,6 +382,10 @@ class Broker:
             now = time.monotonic()
             if self._router in ready or (nd is not None and nd <= now):
                 self._turn(drain=self._router in ready)
+            if self._ready_snapshots:
+                self._start_snapshots()
+            if self._snapshot_jobs:
+                self._pump_snapshots()
             log_.tick()
             if log_.compacting:
                 log_.finish_compaction()
@@ -533,7 +542,7 @@ class Broker:
         if pending is not None:
             envelope, request, _ = pending
             if request.namespace == name:
-                self._send_reply(envelope, self.core.snapshot(request, time.monotonic()))
+                self._ready_snapshots.append((envelope, request))
             return
         self._seen_nonces[nonce] = name
         while len(self._seen_nonces) > MAX_SEEN_NONCES:
@@ -646,6 +655,22 @@ class Broker:
         counters["events_per_s"] = self._events_per_s
         return StatsReply(base.epoch, base.namespaces, counters)
 
+    def _start_snapshots(self) -> None:
+        ready, self._ready_snapshots = self._ready_snapshots, []
+        for envelope, request in ready:
+            job = self.core.snapshot_job(request)
+            if isinstance(job, Error):
+                self._send_reply(envelope, job)
+            else:
+                self._snapshot_jobs.append((envelope, job))
+
+    def _pump_snapshots(self) -> None:
+        """One chunk of the oldest snapshot per loop turn: writes interleave with big ones."""
+        envelope, job = self._snapshot_jobs.popleft()
+        self._send_reply(envelope, job.next_chunk(time.monotonic(), SNAPSHOT_CHUNK))
+        if not job.done:
+            self._snapshot_jobs.append((envelope, job))
+
     def _check_access(self, request: object, user: str | None) -> Error | None:
         """AccessDenied for a request the authenticated client may not make, else None."""
         sec = self.config.security
@@ -668,7 +693,8 @@ class Broker:
     def _on_snapshot(self, envelope: list[bytes], request: Snapshot, now: float) -> None:
         seen = self._seen_nonces.pop(request.nonce, None)
         if seen is not None and seen == request.namespace:
-            self._send_reply(envelope, self.core.snapshot(request, now))
+            # Started after the turn: the state is then what the turn's flush made durable.
+            self._ready_snapshots.append((envelope, request))
             return
         if len(self._pending_snapshots) >= MAX_PENDING_SNAPSHOTS:
             self._send_reply(envelope, Error("StorageError", "too many pending snapshots"))

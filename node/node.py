@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import msgspec
 import zmq
 
 from broker.errors import BrokerUnavailable, ProtocolError, error_from_kind
@@ -284,6 +285,7 @@ class Node:
         self._replies = reply_codec()
         self._requests = request_codec()
         self._nonces: dict[int, tuple[str, bytes]] = {}  # snap_id -> (namespace, nonce)
+        self._chunks: dict[int, list[list]] = {}  # snap_id -> entries of the chunks so far
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
@@ -389,6 +391,9 @@ class Node:
                 continue
             with self.changed:
                 if isinstance(reply, SnapshotReply):
+                    reply = self._assemble(reply)
+                    if reply is None:
+                        continue  # more chunks to come
                     info = self._nonces.pop(reply.snap_id, None)
                     if info is not None:
                         self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(info[0]) + info[1])
@@ -438,6 +443,28 @@ class Node:
             if r is not None and not ws:
                 r.record = False
                 r.changes.clear()
+
+    def _assemble(self, chunk: SnapshotReply) -> SnapshotReply | None:
+        """Collect a chunked snapshot (under ``lock``); the whole one once the last chunk came.
+        A chunk out of order drops what was collected (the request is then asked again)."""
+        if chunk.chunk == 0 and chunk.last:
+            return chunk
+        parts = self._chunks.get(chunk.snap_id)
+        if chunk.chunk == 0:
+            parts = self._chunks[chunk.snap_id] = []
+        elif parts is None or len(parts) != chunk.chunk:
+            self._chunks.pop(chunk.snap_id, None)
+            log.warning("snapshot %d: chunk %d out of order; dropped", chunk.snap_id, chunk.chunk)
+            return None
+        parts.append(chunk.entries)
+        r = self.replicas.get(chunk.namespace)
+        if r is not None:
+            r.on_snapshot_progress(chunk.snap_id, time.monotonic())
+        if not chunk.last:
+            return None
+        del self._chunks[chunk.snap_id]
+        entries = [e for part in parts for e in part]
+        return msgspec.structs.replace(chunk, entries=entries, chunk=0)
 
     def _tick(self, now: float) -> None:
         actions: list = []

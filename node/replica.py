@@ -262,6 +262,12 @@ class Replica:
                 actions += self._buffer_batch(batch, arrived)
         return actions
 
+    def on_snapshot_progress(self, snap_id: int, now: float) -> None:
+        """A chunk of the pending snapshot arrived: it is not lost, do not ask again yet."""
+        if snap_id == self._pending_id:
+            self._pending_since = now
+            self.last_heard = now
+
     def on_fetch(self, reply: FetchReply, now: float) -> list[Action]:
         if reply.snap_id != self._pending_id or not self._accepts("fetch"):
             return []

@@ -60,3 +60,56 @@ def test_nonce_seen_first_then_snapshot_answers_at_once(broker_process: BrokerPr
         assert dealer.poll(300) == 0  # answered once
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_big_snapshot_comes_in_chunks_and_writes_interleave(
+    broker_process: BrokerProcess,
+) -> None:
+    """A 50 000-key snapshot is sent in chunks, one per loop turn: a write sent after the
+    first chunk is acknowledged before the last one."""
+    from broker.protocol import Set, SetMany, WriteOk
+
+    codec, replies = request_codec(), reply_codec()
+    ctx = zmq.Context()
+    try:
+        writer = ctx.socket(zmq.DEALER)
+        dealer = ctx.socket(zmq.DEALER)
+        sub = ctx.socket(zmq.SUB)
+        for s in (writer, dealer, sub):
+            s.setsockopt(zmq.LINGER, 0)
+        writer.connect(broker_process.address)
+        for i in range(0, 50_000, 5000):
+            items = [(f"k{j:06d}", b'{"v":1}') for j in range(i, i + 5000)]
+            writer.send_multipart([b"", codec.encode(SetMany(b"w" * 12, i + 1, "big", 0, items))])
+            assert writer.poll(10_000)
+            assert isinstance(replies.decode(writer.recv_multipart()[1]), WriteOk)
+        dealer.connect(broker_process.address)
+        sub.connect(f"tcp://127.0.0.1:{broker_process.port + 1}")
+        sub.setsockopt(zmq.SUBSCRIBE, topic_for("big"))
+        sub.setsockopt(zmq.SUBSCRIBE, topic_for("big") + b"chunky00")
+        dealer.send_multipart([b"", codec.encode(Snapshot("big", 0, 3, b"chunky00"))])
+        assert dealer.poll(10_000)
+        first = replies.decode(dealer.recv_multipart()[1])
+        assert isinstance(first, SnapshotReply) and first.chunk == 0 and not first.last
+        writer.send_multipart([b"", codec.encode(
+            Set(b"w" * 12, 100_000, "big", 0, "during", b"1", None))])
+        chunks, write_acked_before_last = [first], False
+        while not chunks[-1].last:
+            poller = zmq.Poller()
+            poller.register(dealer, zmq.POLLIN)
+            poller.register(writer, zmq.POLLIN)
+            ready = dict(poller.poll(10_000))
+            assert ready, "no chunk and no write reply within 10 s"
+            if writer in ready:
+                ok = replies.decode(writer.recv_multipart()[1])
+                assert isinstance(ok, WriteOk)
+                write_acked_before_last = True
+            if dealer in ready:
+                chunks.append(replies.decode(dealer.recv_multipart()[1]))
+        assert write_acked_before_last
+        assert [c.chunk for c in chunks] == list(range(len(chunks))) and len(chunks) >= 10
+        keys = [e.key for c in chunks for e in c.entries]
+        assert len(keys) == len(set(keys)) == 50_000  # the state at the snapshot's seq
+        assert all(c.seq == first.seq == 10 * 5000 for c in chunks)
+    finally:
+        ctx.destroy(linger=0)
