@@ -142,3 +142,28 @@ def start_agent(code: str, *args: str) -> subprocess.Popen[str]:
         [sys.executable, "-c", code, *args], cwd=ROOT, env=child_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def secure_broker(directory: Path, alice_permissions: str) -> tuple[BrokerProcess, Path]:
+    """A started ``python -m broker --config`` with CURVE keys for broker, alice, carol (admin
+    of everything) and mallory (not listed). ``alice_permissions`` is a TOML inline table."""
+    import zmq.auth
+
+    keys = directory / "keys"
+    keys.mkdir()
+    for name in ("broker", "alice", "carol", "mallory"):
+        zmq.auth.create_certificates(str(keys), name)
+    (directory / "broker.toml").write_text(f"""
+[broker]
+secret_key_file = "keys/broker.key_secret"
+
+[clients.alice]
+public_key_file = "keys/alice.key"
+permissions = {alice_permissions}
+
+[clients.carol]
+public_key_file = "keys/carol.key"
+permissions = {{ "*" = ["admin"] }}
+""")
+    broker = BrokerProcess(free_port_pair(), ("--config", str(directory / "broker.toml")))
+    return broker.start(), keys

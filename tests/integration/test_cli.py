@@ -22,7 +22,14 @@ import pytest
 
 from node import SharedMemory, SharedMemoryConfig
 from node.cli import COMMANDS
-from tests.conftest import ROOT, BrokerProcess, child_env, free_port_pair, wait_until
+from tests.conftest import (
+    ROOT,
+    BrokerProcess,
+    child_env,
+    free_port_pair,
+    secure_broker,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -249,36 +256,9 @@ def test_refusals_exit_4(broker_process: BrokerProcess) -> None:
         assert same.returncode == 0 and same.stdout.strip() == "1"
 
 
-def _curve_supported() -> bool:
-    import dataclasses
-    import importlib.util
-
-    fields = {f.name for f in dataclasses.fields(SharedMemoryConfig)}
-    return importlib.util.find_spec("broker.security") is not None and "curve_key_file" in fields
-
-
 @pytest.mark.timeout(90)
-@pytest.mark.skipif(not _curve_supported(), reason="this build has no CURVE access control")
 def test_access_denied_exits_5(tmp_path: Path) -> None:
-    import zmq.auth
-
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for name in ("broker", "alice", "carol", "mallory"):
-        zmq.auth.create_certificates(str(keys), name)
-    (tmp_path / "broker.toml").write_text("""
-[broker]
-secret_key_file = "keys/broker.key_secret"
-
-[clients.alice]
-public_key_file = "keys/alice.key"
-permissions = { "app" = ["read", "write"], "ro" = ["read"] }
-
-[clients.carol]
-public_key_file = "keys/carol.key"
-permissions = { "*" = ["admin"] }
-""")
-    broker = BrokerProcess(free_port_pair(), ("--config", str(tmp_path / "broker.toml"))).start()
+    broker, keys = secure_broker(tmp_path, '{ "app" = ["read", "write"], "ro" = ["read"] }')
     try:
         def as_(who: str, *args: str) -> subprocess.CompletedProcess:
             return cli("--curve-key-file", str(keys / f"{who}.key_secret"),

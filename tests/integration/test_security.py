@@ -28,31 +28,15 @@ from broker.protocol import (
     topic_for,
 )
 from node import AccessDenied, SharedMemory, SharedMemoryConfig
-from tests.conftest import BrokerProcess, free_port_pair, wait_until
+from tests.conftest import BrokerProcess, secure_broker, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory):
-    d = tmp_path_factory.mktemp("sec")
-    keys = d / "keys"
-    keys.mkdir()
-    for name in ("broker", "alice", "carol", "mallory"):
-        zmq.auth.create_certificates(str(keys), name)
-    (d / "broker.toml").write_text("""
-[broker]
-secret_key_file = "keys/broker.key_secret"
-
-[clients.alice]
-public_key_file = "keys/alice.key"
-permissions = { "app1" = ["read", "write"], "app2" = ["read"] }
-
-[clients.carol]
-public_key_file = "keys/carol.key"
-permissions = { "*" = ["admin"] }
-""")
-    broker = BrokerProcess(free_port_pair(), ("--config", str(d / "broker.toml"))).start()
+    broker, keys = secure_broker(tmp_path_factory.mktemp("sec"),
+                                 '{ "app1" = ["read", "write"], "app2" = ["read"] }')
     try:
         yield broker, keys
     finally:
