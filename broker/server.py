@@ -442,16 +442,26 @@ class Broker:
         finally:
             self._in_turn = False
             self._outbox = []
+        # One published batch per namespace per turn: the turn's events of a namespace are
+        # contiguous and all durable, and fewer, larger messages cost every subscriber less.
+        merged: dict[str, list] = {}
         for envelope, reply, decision in outbox:
             if envelope is not None and reply is not None:
                 if decision is not None and decision.events and type(reply) is WriteOk:
                     # The writer's node may apply its own write at once (same events, same
-                    # order as the stream): a second frame, the batch as published.
+                    # order as the stream): a second frame with this write's batch.
                     self._send_reply(envelope, reply, self._batch_body(decision))
                 else:
                     self._send_reply(envelope, reply)
-            if decision is not None:
-                self._publish(decision)
+            if decision is not None and decision.events and decision.namespace is not None:
+                merged.setdefault(decision.namespace, []).append(decision)
+        for namespace, decisions in merged.items():
+            if len(decisions) == 1:
+                self._publish(decisions[0])
+            else:
+                events = [e for d in decisions for e in d.events]
+                body = self._published.encode(EventBatch(namespace, self.epoch, events))
+                self._xpub.send_multipart([topic_for(namespace), body])
 
     def _still_durable(self, d: Decision | None) -> bool:
         """After a rollback: is this resent reply's original write still in the table (it was
