@@ -101,6 +101,7 @@ class Node:
         self.address = address
         self._ctx = ctx
         self.receive_hwm = receive_hwm
+        self.retry_interval = retry_interval
         # Fault injection (tests): while set, the I/O thread stops reading its SUB socket, as a
         # busy or stalled consumer would; events then pile up and overflow the high-water marks.
         self.pause_reading = threading.Event()
@@ -525,8 +526,15 @@ def acquire_node(address: str, ctx: zmq.Context, *, connect_timeout: float,
     with _nodes_lock:
         item = _nodes.get(k)
         if item is not None and not item[0]._closed:
-            _nodes[k] = (item[0], item[1] + 1)
-            return item[0]
+            node = item[0]
+            if (node.retry_interval, node.receive_hwm) != (retry_interval, receive_hwm):
+                log.warning(
+                    "broker %s: this process already has a node for it with retry_interval=%s "
+                    "receive_hwm=%s; the new handle's retry_interval=%s receive_hwm=%s are "
+                    "ignored (the first handle's settings apply)", address, node.retry_interval,
+                    node.receive_hwm, retry_interval, receive_hwm)
+            _nodes[k] = (node, item[1] + 1)
+            return node
         node = Node(address, ctx, connect_timeout=connect_timeout, retry_interval=retry_interval,
                     receive_hwm=receive_hwm, curve=curve)
         _nodes[k] = (node, 1)

@@ -133,6 +133,9 @@ class Watcher:
 
     def get(self, timeout: float | None = None) -> ChangeEvent | None:
         """The next change, or None after ``timeout`` seconds (or once closed)."""
+        if self._aqueue is not None:
+            raise TypeError("this watcher came from AsyncSharedMemory.watch: use 'async for' "
+                            "or 'await watcher.aget()'")
         try:
             item = self._queue.get(timeout=timeout)
         except queue.Empty:

@@ -156,3 +156,28 @@ def test_prometheus_metrics_endpoint() -> None:
             assert 'sharedmem_namespace_keys{namespace="metrics"} 2' in text
     finally:
         b.stop()
+
+
+def test_an_async_watcher_refuses_blocking_get() -> None:
+    async def main() -> None:
+        async with AsyncSharedMemory(SharedMemoryConfig(namespace="awatch")) as shm:
+            watcher = shm.watch("*", initial=False)
+            with pytest.raises(TypeError, match="async for"):
+                watcher.get(timeout=0.1)
+            await shm.set("k", 1)
+            change = await asyncio.wait_for(watcher.aget(), 10)
+            assert change is not None and (change.key, change.op) == ("k", "set")
+            watcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_second_handle_with_other_node_settings_is_warned(caplog) -> None:
+    a = SharedMemory(SharedMemoryConfig(namespace="settings_a"))
+    try:
+        with caplog.at_level("WARNING", logger="sharedmem.node"):
+            b = SharedMemory(SharedMemoryConfig(namespace="settings_b", receive_hwm=10))
+            b.close()
+        assert any("are ignored" in r.getMessage() for r in caplog.records)
+    finally:
+        a.close()
