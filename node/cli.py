@@ -38,7 +38,7 @@ from broker.pattern import compile_pattern
 from broker.protocol import Error, Head, Stats, StatsReply
 from broker.validation import check_key, check_namespace, encode_value
 from node.api import Metadata, SharedMemory
-from node.config import SharedMemoryConfig
+from node.config import SharedMemoryConfig, _seconds
 from node.node import Node, acquire_node, release_node
 from node.watch import INITIAL_DONE, ChangeEvent
 
@@ -104,12 +104,14 @@ def _positive_int(text: str) -> int:
 
 
 def _seconds_arg(text: str) -> float:
+    """Seconds from the command line, checked by the same rule as SharedMemoryConfig."""
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number), got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+        v = _seconds("seconds", float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got "
+                                         f"{text!r}" if "could not convert" in str(exc)
+                                         else str(exc)) from None
+    assert v is not None
     return v
 
 

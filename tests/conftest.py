@@ -54,6 +54,18 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def terminate(proc: subprocess.Popen) -> int:
+    """SIGTERM our own child by PID, SIGKILL after 10 s; returns its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 @dataclass
 class BrokerProcess:
     """A ``python -m broker`` child process on a loopback port."""
@@ -99,13 +111,7 @@ class BrokerProcess:
         """SIGTERM and wait; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.stderr_file.close()

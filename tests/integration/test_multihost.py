@@ -38,7 +38,7 @@ from typing import IO, Any
 
 import pytest
 
-from tests.conftest import ROOT, child_env, wait_until
+from tests.conftest import ROOT, child_env, terminate, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -261,13 +261,7 @@ class Child:
         return self.stderr_file.read()[-4000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 try:
