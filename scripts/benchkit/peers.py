@@ -8,6 +8,7 @@ loopback ports with their data in a temp dir, and are stopped by PID."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -159,12 +160,19 @@ def find_peers(enabled: bool) -> Peers:
     return p
 
 
-def _find_redis(p: Peers) -> None:
+def _client(p: Peers, peer: str, module: str, dist: str, pip_name: str) -> Any:
+    """The peer's Python client module, or None after adding its skip line."""
     try:
-        import redis
+        return importlib.import_module(module)
     except ImportError:
-        p.skipped.append("redis: skipped (redis-py not installed; "
-                         "pip install -e '.[bench]' or pip install redis)")
+        p.skipped.append(f"{peer}: skipped ({dist} not installed; "
+                         f"pip install -e '.[bench]' or pip install {pip_name})")
+        return None
+
+
+def _find_redis(p: Peers) -> None:
+    redis = _client(p, "redis", "redis", "redis-py", "redis")
+    if redis is None:
         return
     candidates = [os.environ.get("SHAREDMEM_BENCH_REDIS_SERVER", "")]
     try:
@@ -196,11 +204,7 @@ def _find_redis(p: Peers) -> None:
 
 
 def _find_nats(p: Peers) -> None:
-    try:
-        import nats  # noqa: F401
-    except ImportError:
-        p.skipped.append("nats: skipped (nats-py not installed; "
-                         "pip install -e '.[bench]' or pip install nats-py)")
+    if _client(p, "nats", "nats", "nats-py", "nats-py") is None:
         return
     binary = os.environ.get("SHAREDMEM_BENCH_NATS_SERVER") or _which("nats-server")
     version = _version_of(binary) if binary else None
