@@ -18,7 +18,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.durable import DedupFile, NamespaceFile, SnapEntryFile, SnapshotFile
 from broker.errors import (
     InvalidKey,
     InvalidValue,
@@ -51,6 +50,7 @@ from broker.protocol import (
     WriteOk,
     WriteRequest,
 )
+from broker.records import DedupFile, NamespaceFile, SnapEntryFile, SnapshotFile
 from broker.state import Entry, NamespaceState
 from broker.validation import (
     DEFAULT_MAX_VALUE_BYTES,

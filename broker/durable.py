@@ -31,6 +31,7 @@ import msgspec
 from broker.errors import StorageError
 from broker.log import MemoryLog
 from broker.protocol import Event
+from broker.records import BatchRecord, LogRecord, NamespaceRecord, SnapshotFile
 
 log = logging.getLogger("sharedmem.broker.durable")
 
@@ -43,59 +44,6 @@ MAX_RECORD = 256 * 1024 * 1024
 FSYNC_POLICIES = ("always", "everysec", "no")
 _SEG_RE = re.compile(r"seg-(\d{8})\.log")
 _SNAP_RE = re.compile(r"snap-(\d{8})\.snap")
-
-
-class NamespaceRecord(msgspec.Struct, tag="N", array_like=True):
-    """A namespace was created with ``max_keys``."""
-
-    namespace: str
-    max_keys: int
-
-
-class BatchRecord(msgspec.Struct, tag="B", array_like=True):
-    """Events applied to a namespace at broker wall time ``wall`` (KeySet.ttl counts from it);
-    ``client``/``request_no``/``changed`` rebuild the dedup table's reply after a restart."""
-
-    namespace: str
-    wall: float
-    events: list[Event]
-    client: bytes | None = None
-    request_no: int = 0
-    changed: bool = True
-
-
-LogRecord = NamespaceRecord | BatchRecord
-
-
-class SnapEntryFile(msgspec.Struct, array_like=True):
-    key: str
-    value: bytes
-    version: int
-    created_at: float
-    modified_at: float
-    expires_at: float | None  # broker wall clock, absolute
-
-
-class NamespaceFile(msgspec.Struct, array_like=True):
-    name: str
-    max_keys: int
-    seq: int
-    entries: list[SnapEntryFile]
-
-
-class DedupFile(msgspec.Struct, array_like=True):
-    client: bytes
-    request_no: int
-    seq: int
-    changed: bool
-
-
-class SnapshotFile(msgspec.Struct):
-    epoch: str
-    segment: int  # replay segments >= this one on top of the snapshot
-    wall: float
-    namespaces: list[NamespaceFile]
-    dedup: list[DedupFile]
 
 
 class CorruptLog(StorageError):

@@ -234,6 +234,11 @@ class Broker:
     def epoch(self) -> str:
         return self.core.epoch
 
+    @property
+    def stopped(self) -> bool:
+        """True once the loop has ended (after ``stop()``, a failed start, or a crash)."""
+        return self._stopped.is_set()
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10.0) -> Broker:
