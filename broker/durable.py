@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -32,6 +33,10 @@ from broker.errors import StorageError
 from broker.log import MemoryLog
 from broker.protocol import Event
 from broker.records import BatchRecord, LogRecord, NamespaceRecord, SnapshotFile
+
+if TYPE_CHECKING:
+    from broker.core import BrokerCore
+    from broker.recovery import RecoveryReport
 
 log = logging.getLogger("sharedmem.broker.durable")
 
@@ -349,6 +354,28 @@ class DurableLog(MemoryLog):
         self.compactions += 1
         log.info("compaction done: snapshot %s, older segments removed",
                  snap_path(self.data_dir, n))
+
+    # ------------------------------------------------------------------ the Log protocol's hooks
+
+    def recover(self, core: BrokerCore) -> RecoveryReport:
+        """Fill ``core`` from the data directory and open the log for appending."""
+        from broker.recovery import recover
+
+        return recover(core, self)
+
+    def mark_clean(self) -> None:
+        from broker.recovery import mark_clean
+
+        mark_clean(self)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "fsyncs": self.fsync_count,
+            "fsync_us_total": int(self.fsync_seconds_total * 1e6),
+            "fsync_us_avg": int(self.fsync_seconds_total * 1e6 / self.fsync_count)
+            if self.fsync_count else 0,
+            "compactions": self.compactions,
+        }
 
 
 def write_snapshot(data_dir: Path, view: SnapshotFile) -> Path:

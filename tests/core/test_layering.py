@@ -26,6 +26,7 @@ KERNEL = [
     "broker.records",
     "broker.log",
     "broker.core",
+    "broker.turn",
     "node.replica",
     "node.watch",
 ]
