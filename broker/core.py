@@ -30,7 +30,7 @@ from broker.errors import (
     StorageError,
     VersionConflict,
 )
-from broker.log import MemoryLog
+from broker.log import Log, MemoryLog
 from broker.protocol import (
     Delete,
     DigestReply,
@@ -199,12 +199,12 @@ class BrokerCore:
         epoch: str | None = None,
         *,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-        log: MemoryLog | None = None,
+        log: Log | None = None,
     ) -> None:
         self.epoch = epoch or new_epoch()
         self.max_value_bytes = max_value_bytes
         self.namespaces: dict[str, NamespaceState] = {}
-        self.log = log if log is not None else MemoryLog()
+        self.log: Log = log if log is not None else MemoryLog()
         self.dedup = DedupTable()
         # Undo records of the current turn: what to put back if the log flush fails.
         self._undo: list[tuple] | None = None

@@ -54,7 +54,6 @@ _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per ca
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 SUB_HWM = 1_000_000
-APPLY_OWN_WRITES = True  # apply a write's events from its reply (benchmarks turn it off)
 
 
 @dataclass(frozen=True)
@@ -97,8 +96,13 @@ class Node:
 
     def __init__(self, address: str, ctx: zmq.Context, *, connect_timeout: float = 10.0,
                  retry_interval: float = 1.0, heartbeat_timeout: float | None = None,
-                 receive_hwm: int = SUB_HWM, curve: CurveKeys | None = None) -> None:
+                 receive_hwm: int = SUB_HWM, curve: CurveKeys | None = None,
+                 apply_own_writes: bool = True) -> None:
         self.address = address
+        # Apply a write's events from its reply when the replica is exactly at their
+        # predecessor (docs/architecture.md §5); False always waits for the stream (benchmarks
+        # compare the two).
+        self.apply_own_writes = apply_own_writes
         self._ctx = ctx
         self.receive_hwm = receive_hwm
         self.retry_interval = retry_interval
@@ -156,7 +160,7 @@ class Node:
         their predecessor (the common case), else we wait for the stream to get there."""
         reply, batch = self._pool.call_with_events(build, deadline, is_write=True)
         if type(reply) is WriteOk:
-            if batch is not None and batch.namespace == namespace and APPLY_OWN_WRITES:
+            if batch is not None and batch.namespace == namespace and self.apply_own_writes:
                 with self.changed:
                     r = self.replicas.get(namespace)
                     if r is not None and r.apply_own(batch, time.monotonic()):

@@ -107,3 +107,97 @@ def test_the_probe_catches_a_forbidden_import(tmp_path: Path) -> None:
                           text=True, timeout=30)
     assert proc.returncode != 0
     assert "layering: zmq may not be imported by the kernel" in proc.stderr
+
+
+# ---------------------------------------------------------------- no reads of others' underscores
+
+SCANNED = ["broker", "node", "scripts"]
+
+# Reads of another module's underscore names that remain, each with its reason. An entry is
+# (file, name); the test fails if an entry is no longer needed, so the list only shrinks.
+ALLOWED: set[tuple[str, str]] = {
+    # durable.py and recovery.py are one persistence layer split by job (files vs. start-up);
+    # the segment/snapshot file-name patterns are durable.py's and recovery lists the files.
+    # Another helper is reworking these two files; a public name there retires these entries.
+    ("broker/recovery.py", "_SEG_RE"),
+    ("broker/recovery.py", "_SNAP_RE"),
+    # DurableLog subclasses MemoryLog and drops a failed turn's events from its deque
+    # (``_abort_turn``); the same rework of durable.py can give MemoryLog a method for it.
+    ("broker/durable.py", "_events"),
+    # The duration parser of node/config.py, shared by the API and the CLI; issue 13 item 6
+    # (one TTL <-> deadline helper) gives it a public home.
+    ("node/api.py", "_seconds"),
+    ("node/cli.py", "_seconds"),
+    # The benchmark's write-path split wraps the node's private channel pool; issue 13 item 3
+    # (admin calls in one node module that the CLI and the benchmark share) and the split of
+    # scripts/bench.py retire these.
+    ("scripts/bench.py", "_node"),
+    ("scripts/bench.py", "_pool"),
+}
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    """Underscore names a module defines itself: functions, classes, module and class
+    variables, attributes assigned on ``self``/``cls``, and imported aliases."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store | ast.Del):
+            out.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.add(node.target.id)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+    return out
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def reach_ins(path: Path) -> list[tuple[str, int]]:
+    """``(name, line)`` of every underscore name ``path`` reads from another module: imported
+    (``from m import _x``), or read as an attribute (``obj._x``) that the module itself never
+    defines -- a module may read its own classes' private attributes, nothing else's."""
+    tree = ast.parse(path.read_text(), str(path))
+    own = _defined_names(tree)
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found += [(a.name, node.lineno) for a in node.names if _private(a.name)]
+        elif isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
+            found.append((node.attr, node.lineno))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str) and _private(node.args[1].value)
+              and node.args[1].value not in own):
+            found.append((node.args[1].value, node.lineno))  # getattr(obj, "_x")
+    return found
+
+
+def test_no_module_reads_another_modules_underscore_names() -> None:
+    hits = {
+        (str(path.relative_to(ROOT)), name): line
+        for package in SCANNED
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for name, line in reach_ins(path)
+    }
+    unexpected = sorted(f"{f}:{line}: {name}" for (f, name), line in hits.items()
+                        if (f, name) not in ALLOWED)
+    assert unexpected == [], "reads of another module's underscore names:\n" + "\n".join(
+        unexpected)
+    stale = sorted(f"{f}: {name}" for f, name in ALLOWED if (f, name) not in hits)
+    assert stale == [], "allow-list entries no longer needed (remove them): " + ", ".join(stale)
+
+
+def test_the_reach_in_scan_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "m.py").write_text(
+        "from broker.durable import _SEG_RE\n"
+        "class A:\n    def __init__(self):\n        self._mine = 1\n"
+        "def f(core, a: A):\n    return core.dedup._last, a._mine, core.__class__\n"
+        "g = getattr(object(), '_pool', None)\n")
+    assert sorted(reach_ins(tmp_path / "m.py")) == [("_SEG_RE", 1), ("_last", 6), ("_pool", 7)]
