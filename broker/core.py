@@ -544,18 +544,6 @@ class BrokerCore:
         return SnapshotJob(request.snap_id, name, self.epoch, state.seq, state.max_keys,
                            list(state.entries.items()))
 
-    def snapshot(self, request: Snapshot, now: float) -> Reply:
-        try:
-            name = check_namespace(request.namespace)
-        except SharedMemoryError as exc:
-            return Error(exc.kind, str(exc))
-        state = self.namespaces.get(name) or self._create(name, request.max_keys)
-        self.counters["snapshots"] += 1
-        return SnapshotReply(
-            request.snap_id, name, self.epoch, state.seq, state.max_keys,
-            state.snapshot_entries(now),
-        )
-
     def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, snap_id: int,
               now: float) -> FetchReply:
         self.counters["fetches"] += 1

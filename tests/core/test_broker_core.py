@@ -23,7 +23,6 @@ from broker.protocol import (
     Set,
     SetMany,
     Snapshot,
-    SnapshotReply,
     WriteOk,
     WriteRequest,
 )
@@ -456,25 +455,34 @@ def test_open_with_invalid_namespace() -> None:
     assert isinstance(reply, Error) and reply.kind == "InvalidNamespace"
 
 
-def test_snapshot_reply_reflects_the_state_with_remaining_ttls() -> None:
+def test_a_snapshot_job_reflects_the_state_with_remaining_ttls_in_chunks() -> None:
     core, c = BrokerCore(EPOCH), Client(max_keys=7)
     shell(core, c.set("b", b"2", ttl=10.0), now=0.0)
     shell(core, c.set("a", b"1"), now=0.0)
-    reply = core.snapshot(Snapshot(NS, 7, 42, b"nonce"), now=4.0)
-    assert isinstance(reply, SnapshotReply)
-    assert (reply.snap_id, reply.namespace, reply.epoch, reply.seq, reply.max_keys) == (
-        42, NS, EPOCH, 2, 7,
-    )
-    assert [(e.key, e.value, e.version) for e in reply.entries] == [("a", b"1", 2), ("b", b"2", 1)]
-    assert reply.entries[1].ttl == pytest.approx(6.0)
-    assert reply.entries[0].ttl is None
+    shell(core, c.set("c", b"3"), now=0.0)
+    job = core.snapshot_job(Snapshot(NS, 7, 42, b"nonce"))
+    assert not isinstance(job, Error)
+    shell(core, c.set("d", b"4"), now=1.0)  # after the freeze: not in this snapshot
+    first = job.next_chunk(4.0, 2)
+    assert not job.done
+    second = job.next_chunk(4.0, 2)
+    assert job.done
+    for n, reply in enumerate((first, second)):
+        assert (reply.snap_id, reply.namespace, reply.epoch, reply.seq, reply.max_keys,
+                reply.chunk, reply.last) == (42, NS, EPOCH, 3, 7, n, n == 1)
+    rows = {e.key: e for e in first.entries + second.entries}
+    assert sorted(rows) == ["a", "b", "c"]
+    assert rows["b"].ttl == pytest.approx(6.0)
+    assert rows["a"].ttl is None
 
 
-def test_snapshot_of_a_missing_namespace_creates_it_empty() -> None:
+def test_a_snapshot_job_of_a_missing_namespace_creates_it_empty() -> None:
     core = BrokerCore(EPOCH)
-    reply = core.snapshot(Snapshot("fresh", 3, 1, b"n"), now=0.0)
-    assert isinstance(reply, SnapshotReply)
-    assert (reply.seq, reply.entries, reply.max_keys) == (0, [], 3)
+    job = core.snapshot_job(Snapshot("fresh", 3, 1, b"n"))
+    assert not isinstance(job, Error)
+    reply = job.next_chunk(0.0, 100)
+    assert (reply.seq, reply.entries, reply.max_keys, reply.last) == (0, [], 3, True)
+    assert job.done
     assert core.namespaces["fresh"].max_keys == 3
 
 

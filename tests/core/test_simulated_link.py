@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import msgspec
 import pytest
 
-from broker.core import BrokerCore
+from broker.core import BrokerCore, SnapshotJob
 from broker.errors import StorageError
 from broker.log import MemoryLog
 from broker.protocol import (
@@ -46,9 +46,10 @@ from broker.protocol import (
 from broker.records import BatchRecord
 from broker.state import NamespaceState
 from broker.turn import Turn, persist
-from node.replica import Replica, RequestFetch, RequestSnapshot, Sync
+from node.replica import DropBarrier, Replica, RequestFetch, RequestSnapshot, Sync
 
 NS = "sim"
+SNAPSHOT_CHUNK = 3  # entries per chunk: most snapshots of the run come in several
 MAX_KEYS = 10
 KEYS = [f"k{i:02}" for i in range(13)]  # more keys than max_keys: some writes are refused
 
@@ -151,6 +152,11 @@ class Sim:
         self.replica = Replica(NS, MAX_KEYS, request_timeout=1.0)
         # Per epoch, the digest of the broker's state after each seq (index = seq).
         self.history: dict[str, list[str]] = {}
+        # Snapshot jobs being sent, one chunk per serve() (production: one per loop turn),
+        # and the barrier topics the replica holds subscribed.
+        self.jobs: list[SnapshotJob] = []
+        self.barriers: set[bytes] = set()
+        self.later_chunks = 0  # chunks after the first delivered: snapshots were assembled
         self._ref: NamespaceState | None = None
         self._last_write: tuple[WriteRequest, object] | None = None  # (request, its reply)
         self._replies: dict[object, object] = {}
@@ -163,8 +169,7 @@ class Sim:
         self.flush_refusals = 0
         self.retries = 0
         self.prefix_checks = 0
-        for action in self.replica.start(self.now):
-            self.to_broker.send(action)
+        self.carry_out(self.replica.start(self.now))
 
     # ------------------------------------------------------------------ broker side
 
@@ -176,6 +181,7 @@ class Sim:
         self._ref = NamespaceState(NS)
         self.history[epoch] = [self._ref.digest()]
         self._last_write = None  # the new broker's dedup table is empty: no retries across
+        self.jobs = []  # the old broker's snapshot jobs died with it
 
     @property
     def broker_state(self) -> NamespaceState:
@@ -273,16 +279,24 @@ class Sim:
         (channel or self.to_replica).send(Heartbeat(NS, self.core.epoch, self.broker_state.seq))
 
     def serve(self) -> bool:
-        """The broker answers one request from the replica, if any arrived."""
+        """The broker sends one chunk of its oldest snapshot job and answers one request from
+        the replica, if any arrived; False if there was nothing to do."""
+        pumped = False
+        if self.jobs:
+            job = self.jobs[0]
+            self.to_replica.send(job.next_chunk(self.now, SNAPSHOT_CHUNK))
+            if job.done:
+                self.jobs.pop(0)
+            pumped = True
         action = self.to_broker.receive()
         if action is None:
-            return False
+            return pumped
         if isinstance(action, RequestSnapshot):
-            reply = self.core.snapshot(
-                Snapshot(action.namespace, MAX_KEYS, action.snap_id, b"nonce"), self.now
-            )
-            assert isinstance(reply, SnapshotReply)
-            self.to_replica.send(reply)
+            # The production path: freeze now, hand out in chunks across later turns.
+            job = self.core.snapshot_job(
+                Snapshot(action.namespace, MAX_KEYS, action.snap_id, action.nonce))
+            assert isinstance(job, SnapshotJob)
+            self.jobs.append(job)
         elif isinstance(action, RequestFetch):
             self.to_replica.send(self.core.fetch(
                 action.namespace, action.epoch, action.from_seq, 10_000, action.snap_id, self.now,
@@ -307,21 +321,32 @@ class Sim:
         elif isinstance(message, Heartbeat):
             actions = r.on_heartbeat(message, self.now)
         elif isinstance(message, SnapshotReply):
-            actions = r.on_snapshot(message, self.now)
+            self.later_chunks += message.chunk > 0
+            actions = r.on_snapshot_chunk(message, self.now)
         elif isinstance(message, FetchReply):
             actions = r.on_fetch(message, self.now)
         else:
             assert isinstance(message, ProbeAnswer)
             actions = r.on_probe(message.reply.epoch, message.reply.seq, self.now)
-        for action in actions:
-            self.to_broker.send(action)
+        self.carry_out(actions)
         self.check_prefix()
         return True
 
+    def carry_out(self, actions: list) -> None:
+        """The node's I/O thread: barrier (un)subscriptions are local, requests go out."""
+        for action in actions:
+            if isinstance(action, DropBarrier):
+                assert action.nonce in self.barriers, "dropped a barrier never subscribed"
+                self.barriers.remove(action.nonce)
+                continue
+            if isinstance(action, RequestSnapshot):
+                assert action.nonce and action.nonce not in self.barriers
+                self.barriers.add(action.nonce)
+            self.to_broker.send(action)
+
     def tick(self, dt: float) -> None:
         self.now += dt
-        for action in self.replica.on_tick(self.now):
-            self.to_broker.send(action)
+        self.carry_out(self.replica.on_tick(self.now))
         self.check_prefix()
 
     def check_prefix(self) -> None:
@@ -382,6 +407,8 @@ class Sim:
         raise AssertionError(f"no convergence: {self.replica.sync} at seq {self.replica.seq}")
 
     def assert_converged(self) -> None:
+        self.tick(0.0)  # barriers of answered or abandoned requests are dropped at a tick
+        assert self.barriers == set(), "barrier subscriptions left behind"
         r, b = self.replica, self.broker_state
         assert r.state is not None
         assert r.epoch == self.core.epoch
@@ -418,6 +445,7 @@ def test_short_log_forces_snapshot_resyncs(seed: int) -> None:
     sim.settle()
     sim.assert_converged()
     assert sim.replica.resyncs > 0  # gaps could not all be repaired from a 2-event log
+    assert sim.later_chunks > 0  # and the snapshots came in chunks
 
 
 @pytest.mark.parametrize("seed", range(4))
