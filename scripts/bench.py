@@ -1030,6 +1030,7 @@ def bench_compaction(ctx: Ctx) -> list[Row]:
     from broker.durable import DurableLog
     from broker.protocol import SetMany
     from broker.recovery import recover
+    from broker.turn import persist
 
     rows = []
     for total in ([10_000] if ctx.quick else [100_000, 1_000_000]):
@@ -1039,14 +1040,9 @@ def bench_compaction(ctx: Ctx) -> list[Row]:
             core = BrokerCore(log=log)
             recover(core, log)
             for start in range(0, total, 5000):
-                core.begin_turn()
                 req = SetMany(b"c" * 12, start + 1, "ns", 0,
                               [(f"k{i:07d}", b'{"i":1}') for i in range(start, start + 5000)])
-                dec = core.decide(req, 0.0, 0.0)
-                core.append_to_log(dec, 0.0, 1.0)
-                core.commit(dec, 0.0)
-                log.flush()
-                core.end_turn()
+                persist(core, log, core.run_turn([(None, req)], 0.0, 1.0))
             t = time.perf_counter()
             build = core.frozen_view(log.segment + 1, time.monotonic(), time.time())
             freeze = time.perf_counter() - t
