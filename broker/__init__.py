@@ -1,6 +1,14 @@
-"""sharedmem broker: the authoritative, ordered log of every namespace and its state."""
+"""sharedmem broker: the authoritative, ordered log of every namespace and its state.
 
-from broker.core import BrokerCore
+Importing this package loads nothing heavy: the socket shell (``Broker``, ``BrokerConfig``:
+zmq, threads, http.server) is imported on first use of those names, so a pure module such as
+``broker.state`` can be imported (by the node, or a test) without loading it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from broker.errors import (
     AccessDenied,
     BrokerUnavailable,
@@ -14,7 +22,25 @@ from broker.errors import (
     StorageError,
     VersionConflict,
 )
-from broker.server import Broker, BrokerConfig
+
+if TYPE_CHECKING:
+    from broker.core import BrokerCore
+    from broker.server import Broker, BrokerConfig
+
+_LAZY = {"Broker": "broker.server", "BrokerConfig": "broker.server", "BrokerCore": "broker.core"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the shell (or the core) on first use of its name."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'broker' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AccessDenied",

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     while not stop.wait(0.5):
-        if broker._stopped.is_set():  # loop died: exit non-zero
+        if broker.stopped:  # loop died: exit non-zero
             return 1
     broker.stop()
     logging.getLogger("sharedmem.broker").info("broker stopped")

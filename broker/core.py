@@ -1,9 +1,12 @@
-"""The broker's decisions, without sockets: request in, events and reply out.
+"""The broker's decisions, without sockets: a turn's requests in, one ``Turn`` value out.
 
-``decide`` is pure (it reads the state and returns a ``Decision``); ``commit`` applies a decision
-after the shell has appended its events to the log. That split is the write order of
-ARCHITECTURE.md: decide -> append (durable) -> apply -> reply -> publish. A refused request
-produces no events and changes nothing.
+``run_turn`` is the shell's one entry point for the requests that may change the state: it
+runs the expiry that is due, decides each request (``decide`` reads the state and returns a
+``Decision``), applies it (``commit``, recording undo information) and returns a ``Turn``
+(broker/turn.py): the log records, then the replies and publishes. The shell appends the
+records and flushes, and only then sends -- the write order of ARCHITECTURE.md: decide ->
+append (durable) -> apply -> reply -> publish -- or, if the flush failed, calls ``rollback``.
+A refused request produces no events and changes nothing.
 
 Exactly-once: each write carries ``(client_id, request_no)``. The last reply per client is kept
 (bounded LRU); a repeat of the same request number gets that reply again and is not re-applied.
@@ -12,13 +15,13 @@ A node sends one write at a time per client id, so "last reply" is enough.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from broker.durable import DedupFile, NamespaceFile, SnapEntryFile, SnapshotFile
 from broker.errors import (
     InvalidKey,
     InvalidValue,
@@ -27,13 +30,15 @@ from broker.errors import (
     StorageError,
     VersionConflict,
 )
-from broker.log import MemoryLog
+from broker.log import Log, MemoryLog
 from broker.protocol import (
     Delete,
     DigestReply,
     Error,
     Event,
+    EventBatch,
     FetchReply,
+    HelloReply,
     KeyDeleted,
     KeyExpired,
     KeySet,
@@ -50,8 +55,19 @@ from broker.protocol import (
     Touch,
     WriteOk,
     WriteRequest,
+    published_codec,
+)
+from broker.records import (
+    BatchRecord,
+    DedupFile,
+    LogRecord,
+    NamespaceFile,
+    NamespaceRecord,
+    SnapEntryFile,
+    SnapshotFile,
 )
 from broker.state import Entry, NamespaceState
+from broker.turn import Outgoing, Turn, TurnRequest, merge_publishes
 from broker.validation import (
     DEFAULT_MAX_VALUE_BYTES,
     check_encoded_value,
@@ -60,6 +76,8 @@ from broker.validation import (
 )
 
 MAX_BATCH_ITEMS = 10_000
+
+log = logging.getLogger("sharedmem.broker.core")
 
 
 def new_epoch() -> str:
@@ -77,7 +95,7 @@ class Decision:
     create_max_keys: int | None = None  # create ``namespace`` with this max_keys first
     client: tuple[bytes, int] | None = None  # (client_id, request_no) to remember the reply for
     duplicate: bool = False
-    _body: bytes | None = None  # the shell's encoded EventBatch, shared by reply and publish
+    body: bytes | None = None  # the encoded EventBatch, shared by the reply and the publish
 
 
 @dataclass(slots=True)
@@ -141,6 +159,29 @@ class DedupTable:
         while len(self._last) > self.capacity:
             self._last.popitem(last=False)
 
+    def items(self) -> Iterator[tuple[bytes, int, Reply]]:
+        """Every remembered ``(client_id, request_no, reply)``, least recently used first."""
+        for client_id, (no, reply) in self._last.items():
+            yield client_id, no, reply
+
+    def entry(self, client_id: bytes) -> tuple[int, Reply] | None:
+        """The remembered ``(request_no, reply)`` of a client, without touching its recency."""
+        return self._last.get(client_id)
+
+    def restore(self, client_id: bytes, entry: tuple[int, Reply] | None) -> None:
+        """Put back what ``entry`` returned before (None: forget the client), for a rollback."""
+        if entry is None:
+            self._last.pop(client_id, None)
+        else:
+            self._last[client_id] = entry
+
+    def rename_epoch(self, epoch: str) -> None:
+        """Make every remembered WriteOk name ``epoch``: after recovery starts a new epoch, the
+        writes it replayed live in that one."""
+        for client_id, (no, reply) in self._last.items():
+            if isinstance(reply, WriteOk):
+                self._last[client_id] = (no, WriteOk(epoch, reply.seq, reply.changed))
+
 
 def _check_ttl(ttl: float | None) -> float | None:
     if ttl is None or ttl == 0:
@@ -158,15 +199,19 @@ class BrokerCore:
         epoch: str | None = None,
         *,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-        log: MemoryLog | None = None,
+        log: Log | None = None,
     ) -> None:
         self.epoch = epoch or new_epoch()
         self.max_value_bytes = max_value_bytes
         self.namespaces: dict[str, NamespaceState] = {}
-        self.log = log if log is not None else MemoryLog()
+        self.log: Log = log if log is not None else MemoryLog()
         self.dedup = DedupTable()
         # Undo records of the current turn: what to put back if the log flush fails.
         self._undo: list[tuple] | None = None
+        # Log records not yet handed out: the current turn's, or those of a namespace created
+        # between turns (a snapshot of a new one), which the next turn carries first.
+        self._records: list[LogRecord] = []
+        self._encoder = published_codec()
         self.counters: dict[str, int] = {
             "writes": 0,
             "events": 0,
@@ -277,16 +322,8 @@ class BrokerCore:
                 f"{state.max_keys}, this write adds {new_keys}"
             )
 
-    def append_to_log(self, decision: Decision, now: float, wall: float) -> None:
-        """Hand a decision's events to the log (durable at the next ``log.flush()``)."""
-        if decision.events and decision.namespace is not None:
-            reply = decision.reply
-            changed = reply.changed if isinstance(reply, WriteOk) else True
-            self.log.append(decision.namespace, decision.events, now, wall=wall,
-                            client=decision.client, changed=changed)
-
     def commit(self, decision: Decision, now: float) -> None:
-        """Apply a decision whose events the log has accepted; remember its reply."""
+        """Apply a decision and remember its reply (within ``run_turn``: undo is recorded)."""
         if decision.duplicate:
             self.counters["duplicates"] += 1
             return
@@ -304,7 +341,7 @@ class BrokerCore:
                 self.counters["expired"] += len(decision.events)
         if decision.client is not None and self._undo is not None:
             self._undo.append(("dedup", decision.client[0],
-                               self.dedup._last.get(decision.client[0])))
+                               self.dedup.entry(decision.client[0])))
         if type(decision.reply) is Error:
             self.counters["refused"] += 1
         else:
@@ -339,7 +376,7 @@ class BrokerCore:
         state = self.namespaces.get(name)
         if state is None:
             state = self.namespaces[name] = NamespaceState(name, max_keys)
-            self.log.record_namespace(name, max_keys)
+            self._records.append(NamespaceRecord(name, max_keys))
             if self._undo is not None:
                 self._undo.append(("create", name))
         return state
@@ -350,7 +387,7 @@ class BrokerCore:
         epoch = self.epoch
         copies = [(name, s.max_keys, s.seq, s.entries.copy())
                   for name, s in self.namespaces.items()]
-        dedup = [(cid, no, r.seq, r.changed) for cid, (no, r) in self.dedup._last.items()
+        dedup = [(cid, no, r.seq, r.changed) for cid, no, r in self.dedup.items()
                  if isinstance(r, WriteOk)]
 
         def build() -> SnapshotFile:
@@ -369,18 +406,84 @@ class BrokerCore:
 
     # ------------------------------------------------------------------ turns (group commit)
 
-    def begin_turn(self) -> None:
-        """Start recording undo information: the turn's log flush may still fail."""
-        self._undo = []
+    def run_turn(self, requests: Sequence[tuple[object, TurnRequest]], now: float, wall: float,
+                 held: Sequence[tuple[object, Reply]] = ()) -> Turn:
+        """Decide and apply one loop turn: the expiry due at ``now``, then ``requests`` in order
+        (each ``(tag, request)``; the tag comes back with its reply).
 
-    def end_turn(self) -> None:
-        """The turn's log flush succeeded: forget the undo information."""
-        self._undo = None
+        ``held``: replies the shell made during the turn that must still wait for its flush
+        (they read state the flush makes durable); they come first in ``Turn.replies`` and are
+        refused with the turn if its flush fails (a ``HelloReply``, which reads no state, is
+        kept). Returns the ``Turn``; the shell must then call ``commit_turn`` or ``rollback``.
+        """
+        turn = Turn(now, wall)
+        turn.replies = [Outgoing(tag, reply) for tag, reply in held]
+        self._undo = turn.undo
+        batches: list[tuple[str, list[Event], bytes | None]] = []
+        try:
+            for decision in self.expire_due(now):
+                self._apply(turn, decision, batches)
+            for tag, request in requests:
+                try:
+                    if type(request) is Open:
+                        turn.replies.append(Outgoing(tag, self.open(request)))
+                        continue
+                    decision = self.decide(request, now, wall)
+                    self._apply(turn, decision, batches)
+                except Exception as exc:  # noqa: BLE001 - one bad request never ends a turn
+                    log.exception("internal error handling %s", type(request).__name__)
+                    turn.replies.append(
+                        Outgoing(tag, Error("StorageError", f"internal broker error: {exc!r}")))
+                    continue
+                reply = decision.reply
+                if decision.duplicate:
+                    turn.replies.append(Outgoing(tag, reply, None, decision.client))
+                elif decision.events and type(reply) is WriteOk:
+                    # The writer's node may apply its own write at once (same events, same
+                    # order as the stream): the batch goes along with the reply.
+                    turn.replies.append(Outgoing(tag, reply, self._body(decision)))
+                else:
+                    turn.replies.append(Outgoing(tag, reply))
+        finally:
+            self._undo = None
+        turn.records, self._records = self._records, []
+        turn.publishes = merge_publishes(batches, self.epoch, self._encoder.encode)
+        return turn
 
-    def rollback_turn(self) -> None:
-        """The turn's log flush failed: put state, namespaces and dedup table back."""
-        undo, self._undo = self._undo or [], None
-        for item in reversed(undo):
+    def _apply(self, turn: Turn, decision: Decision,
+               batches: list[tuple[str, list[Event], bytes | None]]) -> None:
+        """Commit one decision of the turn and add its log record and published batch."""
+        self.commit(decision, turn.now)
+        if decision.events and decision.namespace is not None:
+            reply = decision.reply
+            changed = reply.changed if isinstance(reply, WriteOk) else True
+            cid, no = decision.client if decision.client is not None else (None, 0)
+            self._records.append(BatchRecord(decision.namespace, turn.wall, decision.events,
+                                             cid, no, changed))
+            batches.append((decision.namespace, decision.events,
+                            self._body(decision) if type(reply) is WriteOk and cid is not None
+                            else None))
+
+    def _body(self, decision: Decision) -> bytes:
+        """The decision's events as the EventBatch bytes the stream carries (encoded once)."""
+        if decision.body is None:
+            assert decision.namespace is not None
+            decision.body = self._encoder.encode(
+                EventBatch(decision.namespace, self.epoch, decision.events))
+        return decision.body
+
+    def commit_turn(self, turn: Turn) -> None:
+        """The turn's log flush succeeded: forget its undo information."""
+        turn.undo.clear()
+        turn.committed = True
+
+    def rollback(self, turn: Turn, reason: str) -> None:
+        """The turn's log flush failed: put state, namespaces and dedup table back, and turn
+        the turn's replies into refusals (``StorageError`` saying ``reason``); nothing is
+        published. A resent reply of an earlier, durable write -- still in the dedup table
+        once the turn is undone -- stays what it was; a ``HelloReply`` reads no state and stays.
+        """
+        for item in reversed(turn.undo):
             if item[0] == "events":
                 _, state, old_seq, olds = item
                 for key, old in reversed(olds):
@@ -388,12 +491,30 @@ class BrokerCore:
                 state.seq = old_seq
             elif item[0] == "dedup":
                 _, client_id, previous = item
-                if previous is None:
-                    self.dedup._last.pop(client_id, None)
-                else:
-                    self.dedup._last[client_id] = previous
+                self.dedup.restore(client_id, previous)
             elif item[0] == "create":
                 self.namespaces.pop(item[1], None)
+        turn.undo.clear()
+        # Namespaces created between turns (and so not undone) still need their record.
+        self._records[:0] = [r for r in turn.records
+                             if type(r) is NamespaceRecord and r.namespace in self.namespaces]
+        refusal = Error("StorageError", reason)
+        turn.replies = [
+            out if type(out.reply) is HelloReply or self._still_durable(out)
+            else Outgoing(out.tag, refusal)
+            for out in turn.replies
+        ]
+        turn.records = []
+        turn.publishes = []
+
+    def _still_durable(self, out: Outgoing) -> bool:
+        """After a rollback: is this resent reply's original write still in the table (it was
+        durable before this turn), rather than one rolled back with the turn?"""
+        if out.resent is None:
+            return False
+        client_id, request_no = out.resent
+        entry = self.dedup.entry(client_id)
+        return entry is not None and entry[0] == request_no and entry[1] == out.reply
 
     def open(self, request: Open) -> Reply:
         """Create the namespace if missing; refuse a different ``max_keys`` for an existing one."""
@@ -422,18 +543,6 @@ class BrokerCore:
         self.counters["snapshots"] += 1
         return SnapshotJob(request.snap_id, name, self.epoch, state.seq, state.max_keys,
                            list(state.entries.items()))
-
-    def snapshot(self, request: Snapshot, now: float) -> Reply:
-        try:
-            name = check_namespace(request.namespace)
-        except SharedMemoryError as exc:
-            return Error(exc.kind, str(exc))
-        state = self.namespaces.get(name) or self._create(name, request.max_keys)
-        self.counters["snapshots"] += 1
-        return SnapshotReply(
-            request.snap_id, name, self.epoch, state.seq, state.max_keys,
-            state.snapshot_entries(now),
-        )
 
     def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, snap_id: int,
               now: float) -> FetchReply:

@@ -25,12 +25,18 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from broker.errors import StorageError
 from broker.log import MemoryLog
 from broker.protocol import Event
+from broker.records import BatchRecord, LogRecord, NamespaceRecord, SnapshotFile
+
+if TYPE_CHECKING:
+    from broker.core import BrokerCore
+    from broker.recovery import RecoveryReport
 
 log = logging.getLogger("sharedmem.broker.durable")
 
@@ -43,59 +49,6 @@ MAX_RECORD = 256 * 1024 * 1024
 FSYNC_POLICIES = ("always", "everysec", "no")
 _SEG_RE = re.compile(r"seg-(\d{8})\.log")
 _SNAP_RE = re.compile(r"snap-(\d{8})\.snap")
-
-
-class NamespaceRecord(msgspec.Struct, tag="N", array_like=True):
-    """A namespace was created with ``max_keys``."""
-
-    namespace: str
-    max_keys: int
-
-
-class BatchRecord(msgspec.Struct, tag="B", array_like=True):
-    """Events applied to a namespace at broker wall time ``wall`` (KeySet.ttl counts from it);
-    ``client``/``request_no``/``changed`` rebuild the dedup table's reply after a restart."""
-
-    namespace: str
-    wall: float
-    events: list[Event]
-    client: bytes | None = None
-    request_no: int = 0
-    changed: bool = True
-
-
-LogRecord = NamespaceRecord | BatchRecord
-
-
-class SnapEntryFile(msgspec.Struct, array_like=True):
-    key: str
-    value: bytes
-    version: int
-    created_at: float
-    modified_at: float
-    expires_at: float | None  # broker wall clock, absolute
-
-
-class NamespaceFile(msgspec.Struct, array_like=True):
-    name: str
-    max_keys: int
-    seq: int
-    entries: list[SnapEntryFile]
-
-
-class DedupFile(msgspec.Struct, array_like=True):
-    client: bytes
-    request_no: int
-    seq: int
-    changed: bool
-
-
-class SnapshotFile(msgspec.Struct):
-    epoch: str
-    segment: int  # replay segments >= this one on top of the snapshot
-    wall: float
-    namespaces: list[NamespaceFile]
-    dedup: list[DedupFile]
 
 
 class CorruptLog(StorageError):
@@ -401,6 +354,28 @@ class DurableLog(MemoryLog):
         self.compactions += 1
         log.info("compaction done: snapshot %s, older segments removed",
                  snap_path(self.data_dir, n))
+
+    # ------------------------------------------------------------------ the Log protocol's hooks
+
+    def recover(self, core: BrokerCore) -> RecoveryReport:
+        """Fill ``core`` from the data directory and open the log for appending."""
+        from broker.recovery import recover
+
+        return recover(core, self)
+
+    def mark_clean(self) -> None:
+        from broker.recovery import mark_clean
+
+        mark_clean(self)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "fsyncs": self.fsync_count,
+            "fsync_us_total": int(self.fsync_seconds_total * 1e6),
+            "fsync_us_avg": int(self.fsync_seconds_total * 1e6 / self.fsync_count)
+            if self.fsync_count else 0,
+            "compactions": self.compactions,
+        }
 
 
 def write_snapshot(data_dir: Path, view: SnapshotFile) -> Path:

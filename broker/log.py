@@ -11,11 +11,56 @@ TTLs are kept as deadlines on the broker's monotonic clock and handed out as rem
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
 from broker.protocol import Event, KeySet, KeyTouched
+from broker.records import LogRecord, NamespaceRecord, SnapshotFile
+
+if TYPE_CHECKING:
+    from broker.core import BrokerCore
+    from broker.recovery import RecoveryReport
+
+
+class Log(Protocol):
+    """What the broker shell and core need of a log; ``MemoryLog`` and ``DurableLog`` are both
+    one, so no caller asks which kind it has (the hooks that only mean something on disk are
+    no-ops in memory)."""
+
+    @property
+    def compacting(self) -> bool: ...
+
+    def append_records(self, records: Sequence[LogRecord], now: float) -> None: ...
+
+    def replay(self, namespace: str, events: Sequence[Event], now: float) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def mark_clean(self) -> None: ...
+
+    def recover(self, core: BrokerCore) -> RecoveryReport | None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    @property
+    def segment(self) -> int: ...
+
+    def wants_compaction(self) -> bool: ...
+
+    def start_compaction(self, build: Callable[[], SnapshotFile]) -> None: ...
+
+    def finish_compaction(self) -> None: ...
+
+    def first_seq(self, namespace: str) -> int | None: ...
+
+    def read(self, namespace: str, from_seq: int, limit: int,
+             now: float) -> list[Event] | None: ...
 
 
 class MemoryLog:
@@ -28,11 +73,26 @@ class MemoryLog:
     def record_namespace(self, namespace: str, max_keys: int) -> None:
         """A namespace was created (nothing to keep in memory: the state has it)."""
 
+    def append_records(self, records: Sequence[LogRecord], now: float) -> None:
+        """Append a turn's records (``Turn.records``) decided at ``now``, in order."""
+        for rec in records:
+            if type(rec) is NamespaceRecord:
+                self.record_namespace(rec.namespace, rec.max_keys)
+            else:
+                client = None if rec.client is None else (rec.client, rec.request_no)
+                self.append(rec.namespace, rec.events, now, wall=rec.wall, client=client,
+                            changed=rec.changed)
+
     def append(self, namespace: str, events: Sequence[Event], now: float, *, wall: float = 0.0,
                client: tuple[bytes, int] | None = None, changed: bool = True) -> None:
         """Record events decided at ``now`` (their ``ttl`` counts from ``now``).
 
         ``wall``, ``client`` and ``changed`` matter only to a durable log."""
+        MemoryLog.replay(self, namespace, events, now)
+
+    def replay(self, namespace: str, events: Sequence[Event], now: float) -> None:
+        """Keep events for ``read`` (Fetch) without writing them anywhere: recovery re-reads
+        them from the files, which already hold them."""
         q = self._events.get(namespace)
         if q is None:
             q = self._events[namespace] = deque(maxlen=self.retention)
@@ -48,6 +108,17 @@ class MemoryLog:
     def discard_turn(self) -> None:
         """Forget what was appended since the last flush (nothing is ever pending here)."""
 
+    def recover(self, core: BrokerCore) -> RecoveryReport | None:
+        """Fill ``core`` from what the log holds at start-up (memory holds nothing: None)."""
+        return None
+
+    def mark_clean(self) -> None:
+        """After a clean close: note it for the next start (nothing to note in memory)."""
+
+    def stats(self) -> dict[str, int]:
+        """The log's own counters for ``Stats`` (fsyncs, compactions; none in memory)."""
+        return {}
+
     def tick(self) -> None:
         """Periodic housekeeping (background fsync of a durable log)."""
 
@@ -55,10 +126,15 @@ class MemoryLog:
         """Release files (none in memory)."""
 
     compacting = False
+    segment = 0
 
     def wants_compaction(self) -> bool:
         """Memory is not compacted (retention bounds it)."""
         return False
+
+    def start_compaction(self, build: Callable[[], SnapshotFile]) -> None:
+        """Never called: ``wants_compaction`` is always False in memory."""
+        raise RuntimeError("a memory log is never compacted")
 
     def finish_compaction(self) -> None:
         """Nothing to finish in memory."""

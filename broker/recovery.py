@@ -35,7 +35,6 @@ from broker.durable import (
     seg_path,
     snap_path,
 )
-from broker.log import MemoryLog
 from broker.protocol import WriteOk
 from broker.state import NamespaceState, SnapEntry
 
@@ -94,7 +93,7 @@ def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: 
     # The event's ttl counted from rec.wall; as seen from now that is ``rec.wall - wall`` ago.
     then = mono + (rec.wall - wall)
     state.apply_batch(events, then)
-    MemoryLog.append(core.log, rec.namespace, events, then)  # for Fetch; not re-written
+    core.log.replay(rec.namespace, events, then)  # for Fetch; not re-written
     if rec.client is not None:
         core.dedup.remember(rec.client, rec.request_no,
                             WriteOk(epoch, rec.events[-1].seq, rec.changed))
@@ -172,9 +171,7 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         core.epoch = epoch
         changed_epoch = True
         # Remembered replies name the epoch their writes now live in.
-        for client_id, (no, reply) in list(core.dedup._last.items()):
-            if isinstance(reply, WriteOk):
-                core.dedup._last[client_id] = (no, WriteOk(epoch, reply.seq, reply.changed))
+        core.dedup.rename_epoch(epoch)
         log.warning("unclean shutdown under fsync=%s: new epoch %s replaces %s; nodes will "
                     "resync", written_under, epoch, old)
     _write_small_file(epoch_path, epoch)

@@ -7,10 +7,11 @@ Sockets:
   records ``<ns>\\0<nonce>`` ones as the subscription barrier for snapshot requests;
 - an inproc PAIR for ``stop()`` from another thread.
 
-Each loop turn: drain subscriptions, then requests (decide -> log -> commit per request; one log
-flush for the turn -- group commit -- and only then replies and publishes), then timers (TTL
-expiry, heartbeats). Garbage on any socket is logged and, where a reply is owed, answered with
-an ``Error``; it never ends the loop.
+Each loop turn: drain subscriptions, then requests: the core turns a turn's writes (and the
+expiry due) into one ``Turn`` (broker/turn.py); the shell appends its records, flushes once --
+group commit -- and only then sends its replies and publishes. Then timers (heartbeats).
+Garbage on any socket is logged and, where a reply is owed, answered with an ``Error``; it
+never ends the loop.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from broker.core import BrokerCore, Decision, SnapshotJob
+from broker.core import BrokerCore, SnapshotJob
 from broker.durable import FSYNC_POLICIES, DurableLog
-from broker.errors import ProtocolError, StorageError
-from broker.log import MemoryLog
+from broker.errors import ProtocolError
+from broker.log import Log, MemoryLog
 from broker.metrics import MetricsServer
 from broker.metrics import render as render_metrics
 from broker.protocol import (
@@ -35,7 +36,6 @@ from broker.protocol import (
     Delete,
     Digest,
     Error,
-    EventBatch,
     Fetch,
     Head,
     Heartbeat,
@@ -51,13 +51,15 @@ from broker.protocol import (
     StatsReply,
     Touch,
     WriteOk,
+    WriteRequest,
     published_codec,
     reply_codec,
     request_codec,
     topic_for,
 )
-from broker.recovery import RecoveryReport, mark_clean, recover
+from broker.recovery import RecoveryReport
 from broker.security import Security, is_loopback_endpoint
+from broker.turn import persist
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
 
 log = logging.getLogger("sharedmem.broker")
@@ -192,7 +194,7 @@ class Broker:
         self.config = config or BrokerConfig()
         cfg = self.config
         if core is None:
-            log_: MemoryLog = (
+            log_: Log = (
                 DurableLog(cfg.data_dir, fsync=cfg.fsync, retention=cfg.log_retention,
                            compact_bytes=cfg.compact_bytes)
                 if cfg.data_dir else MemoryLog(cfg.log_retention)
@@ -228,11 +230,19 @@ class Broker:
         self._rate_mark = (self._started, 0)
         self._events_per_s = 0
         self.drop_write_replies = 0  # fault injection (tests): drop the next N write replies
-        self._outbox: list[tuple[list[bytes] | None, Reply | None, Decision | None]] = []
+        # The turn being received: its writes (for the core), and the replies made meanwhile,
+        # which wait for the turn's log flush.
+        self._writes: list[tuple[object, WriteRequest | Open]] = []
+        self._held: list[tuple[object, Reply]] = []
 
     @property
     def epoch(self) -> str:
         return self.core.epoch
+
+    @property
+    def stopped(self) -> bool:
+        """True once the loop has ended (after ``stop()``, a failed start, or a crash)."""
+        return self._stopped.is_set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -327,8 +337,8 @@ class Broker:
     def run(self) -> None:
         """The event loop; returns after ``stop()``."""
         try:
-            if isinstance(self.core.log, DurableLog):
-                self.recovery = recover(self.core, self.core.log)
+            self.recovery = self.core.log.recover(self.core)
+            if self.recovery is not None:
                 log.info("recovered epoch %s: snapshot %s, %d segments, %d records, %d torn "
                          "bytes dropped", self.recovery.epoch, self.recovery.snapshot,
                          self.recovery.segments, self.recovery.records,
@@ -349,8 +359,7 @@ class Broker:
         finally:
             self._close_sockets()
             self.core.log.close()
-            if isinstance(self.core.log, DurableLog):
-                mark_clean(self.core.log)
+            self.core.log.mark_clean()
             self._stopped.set()
 
     # ------------------------------------------------------------------ the loop
@@ -400,14 +409,12 @@ class Broker:
                 next_heartbeat = now + hb_interval
 
     def _turn(self, *, drain: bool) -> None:
-        """One turn: expiry and up to MAX_REQUESTS_PER_TURN requests, one log flush (group
-        commit), then every reply and publish of the turn -- or, if the flush failed, the whole
-        turn rolled back and refused."""
-        self.core.begin_turn()
-        self._outbox = []
+        """One turn: receive up to MAX_REQUESTS_PER_TURN requests; the core decides the writes
+        (and the expiry due) into one ``Turn``; append its records and flush once (group
+        commit); then send its replies and publishes -- refusals, and nothing published, if
+        the flush failed and the core rolled the turn back."""
         self._in_turn = True
         try:
-            self._expire(time.monotonic())
             if drain:
                 router = self._router
                 for _ in range(MAX_REQUESTS_PER_TURN):
@@ -423,78 +430,22 @@ class Broker:
                     except zmq.Again:
                         break
                     self._on_request(frames, user)
-            outbox = self._outbox
-            try:
-                self.core.log.flush()
-            except StorageError as exc:
-                log.error("%s", exc)
-                self.core.rollback_turn()
-                refusal = Error("StorageError", str(exc))
-                # A resent reply of an earlier, durable write stays what it was; everything
-                # computed from this turn's state is refused.
-                outbox = [
-                    (env, reply if isinstance(reply, HelloReply) or self._still_durable(d)
-                     else refusal, None)
-                    for env, reply, d in outbox if env is not None
-                ]
-            else:
-                self.core.end_turn()
         finally:
             self._in_turn = False
-            self._outbox = []
-        # One published batch per namespace per turn: the turn's events of a namespace are
-        # contiguous and all durable, and fewer, larger messages cost every subscriber less.
-        merged: dict[str, list] = {}
-        for envelope, reply, decision in outbox:
-            if envelope is not None and reply is not None:
-                if decision is not None and decision.events and type(reply) is WriteOk:
-                    # The writer's node may apply its own write at once (same events, same
-                    # order as the stream): a second frame with this write's batch.
-                    self._send_reply(envelope, reply, self._batch_body(decision))
-                else:
-                    self._send_reply(envelope, reply)
-            if decision is not None and decision.events and decision.namespace is not None:
-                merged.setdefault(decision.namespace, []).append(decision)
-        for namespace, decisions in merged.items():
-            if len(decisions) == 1:
-                self._publish(decisions[0])
-            else:
-                events = [e for d in decisions for e in d.events]
-                body = self._published.encode(EventBatch(namespace, self.epoch, events))
-                self._xpub.send_multipart([topic_for(namespace), body])
-
-    def _still_durable(self, d: Decision | None) -> bool:
-        """After a rollback: is this resent reply's original write still in the table (it was
-        durable before this turn), rather than one rolled back with the turn?"""
-        if d is None or not d.duplicate or d.client is None:
-            return False
-        item = self.core.dedup._last.get(d.client[0])
-        return item is not None and item[0] == d.client[1] and item[1] == d.reply
-
-    def _expire(self, now: float) -> None:
-        """Log, apply and queue for publishing the expiry of every key that is due."""
-        for d in self.core.expire_due(now):
-            self.core.append_to_log(d, now, time.time())
-            self.core.commit(d, now)
-            self._outbox.append((None, None, d))
+            writes, held = self._writes, self._held
+            self._writes, self._held = [], []
+        turn = self.core.run_turn(writes, time.monotonic(), time.time(), held)
+        persist(self.core, self.core.log, turn)  # the records are durable, or it is rolled back
+        for out in turn.replies:
+            self._send_reply(out.tag, out.reply, out.events)  # type: ignore[arg-type]
+        xpub = self._xpub
+        for namespace, body in turn.publishes:
+            xpub.send_multipart([topic_for(namespace), body])
 
     def _start_compaction(self) -> None:
         log_ = self.core.log
-        assert isinstance(log_, DurableLog)
         build = self.core.frozen_view(log_.segment + 1, time.monotonic(), time.time())
         log_.start_compaction(build)
-
-    def _batch_body(self, decision: Decision) -> bytes:
-        if decision._body is None:
-            assert decision.namespace is not None
-            decision._body = self._published.encode(
-                EventBatch(decision.namespace, self.epoch, decision.events))
-        return decision._body
-
-    def _publish(self, decision: Decision) -> None:
-        if not decision.events or decision.namespace is None:
-            return
-        self._xpub.send_multipart([topic_for(decision.namespace), self._batch_body(decision)])
 
     def _send_heartbeats(self) -> None:
         for name, state in self.core.namespaces.items():
@@ -601,20 +552,13 @@ class Broker:
                 return
         try:
             t = type(request)
-            if t is Set or t is SetMany or t is Delete or t is Touch:
-                self._expire(now)
-                wall = time.time()
-                decision = self.core.decide(request, now, wall)
-                self.core.append_to_log(decision, now, wall)
-                self.core.commit(decision, now)
-                self._outbox.append((envelope, decision.reply, decision))
+            if t is Set or t is SetMany or t is Delete or t is Touch or t is Open:
+                self._writes.append((envelope, request))  # decided by the core's run_turn
             elif t is Hello:
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, self.config.max_value_bytes,
                     self.config.heartbeat_interval,
                 ))
-            elif t is Open:
-                self._send_reply(envelope, self.core.open(request))
             elif t is Snapshot:
                 self._on_snapshot(envelope, request, now)
             elif t is Fetch:
@@ -646,16 +590,10 @@ class Broker:
         base = self.core.stats()
         now = time.monotonic()
         counters = dict(base.counters)
-        log_ = self.core.log
         counters["subscribers"] = sum(self.subscribers.values())
         counters["uptime_ms"] = int((now - self._started) * 1000)
         counters["pending_snapshots"] = len(self._pending_snapshots)
-        if isinstance(log_, DurableLog):
-            counters["fsyncs"] = log_.fsync_count
-            counters["fsync_us_total"] = int(log_.fsync_seconds_total * 1e6)
-            counters["fsync_us_avg"] = int(log_.fsync_seconds_total * 1e6 / log_.fsync_count) \
-                if log_.fsync_count else 0
-            counters["compactions"] = log_.compactions
+        counters.update(self.core.log.stats())
         # events per second over the window since the previous Stats call (at least 1 s)
         events = counters["events"]
         t0, e0 = self._rate_mark
@@ -721,7 +659,7 @@ class Broker:
     def _send_reply(self, envelope: list[bytes], reply: Reply, extra: bytes | None = None
                     ) -> None:
         if self._in_turn:  # held back until the turn's log flush succeeded
-            self._outbox.append((envelope, reply, None))
+            self._held.append((envelope, reply))
             return
         if self.drop_write_replies > 0 and type(reply) is WriteOk:
             self.drop_write_replies -= 1

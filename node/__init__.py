@@ -1,4 +1,13 @@
-"""sharedmem node: a local replica of shared namespaces, with the SharedMemory API."""
+"""sharedmem node: a local replica of shared namespaces, with the SharedMemory API.
+
+The API names (``SharedMemory`` and the rest, which bring zmq and the I/O thread with them)
+are imported on first use, so that the pure parts of this package (``node.replica``,
+``node.watch``) import without the socket shell.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import (
     AccessDenied,
@@ -12,16 +21,44 @@ from broker.errors import (
     StorageError,
     VersionConflict,
 )
-from node.api import (
-    AsyncSharedMemory,
-    Metadata,
-    Registry,
-    SharedMemory,
-    Status,
-    get_or_create,
-)
-from node.config import SharedMemoryConfig
-from node.watch import CallbackHandle, ChangeEvent, Watcher
+
+if TYPE_CHECKING:
+    from node.api import (
+        AsyncSharedMemory,
+        Metadata,
+        Registry,
+        SharedMemory,
+        Status,
+        get_or_create,
+    )
+    from node.config import SharedMemoryConfig
+    from node.watch import CallbackHandle, ChangeEvent, Watcher
+
+_LAZY = {
+    "AsyncSharedMemory": "node.api",
+    "Metadata": "node.api",
+    "Registry": "node.api",
+    "SharedMemory": "node.api",
+    "Status": "node.api",
+    "get_or_create": "node.api",
+    "SharedMemoryConfig": "node.config",
+    "CallbackHandle": "node.watch",
+    "ChangeEvent": "node.watch",
+    "Watcher": "node.watch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public API on first use of one of its names."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'node' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AccessDenied",

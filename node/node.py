@@ -6,8 +6,10 @@ the calling threads; and the ``Replica`` of every open namespace. The I/O thread
 under ``lock`` and signals ``changed``; readers take ``lock`` briefly, so a read reflects
 exactly the events up to some seq (a batch is never half-visible).
 
-Must never: apply a write before the broker has ordered it (read-your-writes comes from
-waiting for the reply's seq on the stream), or block the I/O thread on a user request.
+Must never: apply a write before the broker has ordered it (read-your-writes: the write's own
+events from its reply when the replica is exactly at their predecessor, else waiting for the
+reply's seq on the stream), or block the I/O thread on a user request. The snapshot protocol
+(ids, barrier nonces, chunk assembly) is ``Replica``'s; this module carries out its actions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import msgspec
 import zmq
 
 from broker.errors import BrokerUnavailable, ProtocolError, error_from_kind
@@ -43,7 +44,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
-from node.replica import Replica, RequestFetch, RequestProbe, RequestSnapshot
+from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
 from node.requests import ChannelPool, CurveKeys, RequestChannel, apply_curve
 from node.watch import Watcher, change_from_event
 
@@ -54,7 +55,6 @@ _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per ca
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 SUB_HWM = 1_000_000
-APPLY_OWN_WRITES = True  # apply a write's events from its reply (benchmarks turn it off)
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,13 @@ class Node:
 
     def __init__(self, address: str, ctx: zmq.Context, *, connect_timeout: float = 10.0,
                  retry_interval: float = 1.0, heartbeat_timeout: float | None = None,
-                 receive_hwm: int = SUB_HWM, curve: CurveKeys | None = None) -> None:
+                 receive_hwm: int = SUB_HWM, curve: CurveKeys | None = None,
+                 apply_own_writes: bool = True) -> None:
         self.address = address
+        # Apply a write's events from its reply when the replica is exactly at their
+        # predecessor (docs/architecture.md §5); False always waits for the stream (benchmarks
+        # compare the two).
+        self.apply_own_writes = apply_own_writes
         self._ctx = ctx
         self.receive_hwm = receive_hwm
         self.retry_interval = retry_interval
@@ -134,7 +139,7 @@ class Node:
         self.pub_endpoint = pick_pub_endpoint(address, hello.pub_endpoints)
         self.max_value_bytes = hello.max_value_bytes
         self.heartbeat_timeout = heartbeat_timeout or max(3 * hello.heartbeat_interval, 1.0)
-        self._commands: deque[tuple[str, str]] = deque()
+        self._commands: deque[tuple[str, str, list[Action]]] = deque()
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_r.setblocking(False)
         self._closed = False
@@ -156,7 +161,7 @@ class Node:
         their predecessor (the common case), else we wait for the stream to get there."""
         reply, batch = self._pool.call_with_events(build, deadline, is_write=True)
         if type(reply) is WriteOk:
-            if batch is not None and batch.namespace == namespace and APPLY_OWN_WRITES:
+            if batch is not None and batch.namespace == namespace and self.apply_own_writes:
                 with self.changed:
                     r = self.replicas.get(namespace)
                     if r is not None and r.apply_own(batch, time.monotonic()):
@@ -196,8 +201,8 @@ class Node:
                 self._refs[namespace] = n
                 return
             self._refs.pop(namespace, None)
-            self.replicas.pop(namespace, None)
-            self._command("leave", namespace)
+            replica = self.replicas.pop(namespace, None)
+            self._command("leave", namespace, replica.close() if replica is not None else [])
 
     def wait_live(self, namespace: str, deadline: float) -> None:
         with self.changed:
@@ -259,8 +264,8 @@ class Node:
         self._wake_r.close()
         self._wake_w.close()
 
-    def _command(self, op: str, namespace: str) -> None:
-        self._commands.append((op, namespace))
+    def _command(self, op: str, namespace: str, actions: list[Action] | None = None) -> None:
+        self._commands.append((op, namespace, actions or []))
         try:
             self._wake_w.send(b"x")
         except OSError:  # closed or full: the I/O thread is awake or gone anyway
@@ -285,8 +290,6 @@ class Node:
         self._published = published_codec()
         self._replies = reply_codec()
         self._requests = request_codec()
-        self._nonces: dict[int, tuple[str, bytes]] = {}  # snap_id -> (namespace, nonce)
-        self._chunks: dict[int, list[list]] = {}  # snap_id -> entries of the chunks so far
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
@@ -327,7 +330,7 @@ class Node:
 
     def _run_commands(self) -> bool:
         while self._commands:
-            op, namespace = self._commands.popleft()
+            op, namespace, leftover = self._commands.popleft()
             if op == "stop":
                 return False
             if op == "join":
@@ -337,6 +340,7 @@ class Node:
                     actions = r.start(time.monotonic()) if r is not None else []
                 self._carry_out(actions)
             elif op == "leave":
+                self._carry_out(leftover)  # the closed replica's barrier subscriptions
                 with self.lock:
                     if namespace in self.replicas:
                         continue  # reopened meanwhile
@@ -392,15 +396,9 @@ class Node:
                 continue
             with self.changed:
                 if isinstance(reply, SnapshotReply):
-                    reply = self._assemble(reply)
-                    if reply is None:
-                        continue  # more chunks to come
-                    info = self._nonces.pop(reply.snap_id, None)
-                    if info is not None:
-                        self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(info[0]) + info[1])
                     r = self.replicas.get(reply.namespace)
                     if r is not None:
-                        actions += r.on_snapshot(reply, time.monotonic())
+                        actions += r.on_snapshot_chunk(reply, time.monotonic())
                 elif isinstance(reply, FetchReply):
                     r = self.replicas.get(reply.namespace)
                     if r is not None:
@@ -445,28 +443,6 @@ class Node:
                 r.record = False
                 r.changes.clear()
 
-    def _assemble(self, chunk: SnapshotReply) -> SnapshotReply | None:
-        """Collect a chunked snapshot (under ``lock``); the whole one once the last chunk came.
-        A chunk out of order drops what was collected (the request is then asked again)."""
-        if chunk.chunk == 0 and chunk.last:
-            return chunk
-        parts = self._chunks.get(chunk.snap_id)
-        if chunk.chunk == 0:
-            parts = self._chunks[chunk.snap_id] = []
-        elif parts is None or len(parts) != chunk.chunk:
-            self._chunks.pop(chunk.snap_id, None)
-            log.warning("snapshot %d: chunk %d out of order; dropped", chunk.snap_id, chunk.chunk)
-            return None
-        parts.append(chunk.entries)
-        r = self.replicas.get(chunk.namespace)
-        if r is not None:
-            r.on_snapshot_progress(chunk.snap_id, time.monotonic())
-        if not chunk.last:
-            return None
-        del self._chunks[chunk.snap_id]
-        entries = [e for part in parts for e in part]
-        return msgspec.structs.replace(chunk, entries=entries, chunk=0)
-
     def _tick(self, now: float) -> None:
         actions: list = []
         with self.changed:
@@ -478,27 +454,21 @@ class Node:
                             "is back" if self.connected else "went silent")
             for r in self.replicas.values():
                 actions += r.on_tick(now)
-            # drop barrier subscriptions of abandoned snapshot requests
-            live_ids = {r.pending_id for r in self.replicas.values()}
-            for snap_id in [i for i in self._nonces if i not in live_ids]:
-                ns, nonce = self._nonces.pop(snap_id)
-                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(ns) + nonce)
         self._carry_out(actions)
 
-    def _carry_out(self, actions: list) -> None:
+    def _carry_out(self, actions: list[Action]) -> None:
         for a in actions:
             if type(a) is RequestSnapshot:
                 with self.lock:
                     r = self.replicas.get(a.namespace)
                     max_keys = r.max_keys if r is not None else 0
-                nonce = os.urandom(8).hex().encode()
-                self._nonces[a.snap_id] = (a.namespace, nonce)
                 # Barrier: this subscription follows <ns>\0 on the same pipe, so when the broker
                 # sees it, the namespace subscription is active and nothing after the snapshot
                 # can be missed.
-                self._sub.setsockopt(zmq.SUBSCRIBE, topic_for(a.namespace) + nonce)
-                req = Snapshot(a.namespace, max_keys, a.snap_id, nonce)
-                self._send_dealer(req)
+                self._sub.setsockopt(zmq.SUBSCRIBE, topic_for(a.namespace) + a.nonce)
+                self._send_dealer(Snapshot(a.namespace, max_keys, a.snap_id, a.nonce))
+            elif type(a) is DropBarrier:
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(a.namespace) + a.nonce)
             elif type(a) is RequestFetch:
                 self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.snap_id))
             elif type(a) is RequestProbe:

@@ -2,8 +2,15 @@
 
 Inputs are messages from the event stream and replies to the replica's own requests, each with
 the caller's ``now``; outputs are ``Action`` values the shell carries out (ask for a snapshot,
-ask for missing events). The transition table ``TRANSITIONS`` is data (h11 style): an input not
-listed for a state is ignored *and* leaves the state unchanged, and the tests assert both.
+ask for missing events, set up or drop a snapshot's subscription barrier). ``TRANSITIONS`` lists
+which reply kinds each state accepts; a reply a state does not accept is ignored and leaves the
+state unchanged (the tests assert both). Where the next state depends on the content (a gap, an
+epoch), the code below decides it, so this is a guard table, not a full transition table.
+
+This module is the one home of the snapshot protocol on the node's side: it picks each
+request's id and barrier nonce (randomness comes in as ``nonce_source``), collects a chunked
+``SnapshotReply`` in order, and installs it whole at the last chunk. The I/O thread only
+carries out the actions.
 
 Theory of operation:
 - JOINING: subscribed; events are buffered until the first snapshot arrives.
@@ -19,7 +26,12 @@ Every request carries an id; replies with another id are stale and dropped.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
 
 from broker.protocol import (
     Event,
@@ -31,6 +43,13 @@ from broker.protocol import (
     SnapshotReply,
 )
 from broker.state import NamespaceState, SeqGap
+
+log = logging.getLogger("sharedmem.node")
+
+
+def random_nonce() -> bytes:
+    """A barrier nonce no other subscriber will pick (it is a topic suffix, so printable)."""
+    return os.urandom(8).hex().encode()
 
 
 def diff_events(old: NamespaceState, new: NamespaceState) -> list[Event]:
@@ -59,6 +78,15 @@ class RequestSnapshot:
 
     namespace: str
     snap_id: int
+    nonce: bytes = field(default=b"", compare=False)  # random: which snapshot is what counts
+
+
+@dataclass(frozen=True, slots=True)
+class DropBarrier:
+    """Unsubscribe ``<ns>\\0<nonce>``: its snapshot was answered or abandoned."""
+
+    namespace: str
+    nonce: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +108,9 @@ class RequestProbe:
     max_keys: int
 
 
-Action = RequestSnapshot | RequestFetch | RequestProbe
+Action = RequestSnapshot | RequestFetch | RequestProbe | DropBarrier
 
-# Which inputs each state reacts to; anything else is ignored (state unchanged).
+# Which inputs each state reacts to; a reply a state does not list is ignored (state unchanged).
 TRANSITIONS: dict[Sync, frozenset[str]] = {
     Sync.JOINING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
     Sync.LIVE: frozenset({"batch", "heartbeat", "probe", "timeout"}),
@@ -99,7 +127,8 @@ class Replica:
     """
 
     def __init__(self, namespace: str, max_keys: int, *, request_timeout: float = 3.0,
-                 silence_timeout: float = 1.5, max_buffer: int = 1_000_000) -> None:
+                 silence_timeout: float = 1.5, max_buffer: int = 1_000_000,
+                 nonce_source: Callable[[], bytes] = random_nonce) -> None:
         self.namespace = namespace
         self.max_keys = max_keys
         self.sync = Sync.JOINING
@@ -122,6 +151,9 @@ class Replica:
         # ``changes`` in log order, and a snapshot swap appends the diff as ``(event, True)``.
         self.record = False
         self.changes: list[tuple[Event, bool]] = []
+        self._nonce_source = nonce_source
+        self._barriers: dict[int, bytes] = {}  # snap_id -> nonce subscribed for it
+        self._chunks: list[list] | None = None  # entries of the pending snapshot's chunks
 
     # ------------------------------------------------------------------ helpers
 
@@ -140,7 +172,31 @@ class Replica:
         return self._next_id
 
     def _ask_snapshot(self, now: float) -> list[Action]:
-        return [RequestSnapshot(self.namespace, self._new_id(now))]
+        snap_id = self._new_id(now)
+        nonce = self._barriers[snap_id] = self._nonce_source()
+        self._chunks = None
+        return [RequestSnapshot(self.namespace, snap_id, nonce)]
+
+    def _apply(self, events: list[Event], now: float) -> None:
+        """Apply contiguous events to the state and, while a watcher exists, record them.
+        Raises SeqGap (nothing applied) if they do not follow the state's seq."""
+        assert self.state is not None
+        self.state.apply_batch(events, now)
+        if self.record:
+            self.changes.extend((e, False) for e in events)
+
+    def _replay(self, buffered: list[tuple[EventBatch, float]]) -> list[Action]:
+        """Apply batches buffered while not LIVE, in arrival order (TTLs count from when each
+        arrived); once a gap leaves LIVE, the rest is buffered again."""
+        actions: list[Action] = []
+        for batch, arrived in buffered:
+            if batch.events:
+                self.head_seq = max(self.head_seq, batch.events[-1].seq)
+            if self.sync is Sync.LIVE:
+                actions += self._apply_live(batch.events, arrived)
+            else:
+                actions += self._buffer_batch(batch, arrived)
+        return actions
 
     def _ask_fetch(self, now: float) -> list[Action]:
         assert self.epoch is not None
@@ -194,9 +250,7 @@ class Replica:
         if events and events[0].seq <= seq:
             events = [e for e in events if e.seq > seq]
         try:
-            self.state.apply_batch(events, now)
-            if self.record:
-                self.changes.extend((e, False) for e in events)
+            self._apply(events, now)
         except SeqGap:
             overflow = self._buffer_batch(EventBatch(self.namespace, self.epoch or "", events),
                                           now)
@@ -212,9 +266,7 @@ class Replica:
         if self.sync is not Sync.LIVE or batch.epoch != self.epoch or not events \
                 or self.state is None or events[0].seq != self.state.seq + 1:
             return False
-        self.state.apply_batch(events, now)
-        if self.record:
-            self.changes.extend((e, False) for e in events)
+        self._apply(events, now)
         self.head_seq = max(self.head_seq, self.state.seq)
         return True
 
@@ -233,7 +285,39 @@ class Replica:
             return self._ask_fetch(now)
         return []
 
+    def on_snapshot_chunk(self, chunk: SnapshotReply, now: float) -> list[Action]:
+        """One chunk of a snapshot reply (the broker sends big ones in several, in order).
+
+        Chunks of the pending request are collected; the last one installs the whole
+        snapshot (``on_snapshot``). A chunk out of order drops the collection (the request is
+        asked again after its timeout). The last chunk of any request drops its barrier."""
+        actions: list[Action] = []
+        if chunk.last and chunk.snap_id in self._barriers:
+            actions.append(DropBarrier(self.namespace, self._barriers.pop(chunk.snap_id)))
+        if chunk.snap_id != self._pending_id:
+            return actions  # stale: another request is pending, or none
+        if chunk.chunk == 0 and chunk.last:
+            return actions + self.on_snapshot(chunk, now)
+        if chunk.chunk == 0:
+            self._chunks = []
+        elif self._chunks is None or len(self._chunks) != chunk.chunk:
+            self._chunks = None
+            log.warning("snapshot %d: chunk %d out of order; dropped", chunk.snap_id, chunk.chunk)
+            return actions
+        self._chunks.append(chunk.entries)
+        # A chunk arrived: the request is not lost, do not ask again yet.
+        self._pending_since = now
+        self.last_heard = now
+        if not chunk.last:
+            return actions
+        entries = [e for part in self._chunks for e in part]
+        self._chunks = None
+        whole = msgspec.structs.replace(chunk, entries=entries, chunk=0)
+        return actions + self.on_snapshot(whole, now)
+
     def on_snapshot(self, reply: SnapshotReply, now: float) -> list[Action]:
+        """A whole snapshot (one chunk, or all of them collected): build the state from it
+        alone, swap it in, and replay the events buffered meanwhile."""
         if reply.snap_id != self._pending_id or not self._accepts("snapshot"):
             return []  # stale or unasked-for
         self._pending_id = None
@@ -249,24 +333,7 @@ class Replica:
         self.max_keys = reply.max_keys
         self.head_seq = reply.seq
         self.sync = Sync.LIVE
-        actions: list[Action] = []
-        for batch, arrived in buffered:
-            if batch.epoch != reply.epoch:
-                continue
-            if batch.events:
-                self.head_seq = max(self.head_seq, batch.events[-1].seq)
-            if self.sync is Sync.LIVE:
-                # TTLs count from when the batch arrived, not from now.
-                actions += self._apply_live(batch.events, arrived)
-            else:
-                actions += self._buffer_batch(batch, arrived)
-        return actions
-
-    def on_snapshot_progress(self, snap_id: int, now: float) -> None:
-        """A chunk of the pending snapshot arrived: it is not lost, do not ask again yet."""
-        if snap_id == self._pending_id:
-            self._pending_since = now
-            self.last_heard = now
+        return self._replay([(b, t) for b, t in buffered if b.epoch == reply.epoch])
 
     def on_fetch(self, reply: FetchReply, now: float) -> list[Action]:
         if reply.snap_id != self._pending_id or not self._accepts("fetch"):
@@ -278,25 +345,17 @@ class Replica:
         assert self.state is not None
         events = [e for e in reply.events if e.seq > self.state.seq]
         try:
-            self.state.apply_batch(events, now)
-            if self.record:
-                self.changes.extend((e, False) for e in events)
+            self._apply(events, now)
         except SeqGap:
             return self._resync(now)
         buffered, self._buffer, self._buffered = self._buffer, [], 0
         self.sync = Sync.LIVE
-        actions: list[Action] = []
-        for batch, _ in buffered:
-            if batch.epoch != self.epoch:
-                # A newer history showed up while we repaired: take a snapshot of it.
-                self._buffer = [(b, t) for b, t in buffered if b.epoch != self.epoch]
-                self._buffered = sum(len(b.events) for b, _ in self._buffer)
-                return self._resync(now)
-        for batch, arrived in buffered:
-            if self.sync is Sync.LIVE:
-                actions += self._apply_live(batch.events, arrived)
-            else:
-                actions += self._buffer_batch(batch, arrived)
+        if any(b.epoch != self.epoch for b, _ in buffered):
+            # A newer history showed up while we repaired: take a snapshot of it.
+            self._buffer = [(b, t) for b, t in buffered if b.epoch != self.epoch]
+            self._buffered = sum(len(b.events) for b, _ in self._buffer)
+            return self._resync(now)
+        actions = self._replay(buffered)
         if self.sync is Sync.LIVE and self.head_seq > self.state.seq and not actions:
             actions = self._ask_fetch(now)  # the log gave us less than the head: ask for more
         return actions
@@ -313,9 +372,22 @@ class Replica:
             return self._ask_fetch(now)
         return []
 
+    def close(self) -> list[Action]:
+        """The namespace is closed: drop every barrier subscription still held."""
+        out: list[Action] = [DropBarrier(self.namespace, n) for n in self._barriers.values()]
+        self._barriers.clear()
+        return out
+
     def on_tick(self, now: float) -> list[Action]:
         """Re-ask an unanswered snapshot/fetch (new id; the old answer will be dropped);
-        probe the broker after a silence."""
+        probe the broker after a silence; drop the barriers of abandoned snapshot requests."""
+        abandoned: list[Action] = [
+            DropBarrier(self.namespace, self._barriers.pop(i))
+            for i in [i for i in self._barriers if i != self._pending_id]
+        ]
+        return abandoned + self._on_tick(now)
+
+    def _on_tick(self, now: float) -> list[Action]:
         if self._pending_id is None:
             if self.sync is Sync.LIVE and (
                 self.last_heard is None or now - self.last_heard > self.silence_timeout

@@ -2,11 +2,8 @@
 
 Why it exists: two workloads measure what no public call shows (where an acknowledged set's
 time goes; how long compaction stalls the broker's loop). Every such reach-in lives here, so
-that when the public replacements land (issue 13 item 3: a ``Node`` option instead of the
-module flag ``node.node.APPLY_OWN_WRITES``, and one node admin module for stats/head/digest
-instead of ``shm._node`` and its ``_pool``; item 1: the broker core's Turn API instead of
-``begin_turn -> decide -> append_to_log -> commit -> end_turn``) they are swapped in this one
-file and nowhere else. Rule: if a name here is gone, say so and skip the split rows (never fake
+that when the public replacements land (one node admin module for stats/head/digest instead
+of ``shm._node`` and its ``_pool``) they are swapped in this one file and nowhere else. Rule: if a name here is gone, say so and skip the split rows (never fake
 them); the smoke test (tests/integration/test_bench_smoke.py) then fails on the missing rows,
 which points here.
 """
@@ -88,26 +85,24 @@ class SetSplit:
 def own_apply_modes() -> list[bool | None]:
     """The settings of "the writer's node applies its reply's events" to measure: both, or
     ``[None]`` (leave it alone) where node/ has no such switch."""
-    import node.node as node_module
+    from node.node import Node
 
-    return [True, False] if hasattr(node_module, "APPLY_OWN_WRITES") else [None]
+    return [True, False] if "apply_own_writes" in Node.__init__.__code__.co_varnames else [None]
 
 
 @contextmanager
-def apply_own_writes(own: bool | None) -> Iterator[None]:
-    """Set the module flag ``node.node.APPLY_OWN_WRITES`` for a block (None: untouched); it
-    becomes a ``Node`` option (issue 13 item 3)."""
-    import node.node as node_module
-
+def apply_own_writes(shm: SharedMemory, own: bool | None) -> Iterator[None]:
+    """Set the handle's ``Node.apply_own_writes`` for a block (None: untouched)."""
     if own is None:
         yield
         return
-    before = node_module.APPLY_OWN_WRITES
-    node_module.APPLY_OWN_WRITES = own
+    node = shm._node  # private: the handle's Node
+    before = node.apply_own_writes
+    node.apply_own_writes = own
     try:
         yield
     finally:
-        node_module.APPLY_OWN_WRITES = before
+        node.apply_own_writes = before
 
 
 # ---------------------------------------------------------------------- broker: compaction
@@ -122,19 +117,15 @@ def compaction_stall(data_dir: str, total: int) -> tuple[float, float, float]:
     from broker.durable import DurableLog
     from broker.protocol import SetMany
     from broker.recovery import recover
+    from broker.turn import persist
 
     log = DurableLog(data_dir, compact_bytes=1 << 40)
     core = BrokerCore(log=log)
     recover(core, log)
     for start in range(0, total, 5000):
-        core.begin_turn()  # the turn order the broker's loop follows (Turn API: item 1)
         req = SetMany(b"c" * 12, start + 1, "ns", 0,
                       [(f"k{i:07d}", b'{"i":1}') for i in range(start, start + 5000)])
-        dec = core.decide(req, 0.0, 0.0)
-        core.append_to_log(dec, 0.0, 1.0)
-        core.commit(dec, 0.0)
-        log.flush()
-        core.end_turn()
+        persist(core, log, core.run_turn([(None, req)], 0.0, 1.0))  # as the broker's loop does
     t = time.perf_counter()
     build = core.frozen_view(log.segment + 1, time.monotonic(), time.time())
     freeze = time.perf_counter() - t

@@ -1,8 +1,10 @@
-"""BrokerCore: decide (pure) -> log append -> commit, as the broker shell drives it."""
+"""BrokerCore: ``run_turn`` (decide, apply, records) -> log append and flush -> commit_turn or
+rollback, as the broker shell drives it; and the steps (decide, commit) on their own."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import pytest
 
@@ -21,10 +23,10 @@ from broker.protocol import (
     Set,
     SetMany,
     Snapshot,
-    SnapshotReply,
     WriteOk,
     WriteRequest,
 )
+from broker.records import BatchRecord
 
 NS = "ns"
 EPOCH = "epoch-a"
@@ -49,12 +51,35 @@ class Client:
         return Delete(self.client_id, next(self._no), self.ns, self.max_keys, key)
 
 
+@dataclass
+class Result:
+    """One request's outcome in a turn: its reply, the events it logged, whether resent."""
+
+    reply: object
+    events: list
+    duplicate: bool
+
+
 def shell(core: BrokerCore, request: WriteRequest, now: float = 0.0,
-          wall: float = 1000.0) -> Decision:
-    """The broker shell's write path: decide -> append -> commit."""
+          wall: float = 1000.0) -> Result:
+    """The broker shell's write path for a one-request turn: run_turn -> append -> flush ->
+    commit_turn (the expiry due at ``now`` runs first, as in the broker)."""
+    turn = core.run_turn([("tag", request)], now, wall)
+    core.log.append_records(turn.records, turn.now)
+    core.log.flush()
+    core.commit_turn(turn)
+    (out,) = turn.replies
+    assert out.tag == "tag"
+    events = [e for r in turn.records if type(r) is BatchRecord
+              and (r.client, r.request_no) == (request.client_id, request.request_no)
+              for e in r.events]
+    return Result(out.reply, events, out.resent is not None)
+
+
+def step(core: BrokerCore, request: WriteRequest, now: float, wall: float = 1000.0) -> Decision:
+    """decide -> commit on their own, without the turn's expiry pass: how the core treats a
+    key that is due but not yet expired by event (the broker never gets there)."""
     decision = core.decide(request, now, wall)
-    if decision.events and decision.namespace is not None:
-        core.log.append(decision.namespace, decision.events, now)
     core.commit(decision, now)
     return decision
 
@@ -93,7 +118,7 @@ def test_created_at_is_kept_on_overwrite_and_modified_at_moves() -> None:
 def test_overwriting_an_expired_key_starts_a_new_created_at() -> None:
     core, c = BrokerCore(EPOCH), Client()
     shell(core, c.set("a", b"1", ttl=5.0), now=0.0, wall=1000.0)
-    d = shell(core, c.set("a", b"2"), now=6.0, wall=1006.0)  # due but not yet expired
+    d = step(core, c.set("a", b"2"), now=6.0, wall=1006.0)  # due but not yet expired
     assert d.events[0].created_at == 1006.0
 
 
@@ -266,7 +291,7 @@ def test_delete_reports_whether_the_key_existed() -> None:
 def test_delete_of_a_due_key_removes_it_but_reports_unchanged() -> None:
     core, c = BrokerCore(EPOCH), Client()
     shell(core, c.set("a", ttl=1.0), now=0.0)
-    d = shell(core, c.delete("a"), now=5.0)
+    d = step(core, c.delete("a"), now=5.0)
     assert d.events == [KeyDeleted(2, "a")]
     assert d.reply == WriteOk(EPOCH, 2, changed=False)  # a reader already saw it absent
     assert "a" not in core.namespaces[NS].entries
@@ -430,25 +455,34 @@ def test_open_with_invalid_namespace() -> None:
     assert isinstance(reply, Error) and reply.kind == "InvalidNamespace"
 
 
-def test_snapshot_reply_reflects_the_state_with_remaining_ttls() -> None:
+def test_a_snapshot_job_reflects_the_state_with_remaining_ttls_in_chunks() -> None:
     core, c = BrokerCore(EPOCH), Client(max_keys=7)
     shell(core, c.set("b", b"2", ttl=10.0), now=0.0)
     shell(core, c.set("a", b"1"), now=0.0)
-    reply = core.snapshot(Snapshot(NS, 7, 42, b"nonce"), now=4.0)
-    assert isinstance(reply, SnapshotReply)
-    assert (reply.snap_id, reply.namespace, reply.epoch, reply.seq, reply.max_keys) == (
-        42, NS, EPOCH, 2, 7,
-    )
-    assert [(e.key, e.value, e.version) for e in reply.entries] == [("a", b"1", 2), ("b", b"2", 1)]
-    assert reply.entries[1].ttl == pytest.approx(6.0)
-    assert reply.entries[0].ttl is None
+    shell(core, c.set("c", b"3"), now=0.0)
+    job = core.snapshot_job(Snapshot(NS, 7, 42, b"nonce"))
+    assert not isinstance(job, Error)
+    shell(core, c.set("d", b"4"), now=1.0)  # after the freeze: not in this snapshot
+    first = job.next_chunk(4.0, 2)
+    assert not job.done
+    second = job.next_chunk(4.0, 2)
+    assert job.done
+    for n, reply in enumerate((first, second)):
+        assert (reply.snap_id, reply.namespace, reply.epoch, reply.seq, reply.max_keys,
+                reply.chunk, reply.last) == (42, NS, EPOCH, 3, 7, n, n == 1)
+    rows = {e.key: e for e in first.entries + second.entries}
+    assert sorted(rows) == ["a", "b", "c"]
+    assert rows["b"].ttl == pytest.approx(6.0)
+    assert rows["a"].ttl is None
 
 
-def test_snapshot_of_a_missing_namespace_creates_it_empty() -> None:
+def test_a_snapshot_job_of_a_missing_namespace_creates_it_empty() -> None:
     core = BrokerCore(EPOCH)
-    reply = core.snapshot(Snapshot("fresh", 3, 1, b"n"), now=0.0)
-    assert isinstance(reply, SnapshotReply)
-    assert (reply.seq, reply.entries, reply.max_keys) == (0, [], 3)
+    job = core.snapshot_job(Snapshot("fresh", 3, 1, b"n"))
+    assert not isinstance(job, Error)
+    reply = job.next_chunk(0.0, 100)
+    assert (reply.seq, reply.entries, reply.max_keys, reply.last) == (0, [], 3, True)
+    assert job.done
     assert core.namespaces["fresh"].max_keys == 3
 
 
@@ -527,3 +561,85 @@ def test_memory_log_read_bounds() -> None:
     assert [e.seq for e in log.read(NS, 3, 10, 0.0)] == [3, 4, 5]
     assert [e.seq for e in log.read(NS, 4, 1, 0.0)] == [4]
     assert log.read(NS, 6, 10, 0.0) == []
+
+
+# --------------------------------------------------------------------------- the Turn value
+
+
+def test_a_turn_lists_records_then_replies_and_one_publish_per_namespace() -> None:
+    from broker.protocol import HelloReply, published_codec
+    from broker.records import NamespaceRecord
+
+    core, a, b = BrokerCore(EPOCH), Client(b"a"), Client(b"b", ns="other")
+    shell(core, a.set("t", ttl=1.0), now=0.0)
+    hello = HelloReply(EPOCH, [], 1, 0.5)
+    turn = core.run_turn([("r1", a.set("x")), ("r2", b.set("y")), ("r3", a.set("z")),
+                          ("r4", Open("third", 5))], now=2.0, wall=1002.0,
+                         held=[("h", hello)])
+    # records: the expiry first (due at now), the new namespace before the batch that uses it
+    kinds = [(type(r).__name__, r.namespace) for r in turn.records]
+    assert kinds == [("BatchRecord", NS), ("BatchRecord", NS), ("NamespaceRecord", "other"),
+                     ("BatchRecord", "other"), ("BatchRecord", NS), ("NamespaceRecord", "third")]
+    assert turn.records[0].events == [KeyExpired(2, "t")]
+    assert isinstance(turn.records[5], NamespaceRecord)
+    # replies: held first, then each request's, in order, with the tag it came with
+    assert [o.tag for o in turn.replies] == ["h", "r1", "r2", "r3", "r4"]
+    assert turn.replies[1].reply == WriteOk(EPOCH, 3)
+    assert turn.replies[3].reply == WriteOk(EPOCH, 4)
+    assert turn.replies[4].reply == OpenReply(EPOCH, "third", 5, 0)
+    # a fresh write's reply carries its own batch; the publishes merge per namespace
+    codec = published_codec()
+    assert codec.decode(turn.replies[1].events).events == [KeySet(3, "x", b"1", 1002.0, 1002.0)]
+    published = {ns: codec.decode(body) for ns, body in turn.publishes}
+    assert [ns for ns, _ in turn.publishes] == [NS, "other"]
+    assert [e.seq for e in published[NS].events] == [2, 3, 4]
+    assert [e.seq for e in published["other"].events] == [1]
+    # a namespace with one batch this turn publishes exactly the bytes its reply carried
+    assert dict(turn.publishes)["other"] == turn.replies[2].events
+
+
+def test_rollback_restores_everything_and_refuses_the_turn() -> None:
+    from broker.protocol import HelloReply
+
+    core, c = BrokerCore(EPOCH), Client()
+    first = c.set("a", b"1")
+    shell(core, first)
+    before = fingerprint(core)
+    hello = HelloReply(EPOCH, [], 1, 0.5)
+    retry_of_durable = first
+    fresh = c.set("b")
+    turn = core.run_turn([("retry", retry_of_durable), ("fresh", fresh),
+                          ("new-ns", Client(ns="brand-new").set("x")),
+                          ("retry-fresh", fresh)], now=0.0, wall=1.0,
+                         held=[("hello", hello), ("head", OpenReply(EPOCH, NS, 0, 2))])
+    assert fingerprint(core) != before
+    core.rollback(turn, "disk full")
+    assert fingerprint(core) == before
+    assert "brand-new" not in core.namespaces
+    assert turn.records == [] and turn.publishes == []
+    replies = {o.tag: o.reply for o in turn.replies}
+    refusal = Error("StorageError", "disk full")
+    assert replies == {
+        "hello": hello,  # reads no state
+        "head": refusal,  # read the rolled-back state
+        "retry": WriteOk(EPOCH, 1),  # its write was durable before this turn
+        "fresh": refusal,
+        "new-ns": refusal,
+        "retry-fresh": refusal,  # its original was rolled back with the turn
+    }
+    # the dedup table is back too: the fresh write is decided anew, not answered from memory
+    assert shell(core, fresh).reply == WriteOk(EPOCH, 2)
+    assert shell(core, fresh).duplicate
+
+
+def test_a_namespace_created_between_turns_is_logged_by_the_next_turn() -> None:
+    from broker.records import NamespaceRecord
+
+    core = BrokerCore(EPOCH)
+    job = core.snapshot_job(Snapshot("between", 4, 1, b"n"))
+    assert not isinstance(job, Error)
+    turn = core.run_turn([], now=0.0, wall=1.0)
+    assert turn.records == [NamespaceRecord("between", 4)]
+    core.rollback(turn, "disk full")  # the namespace stays, so its record waits for the next
+    assert "between" in core.namespaces
+    assert core.run_turn([], now=0.0, wall=1.0).records == [NamespaceRecord("between", 4)]

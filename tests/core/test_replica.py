@@ -17,6 +17,7 @@ from broker.protocol import (
 )
 from node.replica import (
     TRANSITIONS,
+    DropBarrier,
     Replica,
     RequestFetch,
     RequestSnapshot,
@@ -33,6 +34,11 @@ def ks(seq: int, key: str, value: bytes = b"1", ttl: float | None = None) -> Key
 
 def batch(epoch: str, *events: KeySet | KeyDeleted) -> EventBatch:
     return EventBatch(NS, epoch, list(events))
+
+
+def tick(r: Replica, now: float) -> list:
+    """``on_tick`` without its DropBarrier actions (test_snapshot_barriers covers those)."""
+    return [a for a in r.on_tick(now) if not isinstance(a, DropBarrier)]
 
 
 def snap(snap_id: int, epoch: str, seq: int, entries: dict[str, bytes],
@@ -294,7 +300,7 @@ def test_fetch_reply_does_not_replay_batches_of_another_epoch() -> None:
 def test_stale_snapshot_replies_are_ignored() -> None:
     r = Replica(NS, 0, request_timeout=3.0)
     (first,) = r.start(0.0)
-    (second,) = r.on_tick(3.0)
+    (second,) = tick(r, 3.0)
     assert second.snap_id != first.snap_id
     before = observe(r)
     assert r.on_snapshot(snap(first.snap_id, A, 9, {"old": b"1"}), 3.1) == []
@@ -318,7 +324,7 @@ def test_stale_snapshot_while_resyncing_leaves_the_served_state() -> None:
 
 def test_stale_fetch_replies_are_ignored() -> None:
     r, first = repairing_replica(now=0.0)
-    (second,) = r.on_tick(10.0)
+    (second,) = tick(r, 10.0)
     assert isinstance(second, RequestFetch) and second.snap_id != first.snap_id
     assert second.from_seq == first.from_seq
     before = observe(r)
@@ -400,25 +406,25 @@ def test_snapshot_is_in_the_table_where_it_is_accepted(sync: Sync) -> None:
 def test_on_tick_re_asks_a_snapshot_with_a_new_id_after_the_timeout() -> None:
     r = Replica(NS, 0, request_timeout=3.0)
     (first,) = r.start(10.0)
-    assert r.on_tick(12.99) == []
+    assert tick(r, 12.99) == []
     assert r.pending_id == first.snap_id
-    (second,) = r.on_tick(13.0)
+    (second,) = tick(r, 13.0)
     assert second == RequestSnapshot(NS, first.snap_id + 1)
     assert r.pending_id == second.snap_id
-    assert r.on_tick(15.0) == []  # the timeout restarted with the new request
-    (third,) = r.on_tick(16.0)
+    assert tick(r, 15.0) == []  # the timeout restarted with the new request
+    (third,) = tick(r, 16.0)
     assert third.snap_id == second.snap_id + 1
     assert r.sync is Sync.JOINING
 
 
 def test_on_tick_re_asks_a_fetch_and_a_resync_snapshot() -> None:
     r, ask = repairing_replica(now=0.0)
-    assert r.on_tick(2.0) == []
-    (again,) = r.on_tick(3.0)
+    assert tick(r, 2.0) == []
+    (again,) = tick(r, 3.0)
     assert again == RequestFetch(NS, A, 4, ask.snap_id + 1)
     assert r.sync is Sync.REPAIRING
     r2, ask2 = resyncing_replica(now=0.0)
-    (again2,) = r2.on_tick(3.0)
+    (again2,) = tick(r2, 3.0)
     assert again2 == RequestSnapshot(NS, ask2.snap_id + 1)
     assert r2.sync is Sync.RESYNCING
 
@@ -426,7 +432,7 @@ def test_on_tick_re_asks_a_fetch_and_a_resync_snapshot() -> None:
 def test_on_tick_in_live_does_not_re_ask() -> None:
     r = live_replica(now=0.0)
     r.on_heartbeat(Heartbeat(NS, A, r.seq), 100.0)
-    assert r.on_tick(100.5) == []
+    assert tick(r, 100.5) == []
     assert r.sync is Sync.LIVE and r.pending_id is None
 
 
@@ -438,10 +444,10 @@ def test_silence_in_live_sends_a_probe_and_its_answer_is_acted_on() -> None:
 
     r = live_replica(now=0.0)
     r.on_heartbeat(Heartbeat(NS, A, r.seq), 0.0)
-    assert r.on_tick(r.silence_timeout) == []  # not yet silent
-    (probe,) = r.on_tick(r.silence_timeout + 0.1)
+    assert tick(r, r.silence_timeout) == []  # not yet silent
+    (probe,) = tick(r, r.silence_timeout + 0.1)
     assert probe == RequestProbe(NS, 0)
-    assert r.on_tick(r.silence_timeout + 0.2) == []  # one probe per silence interval
+    assert tick(r, r.silence_timeout + 0.2) == []  # one probe per silence interval
     assert r.on_probe(A, r.seq, 2.0) == []  # nothing new
     (ask,) = r.on_probe(A, r.seq + 2, 2.1)
     assert ask == RequestFetch(NS, A, r.seq + 1, r.pending_id)
@@ -467,3 +473,58 @@ def test_a_batch_of_another_epoch_while_repairing_leads_to_a_snapshot_not_a_merg
     assert r.sync is Sync.LIVE and r.epoch == B and r.seq == 5
     assert "stale" not in r.state.entries
     assert r.pending_id is None
+
+
+# ---------------------------------------------------------------- chunked snapshots and barriers
+
+
+def chunks(snap_id: int, epoch: str, seq: int, entries: dict[str, bytes], size: int
+           ) -> list[SnapshotReply]:
+    whole = snap(snap_id, epoch, seq, entries)
+    parts = [whole.entries[i:i + size] for i in range(0, len(whole.entries), size)] or [[]]
+    return [SnapshotReply(snap_id, NS, epoch, seq, whole.max_keys, part, n, n == len(parts) - 1)
+            for n, part in enumerate(parts)]
+
+
+def test_a_chunked_snapshot_is_installed_whole_at_its_last_chunk() -> None:
+    nonces = iter([b"n1", b"n2"])
+    r = Replica(NS, 0, nonce_source=lambda: next(nonces))
+    (ask,) = r.start(0.0)
+    assert isinstance(ask, RequestSnapshot) and ask.nonce == b"n1"
+    parts = chunks(ask.snap_id, A, 5, {f"k{i}": b"1" for i in range(7)}, size=3)
+    assert len(parts) == 3
+    assert r.on_snapshot_chunk(parts[0], 1.0) == []
+    assert r.on_snapshot_chunk(parts[1], 2.0) == []
+    assert r.state is None and r.sync is Sync.JOINING  # nothing half-installed
+    assert tick(r, 4.5) == []  # each chunk refreshed the request's timeout
+    assert r.on_snapshot_chunk(parts[2], 5.0) == [DropBarrier(NS, b"n1")]
+    assert r.sync is Sync.LIVE and r.seq == 5
+    assert sorted(r.state.entries) == [f"k{i}" for i in range(7)]
+
+
+def test_a_chunk_out_of_order_drops_the_collection_and_the_request_is_asked_again() -> None:
+    nonces = iter([b"n1", b"n2"])
+    r = Replica(NS, 0, request_timeout=3.0, nonce_source=lambda: next(nonces))
+    (ask,) = r.start(0.0)
+    parts = chunks(ask.snap_id, A, 5, {f"k{i}": b"1" for i in range(7)}, size=3)
+    r.on_snapshot_chunk(parts[0], 0.5)
+    assert r.on_snapshot_chunk(parts[2], 0.6) == [DropBarrier(NS, b"n1")]  # chunk 1 missing
+    assert r.state is None
+    (again,) = tick(r, 3.6)
+    assert isinstance(again, RequestSnapshot) and again.nonce == b"n2"
+    assert again.snap_id != ask.snap_id
+
+
+def test_barriers_of_answered_or_abandoned_snapshots_are_dropped() -> None:
+    nonces = iter([b"n1", b"n2", b"n3"])
+    r = Replica(NS, 0, request_timeout=1.0, nonce_source=lambda: next(nonces))
+    (first,) = r.start(0.0)
+    (second,) = r.on_tick(1.5)  # re-asked: the first request is abandoned...
+    assert isinstance(second, RequestSnapshot) and second.nonce == b"n2"
+    assert r.on_tick(1.6) == [DropBarrier(NS, b"n1")]  # ...and its barrier dropped
+    # a late last chunk of the abandoned request is stale: nothing is installed
+    assert r.on_snapshot_chunk(chunks(first.snap_id, A, 1, {"a": b"1"}, 5)[0], 1.7) == []
+    assert r.state is None
+    # closing the namespace drops what is still held
+    assert r.close() == [DropBarrier(NS, b"n2")]
+    assert r.close() == []

@@ -17,6 +17,7 @@ from broker.durable import DurableLog, scan_segment, seg_path
 from broker.errors import StorageError
 from broker.protocol import Set
 from broker.recovery import CorruptLog, recover
+from broker.turn import persist
 from node import SharedMemory, SharedMemoryConfig
 from tests.conftest import ROOT, BrokerProcess, child_env, free_port_pair, start_agent, wait_until
 
@@ -146,12 +147,9 @@ def write_batches(data: Path, n: int) -> list[str]:
     recover(core, log)
     digests = []
     for i in range(n):
-        core.begin_turn()
-        d = core.decide(Set(b"c" * 12, i + 1, "ns", 0, f"k{i}", b'{"i":%d}' % i, None), 0.0, 0.0)
-        core.append_to_log(d, 0.0, 1.0)
-        core.commit(d, 0.0)
-        log.flush()
-        core.end_turn()
+        turn = core.run_turn(
+            [(None, Set(b"c" * 12, i + 1, "ns", 0, f"k{i}", b'{"i":%d}' % i, None))], 0.0, 1.0)
+        assert persist(core, log, turn)
         digests.append(core.namespaces["ns"].digest())
     log.close()
     return digests
@@ -331,12 +329,8 @@ def test_unclean_stop_under_everysec_starts_a_new_epoch_whatever_the_new_policy(
     core = BrokerCore(log=log)
     recover(core, log)
     epoch = core.epoch
-    core.begin_turn()
-    d = core.decide(Set(b"c" * 12, 1, "ns", 0, "k", b"1", None), 0.0, 0.0)
-    core.append_to_log(d, 0.0, 1.0)
-    core.commit(d, 0.0)
-    log.flush()
-    core.end_turn()
+    turn = core.run_turn([(None, Set(b"c" * 12, 1, "ns", 0, "k", b"1", None))], 0.0, 1.0)
+    assert persist(core, log, turn)
     log.close()  # no CLEAN marker: as after a crash
     log2 = DurableLog(data, fsync="always")
     core2 = BrokerCore(log=log2)

@@ -60,7 +60,7 @@ def set_split(shm: SharedMemory, n: int) -> list[Row]:
         parts = split.parts
         for own in own_apply_modes():
             split.reset()
-            with apply_own_writes(own):
+            with apply_own_writes(shm, own):
                 total, sent = [], []
                 pc = time.perf_counter
                 start = pc()

@@ -1,0 +1,108 @@
+"""What one broker loop turn does, as one value the shell obeys (etcd raft's ``Ready``).
+
+``BrokerCore.run_turn`` decides a turn's requests (and the expiry due at its clock reading) and
+returns a ``Turn``. Its fields say what to do, in the order they must be done:
+
+1. ``records``: append to the log (namespace records before the batches that use them), then
+   flush -- the turn's group commit;
+2. only after the flush returned: send ``replies``, then ``publishes``.
+
+If the flush fails, ``BrokerCore.rollback(turn, reason)`` puts the state back and rewrites the
+turn's replies into refusals (a resent reply of an earlier, durable write stays what it was);
+if it succeeds, ``BrokerCore.commit_turn(turn)`` forgets the undo information. Either way the
+shell then sends what the turn holds. This module owns the shape of that value and the
+per-namespace merge of the turn's batches; it never does I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+from broker.errors import StorageError
+from broker.protocol import (
+    Delete,
+    Event,
+    EventBatch,
+    Open,
+    Reply,
+    Set,
+    SetMany,
+    Touch,
+)
+from broker.records import LogRecord
+
+if TYPE_CHECKING:
+    from broker.core import BrokerCore
+    from broker.log import Log
+
+log = logging.getLogger("sharedmem.broker")
+
+# The requests a turn decides: those that may change the state or create a namespace.
+TurnRequest = Set | SetMany | Delete | Touch | Open
+
+
+class Outgoing(NamedTuple):
+    """One reply of a turn: ``tag`` is the shell's (it routes the reply, e.g. the envelope);
+    ``events`` is the encoded ``EventBatch`` of a fresh write, sent along so the writer's node
+    can apply its own write at once; ``resent`` names ``(client_id, request_no)`` when the reply
+    is one remembered from an earlier turn (a retry)."""
+
+    tag: object
+    reply: Reply
+    events: bytes | None = None
+    resent: tuple[bytes, int] | None = None
+
+
+@dataclass(slots=True)
+class Turn:
+    """One turn's records to persist, then replies and publishes to send (in that order)."""
+
+    now: float
+    wall: float
+    records: list[LogRecord] = field(default_factory=list)
+    replies: list[Outgoing] = field(default_factory=list)
+    publishes: list[tuple[str, bytes]] = field(default_factory=list)  # (namespace, body)
+    undo: list[tuple] = field(default_factory=list)  # the core's, for ``rollback``
+    committed: bool = False
+
+
+def persist(core: BrokerCore, event_log: Log, turn: Turn) -> bool:
+    """Make the turn durable: append its records and flush, then ``commit_turn`` -- or, if
+    the flush fails, ``rollback`` (the turn's replies become refusals, nothing is published).
+    Returns whether the flush succeeded. Only after this may the shell send what the turn
+    holds; every shell (the broker's loop, the simulation) goes through here."""
+    try:
+        event_log.append_records(turn.records, turn.now)
+        event_log.flush()
+    except StorageError as exc:
+        log.error("%s", exc)
+        core.rollback(turn, str(exc))
+        return False
+    core.commit_turn(turn)
+    return True
+
+
+def merge_publishes(batches: Sequence[tuple[str, list[Event], bytes | None]], epoch: str,
+                    encode: Callable[[EventBatch], bytes]) -> list[tuple[str, bytes]]:
+    """One published batch per namespace, in order of first appearance.
+
+    ``batches`` are ``(namespace, events, body)`` in log order, ``body`` the batch's encoding if
+    already made (it is reused when a namespace had one batch this turn). The turn's events of a
+    namespace are contiguous and all durable, and fewer, larger messages cost every subscriber
+    less."""
+    merged: dict[str, list[tuple[list[Event], bytes | None]]] = {}
+    for namespace, events, body in batches:
+        merged.setdefault(namespace, []).append((events, body))
+    out: list[tuple[str, bytes]] = []
+    for namespace, parts in merged.items():
+        if len(parts) == 1:
+            events, body = parts[0]
+            out.append((namespace, body if body is not None
+                        else encode(EventBatch(namespace, epoch, events))))
+        else:
+            events = [e for part, _ in parts for e in part]
+            out.append((namespace, encode(EventBatch(namespace, epoch, events))))
+    return out
