@@ -3,9 +3,9 @@
 Why it exists: two workloads measure what no public call shows (where an acknowledged set's
 time goes; how long compaction stalls the broker's loop). Every such reach-in lives here, so
 that when the public replacements land (one node admin module for stats/head/digest instead
-of ``shm._node`` and its ``_pool``) they are swapped in this one file and nowhere else. Rule: if a name here is gone, say so and skip the split rows (never fake
-them); the smoke test (tests/integration/test_bench_smoke.py) then fails on the missing rows,
-which points here.
+of ``shm._node`` and its ``_pool``) they are swapped in this one file and nowhere else.
+Rule: if a name here is gone, say so and skip the split rows (never fake them); the smoke
+test (tests/integration/test_bench_smoke.py) then fails on the missing rows, which points here.
 """
 
 from __future__ import annotations
