@@ -278,7 +278,13 @@ class BrokerCore:
             )
 
     def append_to_log(self, decision: Decision, now: float, wall: float) -> None:
-        """Hand a decision's events to the log (durable at the next ``log.flush()``)."""
+        """Hand a decision's records to the log (durable at the next ``log.flush()``).
+
+        A namespace the decision creates is recorded first, in the same flush: recovery must
+        know its ``max_keys`` before it replays the first batch that uses it."""
+        if decision.namespace is not None and decision.create_max_keys is not None \
+                and not decision.duplicate and decision.namespace not in self.namespaces:
+            self.log.record_namespace(decision.namespace, decision.create_max_keys)
         if decision.events and decision.namespace is not None:
             reply = decision.reply
             changed = reply.changed if isinstance(reply, WriteOk) else True
@@ -291,7 +297,8 @@ class BrokerCore:
             self.counters["duplicates"] += 1
             return
         if decision.namespace is not None and decision.create_max_keys is not None:
-            self._create(decision.namespace, decision.create_max_keys)
+            # append_to_log already recorded the namespace (before the batch).
+            self._create(decision.namespace, decision.create_max_keys, record=False)
         if decision.events:
             assert decision.namespace is not None
             state = self.namespaces[decision.namespace]
@@ -335,11 +342,14 @@ class BrokerCore:
 
     # ------------------------------------------------------------------ namespaces and reads
 
-    def _create(self, name: str, max_keys: int) -> NamespaceState:
+    def _create(self, name: str, max_keys: int, *, record: bool = True) -> NamespaceState:
+        """Create ``name`` if missing; ``record=False`` when its NamespaceRecord is already in
+        this turn's log records (a write's ``append_to_log``)."""
         state = self.namespaces.get(name)
         if state is None:
             state = self.namespaces[name] = NamespaceState(name, max_keys)
-            self.log.record_namespace(name, max_keys)
+            if record:
+                self.log.record_namespace(name, max_keys)
             if self._undo is not None:
                 self._undo.append(("create", name))
         return state
