@@ -15,6 +15,8 @@ deleted only after the snapshot that covers them is durable.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -96,6 +98,54 @@ class SnapshotFile(msgspec.Struct):
     wall: float
     namespaces: list[NamespaceFile]
     dedup: list[DedupFile]
+
+
+LOCK_FILE = "LOCK"
+
+
+class DataDirLocked(StorageError):
+    """Raised when another process holds the data directory's lock (a second broker, or
+    ``repair`` while a broker runs): two writers of one log would hand out the same seqs."""
+
+    kind = "StorageError"
+
+    def __init__(self, data_dir: Path, holder: str) -> None:
+        super().__init__(
+            f"data directory {data_dir} is in use by another process (pid {holder or 'unknown'}, "
+            f"which holds {data_dir / LOCK_FILE}); stop it first, or give another --data-dir"
+        )
+        self.data_dir = data_dir
+        self.holder = holder
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the exclusive lock on ``data_dir`` (creating the directory if needed) and write our
+    pid into the lock file; return the lock's fd, which holds it until closed.
+
+    ``flock`` is released by the kernel when the process dies, however it dies, so a kill -9
+    leaves nothing to clean up; the pid in the file is only there to name the holder.
+    Raises DataDirLocked when another process holds it.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise DataDirLocked(data_dir, holder) from None
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class CorruptLog(StorageError):
@@ -233,6 +283,14 @@ class DurableLog(MemoryLog):
         self._compaction_error: BaseException | None = None
         self._compaction_done_segment: int | None = None
         self.compactions = 0
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Take the data directory's exclusive lock (idempotent); held until ``close()``.
+
+        Must come before anything in the directory is read or written. Raises DataDirLocked."""
+        if self._lock_fd is None:
+            self._lock_fd = lock_data_dir(self.data_dir)
 
     # ------------------------------------------------------------------ opening
 
@@ -335,6 +393,16 @@ class DurableLog(MemoryLog):
         self._abort_turn(self._seg_size)
 
     def close(self) -> None:
+        """Close the segment (``close_segment``), then release the directory's lock."""
+        try:
+            self.close_segment()
+        finally:
+            self.unlock()
+
+    def close_segment(self) -> None:
+        """Wait for a running compaction, fsync what is unsynced and close the segment; the
+        lock stays held (the clean-shutdown marker is written after this, before ``unlock``).
+        Raises OSError when the final fsync fails (the fd is closed anyway)."""
         if self._compaction is not None:
             self._compaction.join()
         if self._fd is not None:
@@ -344,6 +412,12 @@ class DurableLog(MemoryLog):
             finally:
                 os.close(self._fd)
                 self._fd = None
+
+    def unlock(self) -> None:
+        """Release the directory's lock (the caller writes nothing in it afterwards)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ compaction
 

@@ -23,12 +23,15 @@ from broker.core import BrokerCore, new_epoch
 from broker.durable import (
     _SEG_RE,
     _SNAP_RE,
+    SEG_HEADER,
     BatchRecord,
     CorruptLog,
     DurableLog,
     NamespaceRecord,
     SnapshotFile,
+    fsync_dir,
     list_numbered,
+    lock_data_dir,
     read_segment_header,
     read_snapshot,
     scan_segment,
@@ -48,12 +51,18 @@ POLICY_FILE = "FSYNC"  # the fsync policy the log was last written under
 
 @dataclass
 class RecoveryReport:
+    """What start-up found, and what ``open_for_writing`` still has to do on disk."""
+
     epoch: str
     snapshot: Path | None
     segments: int
     records: int
     torn_bytes: int
     new_epoch: bool
+    last_segment: int = 1  # the segment appends go to
+    torn_path: Path | None = None  # truncate this file at ``torn_at`` (a torn tail)
+    torn_at: int = 0
+    headerless: Path | None = None  # an empty or header-less last segment, to remove
 
 
 def _write_small_file(path: Path, text: str) -> None:
@@ -65,7 +74,8 @@ def _write_small_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_snapshot(core: BrokerCore, snap: SnapshotFile, mono: float, wall: float) -> None:
+def _load_snapshot(core: BrokerCore, snap: SnapshotFile, epoch: str, mono: float,
+                   wall: float) -> None:
     for ns in snap.namespaces:
         entries = [
             SnapEntry(e.key, e.value, e.version, e.created_at, e.modified_at,
@@ -76,7 +86,8 @@ def _load_snapshot(core: BrokerCore, snap: SnapshotFile, mono: float, wall: floa
         core.namespaces[ns.name] = NamespaceState.from_snapshot(ns.name, ns.max_keys, ns.seq,
                                                                 entries, mono)
     for d in snap.dedup:
-        core.dedup.remember(d.client, d.request_no, WriteOk(snap.epoch, d.seq, d.changed))
+        # The epoch the writes live in now (a repair may have started a new one).
+        core.dedup.remember(d.client, d.request_no, WriteOk(epoch, d.seq, d.changed))
 
 
 def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: float) -> None:
@@ -101,11 +112,21 @@ def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: 
 
 
 def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
-    """Fill ``core`` from ``durable.data_dir`` and open the log for appending."""
+    """Fill ``core`` from ``durable.data_dir`` and open the log for appending (``load`` then
+    ``open_for_writing``)."""
+    report = load(core, durable)
+    open_for_writing(durable, report)
+    return report
+
+
+def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
+    """Take the directory's lock, then fill ``core`` from it, writing nothing there.
+
+    The broker binds its sockets between this and ``open_for_writing``: a broker that cannot
+    start leaves the directory as it found it. Raises DataDirLocked (another process holds
+    the directory) or CorruptLog (start-up needs ``repair``)."""
+    durable.lock()
     data_dir = durable.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in data_dir.glob("*.tmp"):
-        tmp.unlink()
     mono, wall = time.monotonic(), time.time()
     clean = (data_dir / CLEAN_FILE).exists()
     policy_path = data_dir / POLICY_FILE
@@ -132,18 +153,28 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
             raise CorruptLog(seg_path(data_dir, a + 1), 0, "segment is missing")
     if snapshot is not None and replay and replay[0] != start:
         raise CorruptLog(seg_path(data_dir, start), 0, "segment after the snapshot is missing")
+    last = replay[-1] if replay else start
+    headerless = None
+    if replay and _is_headerless(seg_path(data_dir, replay[-1])):
+        # Created but never given its header (a crash, or a full disk, mid-rotation): no
+        # record can be in it, since records are written only after the header is durable.
+        headerless = seg_path(data_dir, replay.pop())
+        log.warning("%s has no complete header: it holds no record and will be replaced",
+                    headerless)
     if snapshot is not None:
         epoch = epoch or snapshot.epoch
-        core.epoch = epoch
-        _load_snapshot(core, snapshot, mono, wall)
     elif replay:
         epoch = epoch or read_segment_header(seg_path(data_dir, replay[0]))[0]
     fresh = epoch is None
     epoch = epoch or new_epoch()
     core.epoch = epoch
+    if snapshot is not None:
+        _load_snapshot(core, snapshot, epoch, mono, wall)
 
     records = 0
     torn = 0
+    torn_path = None
+    torn_at = 0
     for i, n in enumerate(replay):
         path = seg_path(data_dir, n)
         read_segment_header(path)
@@ -157,10 +188,7 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
                 log.warning("%s: dropping a torn tail of %d bytes at offset %d (%s); only "
                             "unacknowledged writes can be there", path, torn, res.good_end,
                             res.error)
-                with open(path, "r+b") as f:
-                    f.truncate(res.good_end)
-                    f.flush()
-                    os.fsync(f.fileno())
+                torn_path, torn_at = path, res.good_end
             else:
                 raise CorruptLog(path, res.error_offset, res.error)
 
@@ -177,13 +205,37 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
                 core.dedup._last[client_id] = (no, WriteOk(epoch, reply.seq, reply.changed))
         log.warning("unclean shutdown under fsync=%s: new epoch %s replaces %s; nodes will "
                     "resync", written_under, epoch, old)
-    _write_small_file(epoch_path, epoch)
-    _write_small_file(policy_path, durable.fsync)
-    (data_dir / CLEAN_FILE).unlink(missing_ok=True)
-    last = replay[-1] if replay else start
-    durable.open_segment(last, epoch)
     return RecoveryReport(epoch, snapshot_path, len(replay), records, torn,
-                          changed_epoch or fresh)
+                          changed_epoch or fresh, last, torn_path, torn_at, headerless)
+
+
+def open_for_writing(durable: DurableLog, report: RecoveryReport) -> None:
+    """The writes start-up owes the directory, once the lock is held and the sockets are
+    bound: drop temp files, the torn tail and a header-less last segment, record the epoch
+    and the fsync policy, remove the clean-shutdown marker, and open the segment to append to.
+    """
+    data_dir = durable.data_dir
+    for tmp in data_dir.glob("*.tmp"):
+        tmp.unlink()
+    if report.torn_path is not None:
+        with open(report.torn_path, "r+b") as f:
+            f.truncate(report.torn_at)
+            f.flush()
+            os.fsync(f.fileno())
+    if report.headerless is not None:
+        report.headerless.unlink()
+        fsync_dir(data_dir)
+    _write_small_file(data_dir / EPOCH_FILE, report.epoch)
+    _write_small_file(data_dir / POLICY_FILE, durable.fsync)
+    (data_dir / CLEAN_FILE).unlink(missing_ok=True)
+    durable.open_segment(report.last_segment, report.epoch)
+
+
+def _is_headerless(path: Path) -> bool:
+    """Shorter than a segment header, or nothing but zero bytes (a file system may leave a
+    file zero-filled after a crash mid-write)."""
+    data = path.read_bytes()
+    return len(data) < SEG_HEADER.size or not data.strip(b"\0")
 
 
 def mark_clean(durable: DurableLog) -> None:
@@ -192,7 +244,17 @@ def mark_clean(durable: DurableLog) -> None:
 
 
 def repair(data_dir: Path) -> list[str]:
-    """Truncate the log at its first bad record and drop every later segment; say what went."""
+    """Truncate the log at its first bad record and drop every later segment; say what went.
+
+    Holds the directory's lock while it works: raises DataDirLocked while a broker runs."""
+    lock_fd = lock_data_dir(data_dir)
+    try:
+        return _repair_locked(data_dir)
+    finally:
+        os.close(lock_fd)
+
+
+def _repair_locked(data_dir: Path) -> list[str]:
     said: list[str] = []
     segments = list_numbered(data_dir, _SEG_RE)
     snaps = list_numbered(data_dir, _SNAP_RE)

@@ -56,7 +56,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
-from broker.recovery import RecoveryReport, mark_clean, recover
+from broker.recovery import RecoveryReport, load, mark_clean, open_for_writing
 from broker.security import Security, is_loopback_endpoint
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
 
@@ -200,6 +200,7 @@ class Broker:
             core = BrokerCore(max_value_bytes=cfg.max_value_bytes, log=log_)
         self.core = core
         self.recovery: RecoveryReport | None = None
+        self.loop_failed = False  # the loop ended by an error, not by stop()
         # A secure broker gets a context of its own: ZAP's handler is per context.
         self._own_ctx = context is None and self.config.security is not None
         self._ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
@@ -325,33 +326,71 @@ class Broker:
             self.metrics = None
 
     def run(self) -> None:
-        """The event loop; returns after ``stop()``."""
+        """The event loop; returns after ``stop()`` (or after the loop failed: logged, and the
+        stopped event is set whatever else fails, so no caller waits on a dead loop).
+
+        Start-up order: lock the data directory and read it (nothing written), bind, and only
+        then write the directory's small files and open the segment -- a broker that cannot
+        start (directory in use, port taken) changes nothing on disk."""
+        durable = self.core.log if isinstance(self.core.log, DurableLog) else None
         try:
-            if isinstance(self.core.log, DurableLog):
-                self.recovery = recover(self.core, self.core.log)
+            if durable is not None:
+                self.recovery = load(self.core, durable)
+            self._open_sockets()
+            if durable is not None:
+                assert self.recovery is not None
+                open_for_writing(durable, self.recovery)
                 log.info("recovered epoch %s: snapshot %s, %d segments, %d records, %d torn "
                          "bytes dropped", self.recovery.epoch, self.recovery.snapshot,
                          self.recovery.segments, self.recovery.records,
                          self.recovery.torn_bytes)
-            self._open_sockets()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._startup_error = exc
-            self._close_sockets()
-            self.core.log.close()
-            self._ready.set()
-            self._stopped.set()
+            try:
+                self._close_sockets()
+                self.core.log.close()
+            except Exception:  # noqa: BLE001 - the start-up error is the one to report
+                log.exception("cleaning up after a failed start")
+            finally:
+                self._ready.set()
+                self._stopped.set()
             return
         log.info("broker epoch %s: requests on %s, events on %s", self.epoch,
                  ", ".join(self.endpoints), ", ".join(self.pub_endpoints))
         self._ready.set()
+        failed = False
         try:
             self._loop()
+        except BaseException:
+            failed = True
+            log.exception("the broker loop failed; the broker stops")
         finally:
-            self._close_sockets()
-            self.core.log.close()
-            if isinstance(self.core.log, DurableLog):
-                mark_clean(self.core.log)
+            self._shut_down(durable, clean=not failed)
+
+    def _shut_down(self, durable: DurableLog | None, *, clean: bool) -> None:
+        """Close sockets and log; mark the directory clean only if everything was flushed.
+        Each step may fail (a vanished directory, a full disk); the stopped event is set
+        regardless."""
+        try:
+            try:
+                self._close_sockets()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the sockets failed")
+            if durable is None:
+                self.core.log.close()
+                return
+            try:
+                durable.close_segment()
+                if clean:
+                    mark_clean(durable)
+            except OSError as exc:
+                log.error("could not close %s cleanly (%s); the next start recovers it as "
+                          "after a crash", durable.data_dir, exc)
+            finally:
+                durable.unlock()
+        finally:
             self._stopped.set()
+            self.loop_failed = not clean
 
     # ------------------------------------------------------------------ the loop
 

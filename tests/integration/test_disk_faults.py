@@ -5,6 +5,8 @@ starts a new epoch that connected nodes follow."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import zmq
 
 from broker.protocol import Reply, Request, Set, WriteOk, reply_codec, request_codec
 from node import SharedMemory, SharedMemoryConfig, StorageError
-from tests.conftest import BrokerProcess, free_port_pair
+from tests.conftest import ROOT, BrokerProcess, child_env, free_port_pair
 
 
 def durable_broker(port: int, data_dir: Path, *extra: str) -> BrokerProcess:
@@ -51,5 +53,91 @@ def test_a_namespace_created_by_a_write_keeps_max_keys_after_kill_9(tmp_path: Pa
             shm.set("b", 2)
             with pytest.raises(StorageError, match="full"):
                 shm.set("c", 3)
+    finally:
+        broker.stop()
+
+
+# ---------------------------------------------------------------------- item 1: the lock
+
+
+def run_broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def dir_contents(data: Path) -> dict[str, bytes]:
+    """Every file's bytes, except LOCK (whoever takes the lock writes its pid there)."""
+    return {p.name: p.read_bytes() for p in sorted(data.iterdir())
+            if p.is_file() and p.name != "LOCK"}
+
+
+def test_a_second_broker_on_the_same_data_dir_exits_naming_the_holder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port_a, port_b = free_port_pair(), free_port_pair()
+    broker = durable_broker(port_a, data)
+    try:
+        assert broker.proc is not None
+        cfg = SharedMemoryConfig(namespace="shared", broker=broker.address, max_keys=0, ttl=0)
+        with SharedMemory(cfg) as shm:
+            for i in range(20):
+                shm.set(f"a{i}", i)
+            before = dir_contents(data)
+            second = run_broker_cli("--bind", f"tcp://127.0.0.1:{port_b}", "--data-dir",
+                                    str(data))
+            assert second.returncode != 0
+            assert str(data) in second.stderr and f"pid {broker.proc.pid}" in second.stderr
+            assert "ready" not in second.stdout
+            assert dir_contents(data) == before  # the loser touched nothing
+            shm.set("after", 1)  # the first broker goes on
+        broker.kill()
+        broker = durable_broker(port_a, data)
+        with SharedMemory(cfg) as shm:
+            assert [shm.get(f"a{i}") for i in range(20)] == list(range(20))
+            assert shm.get("after") == 1
+    finally:
+        broker.stop()
+
+
+def test_repair_while_a_broker_runs_exits_naming_the_holder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    broker = durable_broker(free_port_pair(), data)
+    try:
+        assert broker.proc is not None
+        before = dir_contents(data)
+        repaired = run_broker_cli("repair", "--data-dir", str(data))
+        assert repaired.returncode != 0
+        assert str(data) in repaired.stderr and f"pid {broker.proc.pid}" in repaired.stderr
+        assert dir_contents(data) == before
+    finally:
+        broker.stop()
+    # with the broker gone (even by kill -9, the kernel drops the lock) repair runs
+    broker = durable_broker(free_port_pair(), data)
+    broker.kill()
+    repaired = run_broker_cli("repair", "--data-dir", str(data))
+    assert repaired.returncode == 0, repaired.stderr
+
+
+def test_a_broker_that_cannot_bind_leaves_the_data_dir_untouched(tmp_path: Path) -> None:
+    """The data dir's files are rewritten only after the lock and the binds succeeded: a
+    failed start must not change, for example, the policy the log was written under."""
+    data = tmp_path / "data"
+    port = free_port_pair()
+    broker = durable_broker(port, data, "--fsync", "everysec")
+    cfg = SharedMemoryConfig(namespace="shared", broker=broker.address, max_keys=0, ttl=0)
+    with SharedMemory(cfg) as shm:
+        shm.set("k", 1)
+    broker.kill()  # unclean, under everysec: the next start must renew the epoch
+    before = dir_contents(data)
+    other = durable_broker(port, tmp_path / "other")  # takes the port
+    try:
+        failed = run_broker_cli("--bind", f"tcp://127.0.0.1:{port}", "--data-dir", str(data),
+                                "--fsync", "always")
+        assert failed.returncode != 0 and "ready" not in failed.stdout
+        assert dir_contents(data) == before
+    finally:
+        other.stop()
+    broker = durable_broker(port, data, "--fsync", "always")
+    try:
+        assert broker.epoch != before["EPOCH"].decode().strip()
     finally:
         broker.stop()
