@@ -103,6 +103,42 @@ class SnapshotFile(msgspec.Struct):
 LOCK_FILE = "LOCK"
 
 
+class FileOps:
+    """Every file operation the running log makes (append, fsync, rotation, compaction), in one
+    place, so that a test can wrap it and make any one of them fail (ENOSPC, EIO, a vanished
+    directory) against real files. Start-up (recovery, the lock) does not go through it."""
+
+    def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def stat(self, path: Path) -> os.stat_result:
+        return os.stat(path)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def listdir(self, path: Path) -> list[str]:
+        return os.listdir(path)
+
+
 class DataDirLocked(StorageError):
     """Raised when another process holds the data directory's lock (a second broker, or
     ``repair`` while a broker runs): two writers of one log would hand out the same seqs."""
@@ -185,12 +221,14 @@ def list_numbered(data_dir: Path, pattern: re.Pattern[str]) -> list[int]:
     return sorted(out)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path, ops: FileOps | None = None) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    ops = ops or FileOps()
+    fd = ops.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        ops.fsync(fd)
     finally:
-        os.close(fd)
+        ops.close(fd)
 
 
 def encode_record(record: LogRecord) -> bytes:
@@ -262,8 +300,10 @@ class DurableLog(MemoryLog):
     """MemoryLog (for Fetch) plus segment files, group commit and snapshots."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, fsync: str = "always",
-                 retention: int = 100_000, compact_bytes: int = 64 * 1024 * 1024) -> None:
+                 retention: int = 100_000, compact_bytes: int = 64 * 1024 * 1024,
+                 ops: FileOps | None = None) -> None:
         super().__init__(retention)
+        self.ops = ops or FileOps()
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         self.data_dir = Path(data_dir)
@@ -340,13 +380,15 @@ class DurableLog(MemoryLog):
             written = 0
             view = memoryview(data)
             while written < len(data):
-                written += os.write(self._fd, view[written:])
+                written += self.ops.write(self._fd, view[written:])
             if self.fsync == "always":
                 self._do_fsync()
             else:
                 self._unsynced = True
                 if self.fsync == "everysec":
                     self.tick()
+            # Last, just before the turn is acknowledged: is the file still the log?
+            self._check_segment()
         except OSError as exc:
             self._abort_turn(start)
             raise StorageError(f"write to the log failed ({exc.strerror or exc}); the write "
@@ -355,10 +397,26 @@ class DurableLog(MemoryLog):
         self._buf.clear()
         self._turn_events.clear()
 
+    def _check_segment(self) -> None:
+        """Raise OSError when the open segment is no longer the file at its path: deleted (its
+        directory removed, say) or replaced. Writing on would acknowledge into a file that no
+        restart will ever read."""
+        assert self._fd is not None
+        path = seg_path(self.data_dir, self._segment)
+        mine = self.ops.fstat(self._fd)
+        try:
+            there = self.ops.stat(path)
+        except FileNotFoundError:
+            there = None
+        if mine.st_nlink == 0 or there is None or \
+                (there.st_ino, there.st_dev) != (mine.st_ino, mine.st_dev):
+            raise OSError(errno.ENOENT, f"{path} was removed or replaced while the broker "
+                                        "ran (is the data directory gone?); restart the broker")
+
     def _do_fsync(self) -> None:
         assert self._fd is not None
         t = time.perf_counter()
-        os.fsync(self._fd)
+        self.ops.fsync(self._fd)
         self.fsync_seconds_total += time.perf_counter() - t
         self.fsync_count += 1
         self._last_fsync = time.monotonic()
@@ -383,7 +441,7 @@ class DurableLog(MemoryLog):
         self._turn_events.clear()
         try:
             assert self._fd is not None
-            os.ftruncate(self._fd, start)
+            self.ops.ftruncate(self._fd, start)
         except OSError as exc:  # the next open will treat the tail as torn
             log.error("could not truncate %s back to %d: %s",
                       seg_path(self.data_dir, self._segment), start, exc)

@@ -5,10 +5,15 @@ fault injected into every file operation of a rotation and of a compaction."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+
+import pytest
 
 from broker.core import BrokerCore
 from broker.durable import BatchRecord, DurableLog, NamespaceRecord, scan_segment, seg_path
+from broker.errors import StorageError
 from broker.protocol import Set
 from broker.recovery import recover
 
@@ -49,3 +54,24 @@ def test_a_namespace_created_by_a_write_keeps_its_max_keys_after_restart(tmp_pat
         assert core2.namespaces["ns"].seq == 1
     finally:
         log2.close()
+
+
+# ---------------------------------------------------------------------- item 4
+
+
+def test_a_deleted_or_replaced_segment_refuses_the_flush(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    core, log = open_core(data)
+    try:
+        write(core, "a", b"1")
+        seg = seg_path(data, 1)
+        other = tmp_path / "other.log"
+        shutil.copy(seg, other)
+        os.replace(other, seg)  # same name, another file
+        with pytest.raises(StorageError, match="removed or replaced"):
+            write(core, "b", b"2", request_no=2)
+        seg.unlink()
+        with pytest.raises(StorageError, match="removed or replaced"):
+            write(core, "c", b"3", request_no=3)
+    finally:
+        log.close()

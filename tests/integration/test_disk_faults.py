@@ -5,6 +5,7 @@ starts a new epoch that connected nodes follow."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,5 +140,34 @@ def test_a_broker_that_cannot_bind_leaves_the_data_dir_untouched(tmp_path: Path)
     broker = durable_broker(port, data, "--fsync", "always")
     try:
         assert broker.epoch != before["EPOCH"].decode().strip()
+    finally:
+        broker.stop()
+
+
+# ---------------------------------------------------------------------- item 4
+
+
+def test_writes_after_the_data_dir_is_removed_are_refused_not_acknowledged(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    port = free_port_pair()
+    broker = durable_broker(port, data)
+    cfg = SharedMemoryConfig(namespace="gone", broker=broker.address, max_keys=0, ttl=0)
+    try:
+        with SharedMemory(cfg) as shm:
+            shm.set("before", 1)
+            shutil.rmtree(data)
+            acknowledged = []
+            for i in range(50):
+                try:
+                    shm.set(f"k{i}", i)
+                    acknowledged.append(i)
+                except StorageError as exc:
+                    assert "removed or replaced" in str(exc) and "nothing changed" in str(exc)
+            assert acknowledged == []
+            assert shm.get("before") == 1  # reads go on
+            assert shm.broker_digest() == shm.local_digest()
+        assert broker.alive
     finally:
         broker.stop()
