@@ -324,6 +324,10 @@ class DurableLog(MemoryLog):
         self._compaction_done_segment: int | None = None
         self.compactions = 0
         self._lock_fd: int | None = None
+        self._truncate_to: int | None = None  # a failed turn's truncation, still owed
+        self.compaction_failures = 0  # rotations, snapshots or clean-ups that failed
+        self.compaction_retry = 5.0  # seconds between attempts after a failed rotation
+        self._compaction_retry_at = 0.0
 
     def lock(self) -> None:
         """Take the data directory's exclusive lock (idempotent); held until ``close()``.
@@ -335,20 +339,48 @@ class DurableLog(MemoryLog):
     # ------------------------------------------------------------------ opening
 
     def open_segment(self, n: int, epoch: str, size: int | None = None) -> None:
-        """Append to segment ``n`` (creating it with a header if new)."""
+        """Append to segment ``n`` (creating it, header and all, if new). On failure the
+        segment open before stays the one appended to."""
         path = seg_path(self.data_dir, n)
-        new = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if new:
-            os.write(fd, SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n))
-            os.fsync(fd)
-            fsync_dir(self.data_dir)
+        if not os.path.exists(path):
+            self._create_segment(path, n, epoch)
+        fd = self.ops.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            seg_size = self.ops.fstat(fd).st_size if size is None else size
+        except OSError:
+            self.ops.close(fd)
+            raise
         if self._fd is not None:
-            os.close(self._fd)
+            try:
+                self.ops.close(self._fd)
+            except OSError as exc:  # fsynced before any rotation: nothing is lost with it
+                log.warning("closing segment %d failed: %s", self._segment, exc)
         self._fd = fd
         self._segment = n
-        self._seg_size = os.fstat(fd).st_size if size is None else size
+        self._seg_size = seg_size
         self.epoch = epoch
+
+    def _create_segment(self, path: Path, n: int, epoch: str) -> None:
+        """Atomically: header into a temp file, fsync, rename, fsync the directory. A crash or
+        an error at any step leaves either no segment ``n`` or a complete, empty one (a stray
+        ``.tmp`` is removed at start-up)."""
+        ops = self.ops
+        tmp = path.with_name(path.name + ".tmp")
+        header = SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n)
+        fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            try:
+                written = 0
+                while written < len(header):
+                    written += ops.write(fd, header[written:])
+                ops.fsync(fd)
+            finally:
+                ops.close(fd)
+            ops.replace(tmp, path)
+        except OSError:
+            _unlink_quietly(ops, tmp)
+            raise
+        fsync_dir(self.data_dir, ops)
 
     @property
     def segment(self) -> int:
@@ -377,6 +409,10 @@ class DurableLog(MemoryLog):
         data = bytes(self._buf)
         start = self._seg_size
         try:
+            if self._truncate_to is not None:
+                # An earlier failed turn's bytes must go before anything is appended after them.
+                self.ops.ftruncate(self._fd, self._truncate_to)
+                self._truncate_to = None
             written = 0
             view = memoryview(data)
             while written < len(data):
@@ -442,7 +478,9 @@ class DurableLog(MemoryLog):
         try:
             assert self._fd is not None
             self.ops.ftruncate(self._fd, start)
-        except OSError as exc:  # the next open will treat the tail as torn
+        except OSError as exc:
+            # Retried before the next append; until it succeeds every flush is refused.
+            self._truncate_to = start
             log.error("could not truncate %s back to %d: %s",
                       seg_path(self.data_dir, self._segment), start, exc)
 
@@ -466,9 +504,9 @@ class DurableLog(MemoryLog):
         if self._fd is not None:
             try:
                 if self._unsynced:
-                    os.fsync(self._fd)
+                    self.ops.fsync(self._fd)
             finally:
-                os.close(self._fd)
+                self.ops.close(self._fd)
                 self._fd = None
 
     def unlock(self) -> None:
@@ -480,29 +518,44 @@ class DurableLog(MemoryLog):
     # ------------------------------------------------------------------ compaction
 
     def wants_compaction(self) -> bool:
-        return self._seg_size >= self.compact_bytes and self._compaction is None
+        return self._seg_size >= self.compact_bytes and self._compaction is None and \
+            time.monotonic() >= self._compaction_retry_at
 
     @property
     def compacting(self) -> bool:
         return self._compaction is not None
 
-    def start_compaction(self, build: Callable[[], SnapshotFile]) -> None:
+    def start_compaction(self, build: Callable[[], SnapshotFile]) -> bool:
         """Rotate to a new segment now; on a thread, ``build()`` the snapshot of the state as of
-        this moment and write it.
+        this moment and write it. Returns False (logged; the current segment stays the one
+        appended to, and the rotation is retried ``compaction_retry`` seconds later) when the
+        rotation fails: a full disk or a vanished directory must not stop the loop.
 
         ``build`` must read only a frozen view (entries are immutable; the dicts it reads are
         copies made before this call), and its ``segment`` must be ``self.segment + 1``.
         """
-        assert self.epoch is not None
-        self._do_fsync()
-        self.open_segment(self._segment + 1, self.epoch)
+        assert self.epoch is not None and self._fd is not None
+        try:
+            if self._truncate_to is not None:  # owed to this segment, not to the next one
+                self.ops.ftruncate(self._fd, self._truncate_to)
+                self._truncate_to = None
+            self._do_fsync()
+            self.open_segment(self._segment + 1, self.epoch)
+        except OSError as exc:
+            self._compaction_retry_at = time.monotonic() + self.compaction_retry
+            self.compaction_failures += 1
+            log.error("could not start segment %d (%s); appending to segment %d meanwhile, "
+                      "retrying in %.0f s", self._segment + 1, exc.strerror or exc,
+                      self._segment, self.compaction_retry)
+            return False
         segment = self._segment
+        ops = self.ops
 
         def work() -> None:
             try:
                 view = build()
                 assert view.segment == segment
-                write_snapshot(self.data_dir, view)
+                write_snapshot(self.data_dir, view, ops)
                 self._compaction_done_segment = segment
             except BaseException as exc:  # noqa: BLE001 - reported by finish_compaction
                 self._compaction_error = exc
@@ -510,9 +563,12 @@ class DurableLog(MemoryLog):
         self._compaction = threading.Thread(target=work, name="sharedmem-compaction",
                                             daemon=True)
         self._compaction.start()
+        return True
 
     def finish_compaction(self) -> None:
-        """If the snapshot thread is done: delete what it made obsolete (or log its failure)."""
+        """If the snapshot thread is done: delete what it made obsolete (or log its failure).
+        Never raises: a failure leaves old files behind, which recovery ignores (it starts at
+        the newest snapshot) and the next compaction deletes."""
         t = self._compaction
         if t is None or t.is_alive():
             return
@@ -520,33 +576,59 @@ class DurableLog(MemoryLog):
         if self._compaction_error is not None:
             log.error("compaction failed, old segments kept: %s", self._compaction_error)
             self._compaction_error = None
+            self.compaction_failures += 1
             return
         n = self._compaction_done_segment
         assert n is not None
-        for old in list_numbered(self.data_dir, _SEG_RE):
-            if old < n:
-                seg_path(self.data_dir, old).unlink(missing_ok=True)
-        for old in list_numbered(self.data_dir, _SNAP_RE):
-            if old < n:
-                snap_path(self.data_dir, old).unlink(missing_ok=True)
-        fsync_dir(self.data_dir)
+        try:
+            names = self.ops.listdir(self.data_dir)
+            for name in sorted(names):
+                m = _SEG_RE.fullmatch(name) or _SNAP_RE.fullmatch(name)
+                if m and int(m.group(1)) < n:
+                    try:
+                        self.ops.unlink(self.data_dir / name)
+                    except FileNotFoundError:
+                        pass
+            fsync_dir(self.data_dir, self.ops)
+        except OSError as exc:
+            self.compaction_failures += 1
+            log.error("snapshot %s is durable, but removing older files failed (%s); the next "
+                      "compaction removes them", snap_path(self.data_dir, n), exc)
+            return
         self.compactions += 1
         log.info("compaction done: snapshot %s, older segments removed",
                  snap_path(self.data_dir, n))
 
 
-def write_snapshot(data_dir: Path, view: SnapshotFile) -> Path:
+def _unlink_quietly(ops: FileOps, path: Path) -> None:
+    try:
+        ops.unlink(path)
+    except OSError:
+        pass
+
+
+def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = None) -> Path:
     """Atomically write a snapshot: temp file, fsync, rename, fsync the directory."""
+    ops = ops or FileOps()
     payload = msgspec.msgpack.encode(view)
     final = snap_path(data_dir, view.segment)
     tmp = final.with_suffix(".snap.tmp")
-    with open(tmp, "wb") as f:
-        f.write(SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)))
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(data_dir)
+    data = SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)) + payload
+    fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        try:
+            view_ = memoryview(data)
+            written = 0
+            while written < len(data):
+                written += ops.write(fd, view_[written:])
+            ops.fsync(fd)
+        finally:
+            ops.close(fd)
+        ops.replace(tmp, final)
+    except OSError:
+        _unlink_quietly(ops, tmp)
+        raise
+    fsync_dir(data_dir, ops)
     return final
 
 

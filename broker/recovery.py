@@ -24,6 +24,7 @@ from broker.durable import (
     _SEG_RE,
     _SNAP_RE,
     SEG_HEADER,
+    SEG_MAGIC,
     BatchRecord,
     CorruptLog,
     DurableLog,
@@ -255,19 +256,49 @@ def repair(data_dir: Path) -> list[str]:
 
 
 def _repair_locked(data_dir: Path) -> list[str]:
+    """Every state start-up refuses, made startable:
+    - a segment whose header is bad or missing gets its header back (its records are
+      checksummed on their own, so they are kept);
+    - a bad record: the segment is cut at the last good record, every later segment removed;
+    - a missing segment: every segment after the gap is removed.
+    When anything that may have been acknowledged goes, a new epoch is written, so connected
+    nodes resync from a snapshot instead of taking the new history's events for duplicates of
+    the old one's."""
     said: list[str] = []
     segments = list_numbered(data_dir, _SEG_RE)
     snaps = list_numbered(data_dir, _SNAP_RE)
     start = snaps[-1] if snaps else (segments[0] if segments else 1)
+    epoch_path = data_dir / EPOCH_FILE
+    epoch = epoch_path.read_text().strip() if epoch_path.exists() else None
     cut_from: int | None = None
+    lost = False
+    expected = start
     for n in segments:
         if n < start:
             continue
         path = seg_path(data_dir, n)
+        if cut_from is None and n != expected:
+            said.append(f"segment {seg_path(data_dir, expected)} is missing: every later "
+                        "segment goes")
+            cut_from = n
         if cut_from is not None:
+            lost = lost or path.stat().st_size > SEG_HEADER.size
             path.unlink()
             said.append(f"removed {path} (after the corruption)")
             continue
+        expected = n + 1
+        last = n == segments[-1]
+        try:
+            header_epoch = read_segment_header(path)[0]
+            epoch = epoch or header_epoch
+        except CorruptLog as exc:
+            if last and _is_headerless(path):
+                path.unlink()
+                said.append(f"removed {path} (no complete header, so no records)")
+                break
+            epoch = epoch or new_epoch()
+            _rewrite_header(path, n, epoch)
+            said.append(f"rewrote the header of {path} ({exc})")
         res = scan_segment(path)
         if res.error is not None:
             with open(path, "r+b") as f:
@@ -276,7 +307,28 @@ def _repair_locked(data_dir: Path) -> list[str]:
                 os.fsync(f.fileno())
             said.append(f"truncated {path} at offset {res.good_end} ({res.error} at "
                         f"{res.error_offset}; {res.size - res.good_end} bytes dropped)")
+            # A torn tail of the last segment holds only unacknowledged bytes.
+            lost = lost or not (last and res.torn)
             cut_from = n
-    if not said:
+    if lost:
+        fresh = new_epoch()
+        _write_small_file(epoch_path, fresh)
+        said.append(f"new epoch {fresh} (was {epoch}): acknowledged writes were dropped, so "
+                    "connected nodes will resync from a snapshot")
+    if said:
+        fsync_dir(data_dir)
+    else:
         said.append("no corruption found; nothing changed")
     return said
+
+
+def _rewrite_header(path: Path, n: int, epoch: str) -> None:
+    """Put a good header on segment ``n``, keeping whatever follows the header's bytes."""
+    data = path.read_bytes()
+    header = SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header + data[SEG_HEADER.size:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -5,6 +5,8 @@ starts a new epoch that connected nodes follow."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -171,3 +173,74 @@ def test_writes_after_the_data_dir_is_removed_are_refused_not_acknowledged(
         assert broker.alive
     finally:
         broker.stop()
+
+
+# ---------------------------------------------------------------------- item 3
+
+
+def mount_tmpfs(path: Path, size: str) -> bool:
+    """A tiny file system of our own (root only): the real way to run out of space."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def fill(path: Path) -> None:
+    """Write zeros into ``path`` until the file system is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_disk_full_at_rotation_keeps_the_broker_answering_and_the_dir_startable(
+    tmp_path: Path,
+) -> None:
+    """Before: the OSError of the new segment escaped the loop, mark_clean failed in run()'s
+    finally, and the process stayed alive answering nothing, with an empty seg-00000002.log
+    that every later start refused."""
+    mnt = tmp_path / "tiny"
+    if not mount_tmpfs(mnt, "1m"):
+        pytest.skip("needs root and tmpfs mounts to make a 1 MiB disk")
+    port = free_port_pair()
+    data = mnt / "data"
+    broker = None
+    try:
+        broker = durable_broker(port, data, "--compact-bytes", "6000")
+        cfg = SharedMemoryConfig(namespace="full", broker=broker.address, max_keys=0, ttl=0,
+                                 request_timeout=5.0)
+        acked: dict[str, str] = {}
+        with SharedMemory(cfg) as shm:
+            for i in range(3):
+                shm.set(f"pre{i}", "p" * 1500)
+                acked[f"pre{i}"] = "p" * 1500
+            fill(mnt / "filler")
+            refused = 0
+            for i in range(30):  # past compact-bytes: the rotation runs out of space
+                try:
+                    shm.set(f"k{i}", "x" * 1500)
+                    acked[f"k{i}"] = "x" * 1500
+                except StorageError:
+                    refused += 1
+            assert refused > 0
+            assert broker.alive
+            # reads are served: the broker answers
+            assert shm.broker_digest() == shm.local_digest()
+            assert all(shm.get(k) == v for k, v in acked.items())
+            (mnt / "filler").unlink()  # space is back: writes work again
+            shm.set("after", "resumed")
+            acked["after"] = "resumed"
+        broker.kill()
+        broker = durable_broker(port, data)  # no repair needed
+        with SharedMemory(cfg) as shm:
+            assert {k: shm.get(k) for k in acked} == acked
+    finally:
+        if broker is not None:
+            broker.stop()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
