@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 import zmq
 
+from broker.durable import REC_HEADER, SEG_HEADER, BatchRecord, scan_segment, seg_path
 from broker.protocol import Reply, Request, Set, WriteOk, reply_codec, request_codec
 from node import SharedMemory, SharedMemoryConfig, StorageError
-from tests.conftest import ROOT, BrokerProcess, child_env, free_port_pair
+from tests.conftest import (
+    ROOT,
+    BrokerProcess,
+    child_env,
+    free_port_pair,
+    run_agent,
+    wait_until,
+)
 
 
 def durable_broker(port: int, data_dir: Path, *extra: str) -> BrokerProcess:
@@ -244,3 +252,67 @@ def test_disk_full_at_rotation_keeps_the_broker_answering_and_the_dir_startable(
         if broker is not None:
             broker.stop()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ---------------------------------------------------------------------- item 2
+
+
+WRITE_THREE = r"""
+import sys
+from node import SharedMemory, SharedMemoryConfig
+cfg = SharedMemoryConfig(namespace="rep", broker=sys.argv[1], max_keys=0, ttl=0)
+with SharedMemory(cfg) as shm:
+    for i in range(3):
+        shm.set(f"new{i}", i)
+    print(shm.seq)
+"""
+
+
+def corrupt_record_with_seq(seg: Path, seq: int) -> None:
+    """Flip a byte in the payload of the batch record holding event ``seq``."""
+    raw = bytearray(seg.read_bytes())
+    off = SEG_HEADER.size
+    for rec in scan_segment(seg).records:
+        length, _ = REC_HEADER.unpack_from(raw, off)
+        if isinstance(rec, BatchRecord) and rec.events[0].seq == seq:
+            raw[off + REC_HEADER.size + length // 2] ^= 0xFF
+            seg.write_bytes(bytes(raw))
+            return
+        off += REC_HEADER.size + length
+    raise AssertionError(f"no record with seq {seq}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_after_repair_drops_history_connected_nodes_resync_and_converge(tmp_path: Path) -> None:
+    port = free_port_pair()
+    data = tmp_path / "data"
+    broker = durable_broker(port, data)
+    cfg = SharedMemoryConfig(namespace="rep", broker=broker.address, max_keys=0, ttl=0,
+                             connect_timeout=30)
+    try:
+        with SharedMemory(cfg) as first:
+            for i in range(20):
+                first.set(f"k{i}", i)
+            assert first.seq == 20
+            old_epoch = broker.epoch
+            broker.kill()
+            corrupt_record_with_seq(seg_path(data, 1), 8)
+            refused = run_broker_cli("--bind", broker.address, "--data-dir", str(data))
+            assert refused.returncode != 0 and "repair" in refused.stderr
+            repaired = run_broker_cli("repair", "--data-dir", str(data))
+            assert repaired.returncode == 0 and "new epoch" in repaired.stdout
+            broker = durable_broker(port, data)
+            assert broker.epoch != old_epoch
+            assert run_agent(WRITE_THREE, broker.address).stdout.split() == ["10"]
+            # the first node leaves seq 20 of the old history and takes the new one
+            wait_until(lambda: first.local_digest() == first.broker_digest(), 30,
+                       message="the first node to converge")
+            assert first.seq == 10
+            expected = {f"k{i}": i for i in range(7)} | {f"new{i}": i for i in range(3)}
+            assert sorted(first.list_keys("*", consistent=True)) == sorted(expected)
+            for key, value in expected.items():
+                assert first.get(key, consistent=True) == value
+            assert first.get("k7", None, consistent=True) is None
+    finally:
+        broker.stop()
