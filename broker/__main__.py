@@ -55,9 +55,15 @@ def repair_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from pathlib import Path
 
+    from broker.durable import DataDirLocked
     from broker.recovery import repair
 
-    for line in repair(Path(args.data_dir)):
+    try:
+        lines = repair(Path(args.data_dir))
+    except DataDirLocked as exc:
+        print(f"broker repair: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
         print(line)
     return 0
 

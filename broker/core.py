@@ -328,6 +328,7 @@ class BrokerCore:
             self.counters["duplicates"] += 1
             return
         if decision.namespace is not None and decision.create_max_keys is not None:
+            # append_to_log already recorded the namespace (before the batch).
             self._create(decision.namespace, decision.create_max_keys)
         if decision.events:
             assert decision.namespace is not None
@@ -373,6 +374,8 @@ class BrokerCore:
     # ------------------------------------------------------------------ namespaces and reads
 
     def _create(self, name: str, max_keys: int) -> NamespaceState:
+        """Create ``name`` if missing; ``record=False`` when its NamespaceRecord is already in
+        this turn's log records (a write's ``append_to_log``)."""
         state = self.namespaces.get(name)
         if state is None:
             state = self.namespaces[name] = NamespaceState(name, max_keys)

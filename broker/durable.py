@@ -15,6 +15,8 @@ deleted only after the snapshot that covers them is durable.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -49,6 +51,90 @@ MAX_RECORD = 256 * 1024 * 1024
 FSYNC_POLICIES = ("always", "everysec", "no")
 _SEG_RE = re.compile(r"seg-(\d{8})\.log")
 _SNAP_RE = re.compile(r"snap-(\d{8})\.snap")
+
+
+LOCK_FILE = "LOCK"
+
+
+class FileOps:
+    """Every file operation the running log makes (append, fsync, rotation, compaction), in one
+    place, so that a test can wrap it and make any one of them fail (ENOSPC, EIO, a vanished
+    directory) against real files. Start-up (recovery, the lock) does not go through it."""
+
+    def open(self, path: Path, flags: int, mode: int = 0o644) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
+    def stat(self, path: Path) -> os.stat_result:
+        return os.stat(path)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def listdir(self, path: Path) -> list[str]:
+        return os.listdir(path)
+
+
+class DataDirLocked(StorageError):
+    """Raised when another process holds the data directory's lock (a second broker, or
+    ``repair`` while a broker runs): two writers of one log would hand out the same seqs."""
+
+    kind = "StorageError"
+
+    def __init__(self, data_dir: Path, holder: str) -> None:
+        super().__init__(
+            f"data directory {data_dir} is in use by another process (pid {holder or 'unknown'}, "
+            f"which holds {data_dir / LOCK_FILE}); stop it first, or give another --data-dir"
+        )
+        self.data_dir = data_dir
+        self.holder = holder
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the exclusive lock on ``data_dir`` (creating the directory if needed) and write our
+    pid into the lock file; return the lock's fd, which holds it until closed.
+
+    ``flock`` is released by the kernel when the process dies, however it dies, so a kill -9
+    leaves nothing to clean up; the pid in the file is only there to name the holder.
+    Raises DataDirLocked when another process holds it.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise DataDirLocked(data_dir, holder) from None
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class CorruptLog(StorageError):
@@ -88,12 +174,14 @@ def list_numbered(data_dir: Path, pattern: re.Pattern[str]) -> list[int]:
     return sorted(out)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path, ops: FileOps | None = None) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    ops = ops or FileOps()
+    fd = ops.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        ops.fsync(fd)
     finally:
-        os.close(fd)
+        ops.close(fd)
 
 
 def encode_record(record: LogRecord) -> bytes:
@@ -165,8 +253,10 @@ class DurableLog(MemoryLog):
     """MemoryLog (for Fetch) plus segment files, group commit and snapshots."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, fsync: str = "always",
-                 retention: int = 100_000, compact_bytes: int = 64 * 1024 * 1024) -> None:
+                 retention: int = 100_000, compact_bytes: int = 64 * 1024 * 1024,
+                 ops: FileOps | None = None) -> None:
         super().__init__(retention)
+        self.ops = ops or FileOps()
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         self.data_dir = Path(data_dir)
@@ -186,24 +276,65 @@ class DurableLog(MemoryLog):
         self._compaction_error: BaseException | None = None
         self._compaction_done_segment: int | None = None
         self.compactions = 0
+        self._report: RecoveryReport | None = None
+        self._lock_fd: int | None = None
+        self._truncate_to: int | None = None  # a failed turn's truncation, still owed
+        self.compaction_failures = 0  # rotations, snapshots or clean-ups that failed
+        self.compaction_retry = 5.0  # seconds between attempts after a failed rotation
+        self._compaction_retry_at = 0.0
+
+    def lock(self) -> None:
+        """Take the data directory's exclusive lock (idempotent); held until ``close()``.
+
+        Must come before anything in the directory is read or written. Raises DataDirLocked."""
+        if self._lock_fd is None:
+            self._lock_fd = lock_data_dir(self.data_dir)
 
     # ------------------------------------------------------------------ opening
 
     def open_segment(self, n: int, epoch: str, size: int | None = None) -> None:
-        """Append to segment ``n`` (creating it with a header if new)."""
+        """Append to segment ``n`` (creating it, header and all, if new). On failure the
+        segment open before stays the one appended to."""
         path = seg_path(self.data_dir, n)
-        new = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if new:
-            os.write(fd, SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n))
-            os.fsync(fd)
-            fsync_dir(self.data_dir)
+        if not os.path.exists(path):
+            self._create_segment(path, n, epoch)
+        fd = self.ops.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            seg_size = self.ops.fstat(fd).st_size if size is None else size
+        except OSError:
+            self.ops.close(fd)
+            raise
         if self._fd is not None:
-            os.close(self._fd)
+            try:
+                self.ops.close(self._fd)
+            except OSError as exc:  # fsynced before any rotation: nothing is lost with it
+                log.warning("closing segment %d failed: %s", self._segment, exc)
         self._fd = fd
         self._segment = n
-        self._seg_size = os.fstat(fd).st_size if size is None else size
+        self._seg_size = seg_size
         self.epoch = epoch
+
+    def _create_segment(self, path: Path, n: int, epoch: str) -> None:
+        """Atomically: header into a temp file, fsync, rename, fsync the directory. A crash or
+        an error at any step leaves either no segment ``n`` or a complete, empty one (a stray
+        ``.tmp`` is removed at start-up)."""
+        ops = self.ops
+        tmp = path.with_name(path.name + ".tmp")
+        header = SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n)
+        fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            try:
+                written = 0
+                while written < len(header):
+                    written += ops.write(fd, header[written:])
+                ops.fsync(fd)
+            finally:
+                ops.close(fd)
+            ops.replace(tmp, path)
+        except OSError:
+            _unlink_quietly(ops, tmp)
+            raise
+        fsync_dir(self.data_dir, ops)
 
     @property
     def segment(self) -> int:
@@ -232,16 +363,22 @@ class DurableLog(MemoryLog):
         data = bytes(self._buf)
         start = self._seg_size
         try:
+            if self._truncate_to is not None:
+                # An earlier failed turn's bytes must go before anything is appended after them.
+                self.ops.ftruncate(self._fd, self._truncate_to)
+                self._truncate_to = None
             written = 0
             view = memoryview(data)
             while written < len(data):
-                written += os.write(self._fd, view[written:])
+                written += self.ops.write(self._fd, view[written:])
             if self.fsync == "always":
                 self._do_fsync()
             else:
                 self._unsynced = True
                 if self.fsync == "everysec":
                     self.tick()
+            # Last, just before the turn is acknowledged: is the file still the log?
+            self._check_segment()
         except OSError as exc:
             self._abort_turn(start)
             raise StorageError(f"write to the log failed ({exc.strerror or exc}); the write "
@@ -250,10 +387,26 @@ class DurableLog(MemoryLog):
         self._buf.clear()
         self._turn_events.clear()
 
+    def _check_segment(self) -> None:
+        """Raise OSError when the open segment is no longer the file at its path: deleted (its
+        directory removed, say) or replaced. Writing on would acknowledge into a file that no
+        restart will ever read."""
+        assert self._fd is not None
+        path = seg_path(self.data_dir, self._segment)
+        mine = self.ops.fstat(self._fd)
+        try:
+            there = self.ops.stat(path)
+        except FileNotFoundError:
+            there = None
+        if mine.st_nlink == 0 or there is None or \
+                (there.st_ino, there.st_dev) != (mine.st_ino, mine.st_dev):
+            raise OSError(errno.ENOENT, f"{path} was removed or replaced while the broker "
+                                        "ran (is the data directory gone?); restart the broker")
+
     def _do_fsync(self) -> None:
         assert self._fd is not None
         t = time.perf_counter()
-        os.fsync(self._fd)
+        self.ops.fsync(self._fd)
         self.fsync_seconds_total += time.perf_counter() - t
         self.fsync_count += 1
         self._last_fsync = time.monotonic()
@@ -278,8 +431,10 @@ class DurableLog(MemoryLog):
         self._turn_events.clear()
         try:
             assert self._fd is not None
-            os.ftruncate(self._fd, start)
-        except OSError as exc:  # the next open will treat the tail as torn
+            self.ops.ftruncate(self._fd, start)
+        except OSError as exc:
+            # Retried before the next append; until it succeeds every flush is refused.
+            self._truncate_to = start
             log.error("could not truncate %s back to %d: %s",
                       seg_path(self.data_dir, self._segment), start, exc)
 
@@ -288,42 +443,73 @@ class DurableLog(MemoryLog):
         self._abort_turn(self._seg_size)
 
     def close(self) -> None:
+        """Close the segment (``close_segment``), then release the directory's lock."""
+        try:
+            self.close_segment()
+        finally:
+            self.unlock()
+
+    def close_segment(self) -> None:
+        """Wait for a running compaction, fsync what is unsynced and close the segment; the
+        lock stays held (the clean-shutdown marker is written after this, before ``unlock``).
+        Raises OSError when the final fsync fails (the fd is closed anyway)."""
         if self._compaction is not None:
             self._compaction.join()
         if self._fd is not None:
             try:
                 if self._unsynced:
-                    os.fsync(self._fd)
+                    self.ops.fsync(self._fd)
             finally:
-                os.close(self._fd)
+                self.ops.close(self._fd)
                 self._fd = None
+
+    def unlock(self) -> None:
+        """Release the directory's lock (the caller writes nothing in it afterwards)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # ------------------------------------------------------------------ compaction
 
     def wants_compaction(self) -> bool:
-        return self._seg_size >= self.compact_bytes and self._compaction is None
+        return self._seg_size >= self.compact_bytes and self._compaction is None and \
+            time.monotonic() >= self._compaction_retry_at
 
     @property
     def compacting(self) -> bool:
         return self._compaction is not None
 
-    def start_compaction(self, build: Callable[[], SnapshotFile]) -> None:
+    def start_compaction(self, build: Callable[[], SnapshotFile]) -> bool:
         """Rotate to a new segment now; on a thread, ``build()`` the snapshot of the state as of
-        this moment and write it.
+        this moment and write it. Returns False (logged; the current segment stays the one
+        appended to, and the rotation is retried ``compaction_retry`` seconds later) when the
+        rotation fails: a full disk or a vanished directory must not stop the loop.
 
         ``build`` must read only a frozen view (entries are immutable; the dicts it reads are
         copies made before this call), and its ``segment`` must be ``self.segment + 1``.
         """
-        assert self.epoch is not None
-        self._do_fsync()
-        self.open_segment(self._segment + 1, self.epoch)
+        assert self.epoch is not None and self._fd is not None
+        try:
+            if self._truncate_to is not None:  # owed to this segment, not to the next one
+                self.ops.ftruncate(self._fd, self._truncate_to)
+                self._truncate_to = None
+            self._do_fsync()
+            self.open_segment(self._segment + 1, self.epoch)
+        except OSError as exc:
+            self._compaction_retry_at = time.monotonic() + self.compaction_retry
+            self.compaction_failures += 1
+            log.error("could not start segment %d (%s); appending to segment %d meanwhile, "
+                      "retrying in %.0f s", self._segment + 1, exc.strerror or exc,
+                      self._segment, self.compaction_retry)
+            return False
         segment = self._segment
+        ops = self.ops
 
         def work() -> None:
             try:
                 view = build()
                 assert view.segment == segment
-                write_snapshot(self.data_dir, view)
+                write_snapshot(self.data_dir, view, ops)
                 self._compaction_done_segment = segment
             except BaseException as exc:  # noqa: BLE001 - reported by finish_compaction
                 self._compaction_error = exc
@@ -331,9 +517,12 @@ class DurableLog(MemoryLog):
         self._compaction = threading.Thread(target=work, name="sharedmem-compaction",
                                             daemon=True)
         self._compaction.start()
+        return True
 
     def finish_compaction(self) -> None:
-        """If the snapshot thread is done: delete what it made obsolete (or log its failure)."""
+        """If the snapshot thread is done: delete what it made obsolete (or log its failure).
+        Never raises: a failure leaves old files behind, which recovery ignores (it starts at
+        the newest snapshot) and the next compaction deletes."""
         t = self._compaction
         if t is None or t.is_alive():
             return
@@ -341,16 +530,25 @@ class DurableLog(MemoryLog):
         if self._compaction_error is not None:
             log.error("compaction failed, old segments kept: %s", self._compaction_error)
             self._compaction_error = None
+            self.compaction_failures += 1
             return
         n = self._compaction_done_segment
         assert n is not None
-        for old in list_numbered(self.data_dir, _SEG_RE):
-            if old < n:
-                seg_path(self.data_dir, old).unlink(missing_ok=True)
-        for old in list_numbered(self.data_dir, _SNAP_RE):
-            if old < n:
-                snap_path(self.data_dir, old).unlink(missing_ok=True)
-        fsync_dir(self.data_dir)
+        try:
+            names = self.ops.listdir(self.data_dir)
+            for name in sorted(names):
+                m = _SEG_RE.fullmatch(name) or _SNAP_RE.fullmatch(name)
+                if m and int(m.group(1)) < n:
+                    try:
+                        self.ops.unlink(self.data_dir / name)
+                    except FileNotFoundError:
+                        pass
+            fsync_dir(self.data_dir, self.ops)
+        except OSError as exc:
+            self.compaction_failures += 1
+            log.error("snapshot %s is durable, but removing older files failed (%s); the next "
+                      "compaction removes them", snap_path(self.data_dir, n), exc)
+            return
         self.compactions += 1
         log.info("compaction done: snapshot %s, older segments removed",
                  snap_path(self.data_dir, n))
@@ -358,15 +556,34 @@ class DurableLog(MemoryLog):
     # ------------------------------------------------------------------ the Log protocol's hooks
 
     def recover(self, core: BrokerCore) -> RecoveryReport:
-        """Fill ``core`` from the data directory and open the log for appending."""
-        from broker.recovery import recover
+        """Take the directory's lock and fill ``core`` from it, writing nothing there yet
+        (``open_for_writing`` does, once the broker's sockets are bound)."""
+        from broker.recovery import load
 
-        return recover(core, self)
+        self._report = load(core, self)
+        return self._report
 
-    def mark_clean(self) -> None:
+    def open_for_writing(self) -> None:
+        from broker.recovery import open_for_writing
+
+        assert self._report is not None, "recover() first"
+        open_for_writing(self, self._report)
+
+    def shut_down(self, *, clean: bool) -> None:
+        """Close the segment, mark the directory clean only if everything was flushed, and
+        release the lock. Each step may fail (a vanished directory, a full disk): logged, and
+        the next start recovers as after a crash."""
         from broker.recovery import mark_clean
 
-        mark_clean(self)
+        try:
+            self.close_segment()
+            if clean:
+                mark_clean(self)
+        except OSError as exc:
+            log.error("could not close %s cleanly (%s); the next start recovers it as after a "
+                      "crash", self.data_dir, exc)
+        finally:
+            self.unlock()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -378,18 +595,35 @@ class DurableLog(MemoryLog):
         }
 
 
-def write_snapshot(data_dir: Path, view: SnapshotFile) -> Path:
+def _unlink_quietly(ops: FileOps, path: Path) -> None:
+    try:
+        ops.unlink(path)
+    except OSError:
+        pass
+
+
+def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = None) -> Path:
     """Atomically write a snapshot: temp file, fsync, rename, fsync the directory."""
+    ops = ops or FileOps()
     payload = msgspec.msgpack.encode(view)
     final = snap_path(data_dir, view.segment)
     tmp = final.with_suffix(".snap.tmp")
-    with open(tmp, "wb") as f:
-        f.write(SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)))
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(data_dir)
+    data = SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)) + payload
+    fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        try:
+            view_ = memoryview(data)
+            written = 0
+            while written < len(data):
+                written += ops.write(fd, view_[written:])
+            ops.fsync(fd)
+        finally:
+            ops.close(fd)
+        ops.replace(tmp, final)
+    except OSError:
+        _unlink_quietly(ops, tmp)
+        raise
+    fsync_dir(data_dir, ops)
     return final
 
 

@@ -42,9 +42,11 @@ class Log(Protocol):
 
     def close(self) -> None: ...
 
-    def mark_clean(self) -> None: ...
-
     def recover(self, core: BrokerCore) -> RecoveryReport | None: ...
+
+    def open_for_writing(self) -> None: ...
+
+    def shut_down(self, *, clean: bool) -> None: ...
 
     def stats(self) -> dict[str, int]: ...
 
@@ -109,11 +111,16 @@ class MemoryLog:
         """Forget what was appended since the last flush (nothing is ever pending here)."""
 
     def recover(self, core: BrokerCore) -> RecoveryReport | None:
-        """Fill ``core`` from what the log holds at start-up (memory holds nothing: None)."""
+        """Fill ``core`` from what the log holds at start-up, writing nothing yet (memory holds
+        nothing: None)."""
         return None
 
-    def mark_clean(self) -> None:
-        """After a clean close: note it for the next start (nothing to note in memory)."""
+    def open_for_writing(self) -> None:
+        """After the sockets are bound: the writes start-up owes the log (none in memory)."""
+
+    def shut_down(self, *, clean: bool) -> None:
+        """Close the log at the broker's stop; ``clean``: everything was flushed, so the next
+        start may say so. Never raises (memory has nothing to close)."""
 
     def stats(self) -> dict[str, int]:
         """The log's own counters for ``Stats`` (fsyncs, compactions; none in memory)."""

@@ -23,12 +23,16 @@ from broker.core import BrokerCore, new_epoch
 from broker.durable import (
     _SEG_RE,
     _SNAP_RE,
+    SEG_HEADER,
+    SEG_MAGIC,
     BatchRecord,
     CorruptLog,
     DurableLog,
     NamespaceRecord,
     SnapshotFile,
+    fsync_dir,
     list_numbered,
+    lock_data_dir,
     read_segment_header,
     read_snapshot,
     scan_segment,
@@ -47,12 +51,18 @@ POLICY_FILE = "FSYNC"  # the fsync policy the log was last written under
 
 @dataclass
 class RecoveryReport:
+    """What start-up found, and what ``open_for_writing`` still has to do on disk."""
+
     epoch: str
     snapshot: Path | None
     segments: int
     records: int
     torn_bytes: int
     new_epoch: bool
+    last_segment: int = 1  # the segment appends go to
+    torn_path: Path | None = None  # truncate this file at ``torn_at`` (a torn tail)
+    torn_at: int = 0
+    headerless: Path | None = None  # an empty or header-less last segment, to remove
 
 
 def _write_small_file(path: Path, text: str) -> None:
@@ -64,7 +74,8 @@ def _write_small_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_snapshot(core: BrokerCore, snap: SnapshotFile, mono: float, wall: float) -> None:
+def _load_snapshot(core: BrokerCore, snap: SnapshotFile, epoch: str, mono: float,
+                   wall: float) -> None:
     for ns in snap.namespaces:
         entries = [
             SnapEntry(e.key, e.value, e.version, e.created_at, e.modified_at,
@@ -75,7 +86,8 @@ def _load_snapshot(core: BrokerCore, snap: SnapshotFile, mono: float, wall: floa
         core.namespaces[ns.name] = NamespaceState.from_snapshot(ns.name, ns.max_keys, ns.seq,
                                                                 entries, mono)
     for d in snap.dedup:
-        core.dedup.remember(d.client, d.request_no, WriteOk(snap.epoch, d.seq, d.changed))
+        # The epoch the writes live in now (a repair may have started a new one).
+        core.dedup.remember(d.client, d.request_no, WriteOk(epoch, d.seq, d.changed))
 
 
 def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: float) -> None:
@@ -100,11 +112,21 @@ def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: 
 
 
 def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
-    """Fill ``core`` from ``durable.data_dir`` and open the log for appending."""
+    """Fill ``core`` from ``durable.data_dir`` and open the log for appending (``load`` then
+    ``open_for_writing``)."""
+    report = load(core, durable)
+    open_for_writing(durable, report)
+    return report
+
+
+def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
+    """Take the directory's lock, then fill ``core`` from it, writing nothing there.
+
+    The broker binds its sockets between this and ``open_for_writing``: a broker that cannot
+    start leaves the directory as it found it. Raises DataDirLocked (another process holds
+    the directory) or CorruptLog (start-up needs ``repair``)."""
+    durable.lock()
     data_dir = durable.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in data_dir.glob("*.tmp"):
-        tmp.unlink()
     mono, wall = time.monotonic(), time.time()
     clean = (data_dir / CLEAN_FILE).exists()
     policy_path = data_dir / POLICY_FILE
@@ -131,18 +153,28 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
             raise CorruptLog(seg_path(data_dir, a + 1), 0, "segment is missing")
     if snapshot is not None and replay and replay[0] != start:
         raise CorruptLog(seg_path(data_dir, start), 0, "segment after the snapshot is missing")
+    last = replay[-1] if replay else start
+    headerless = None
+    if replay and _is_headerless(seg_path(data_dir, replay[-1])):
+        # Created but never given its header (a crash, or a full disk, mid-rotation): no
+        # record can be in it, since records are written only after the header is durable.
+        headerless = seg_path(data_dir, replay.pop())
+        log.warning("%s has no complete header: it holds no record and will be replaced",
+                    headerless)
     if snapshot is not None:
         epoch = epoch or snapshot.epoch
-        core.epoch = epoch
-        _load_snapshot(core, snapshot, mono, wall)
     elif replay:
         epoch = epoch or read_segment_header(seg_path(data_dir, replay[0]))[0]
     fresh = epoch is None
     epoch = epoch or new_epoch()
     core.epoch = epoch
+    if snapshot is not None:
+        _load_snapshot(core, snapshot, epoch, mono, wall)
 
     records = 0
     torn = 0
+    torn_path = None
+    torn_at = 0
     for i, n in enumerate(replay):
         path = seg_path(data_dir, n)
         read_segment_header(path)
@@ -156,10 +188,7 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
                 log.warning("%s: dropping a torn tail of %d bytes at offset %d (%s); only "
                             "unacknowledged writes can be there", path, torn, res.good_end,
                             res.error)
-                with open(path, "r+b") as f:
-                    f.truncate(res.good_end)
-                    f.flush()
-                    os.fsync(f.fileno())
+                torn_path, torn_at = path, res.good_end
             else:
                 raise CorruptLog(path, res.error_offset, res.error)
 
@@ -174,13 +203,37 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         core.dedup.rename_epoch(epoch)
         log.warning("unclean shutdown under fsync=%s: new epoch %s replaces %s; nodes will "
                     "resync", written_under, epoch, old)
-    _write_small_file(epoch_path, epoch)
-    _write_small_file(policy_path, durable.fsync)
-    (data_dir / CLEAN_FILE).unlink(missing_ok=True)
-    last = replay[-1] if replay else start
-    durable.open_segment(last, epoch)
     return RecoveryReport(epoch, snapshot_path, len(replay), records, torn,
-                          changed_epoch or fresh)
+                          changed_epoch or fresh, last, torn_path, torn_at, headerless)
+
+
+def open_for_writing(durable: DurableLog, report: RecoveryReport) -> None:
+    """The writes start-up owes the directory, once the lock is held and the sockets are
+    bound: drop temp files, the torn tail and a header-less last segment, record the epoch
+    and the fsync policy, remove the clean-shutdown marker, and open the segment to append to.
+    """
+    data_dir = durable.data_dir
+    for tmp in data_dir.glob("*.tmp"):
+        tmp.unlink()
+    if report.torn_path is not None:
+        with open(report.torn_path, "r+b") as f:
+            f.truncate(report.torn_at)
+            f.flush()
+            os.fsync(f.fileno())
+    if report.headerless is not None:
+        report.headerless.unlink()
+        fsync_dir(data_dir)
+    _write_small_file(data_dir / EPOCH_FILE, report.epoch)
+    _write_small_file(data_dir / POLICY_FILE, durable.fsync)
+    (data_dir / CLEAN_FILE).unlink(missing_ok=True)
+    durable.open_segment(report.last_segment, report.epoch)
+
+
+def _is_headerless(path: Path) -> bool:
+    """Shorter than a segment header, or nothing but zero bytes (a file system may leave a
+    file zero-filled after a crash mid-write)."""
+    data = path.read_bytes()
+    return len(data) < SEG_HEADER.size or not data.strip(b"\0")
 
 
 def mark_clean(durable: DurableLog) -> None:
@@ -189,20 +242,60 @@ def mark_clean(durable: DurableLog) -> None:
 
 
 def repair(data_dir: Path) -> list[str]:
-    """Truncate the log at its first bad record and drop every later segment; say what went."""
+    """Truncate the log at its first bad record and drop every later segment; say what went.
+
+    Holds the directory's lock while it works: raises DataDirLocked while a broker runs."""
+    lock_fd = lock_data_dir(data_dir)
+    try:
+        return _repair_locked(data_dir)
+    finally:
+        os.close(lock_fd)
+
+
+def _repair_locked(data_dir: Path) -> list[str]:
+    """Every state start-up refuses, made startable:
+    - a segment whose header is bad or missing gets its header back (its records are
+      checksummed on their own, so they are kept);
+    - a bad record: the segment is cut at the last good record, every later segment removed;
+    - a missing segment: every segment after the gap is removed.
+    When anything that may have been acknowledged goes, a new epoch is written, so connected
+    nodes resync from a snapshot instead of taking the new history's events for duplicates of
+    the old one's."""
     said: list[str] = []
     segments = list_numbered(data_dir, _SEG_RE)
     snaps = list_numbered(data_dir, _SNAP_RE)
     start = snaps[-1] if snaps else (segments[0] if segments else 1)
+    epoch_path = data_dir / EPOCH_FILE
+    epoch = epoch_path.read_text().strip() if epoch_path.exists() else None
     cut_from: int | None = None
+    lost = False
+    expected = start
     for n in segments:
         if n < start:
             continue
         path = seg_path(data_dir, n)
+        if cut_from is None and n != expected:
+            said.append(f"segment {seg_path(data_dir, expected)} is missing: every later "
+                        "segment goes")
+            cut_from = n
         if cut_from is not None:
+            lost = lost or path.stat().st_size > SEG_HEADER.size
             path.unlink()
             said.append(f"removed {path} (after the corruption)")
             continue
+        expected = n + 1
+        last = n == segments[-1]
+        try:
+            header_epoch = read_segment_header(path)[0]
+            epoch = epoch or header_epoch
+        except CorruptLog as exc:
+            if last and _is_headerless(path):
+                path.unlink()
+                said.append(f"removed {path} (no complete header, so no records)")
+                break
+            epoch = epoch or new_epoch()
+            _rewrite_header(path, n, epoch)
+            said.append(f"rewrote the header of {path} ({exc})")
         res = scan_segment(path)
         if res.error is not None:
             with open(path, "r+b") as f:
@@ -211,7 +304,28 @@ def repair(data_dir: Path) -> list[str]:
                 os.fsync(f.fileno())
             said.append(f"truncated {path} at offset {res.good_end} ({res.error} at "
                         f"{res.error_offset}; {res.size - res.good_end} bytes dropped)")
+            # A torn tail of the last segment holds only unacknowledged bytes.
+            lost = lost or not (last and res.torn)
             cut_from = n
-    if not said:
+    if lost:
+        fresh = new_epoch()
+        _write_small_file(epoch_path, fresh)
+        said.append(f"new epoch {fresh} (was {epoch}): acknowledged writes were dropped, so "
+                    "connected nodes will resync from a snapshot")
+    if said:
+        fsync_dir(data_dir)
+    else:
         said.append("no corruption found; nothing changed")
     return said
+
+
+def _rewrite_header(path: Path, n: int, epoch: str) -> None:
+    """Put a good header on segment ``n``, keeping whatever follows the header's bytes."""
+    data = path.read_bytes()
+    header = SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header + data[SEG_HEADER.size:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

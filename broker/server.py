@@ -202,6 +202,7 @@ class Broker:
             core = BrokerCore(max_value_bytes=cfg.max_value_bytes, log=log_)
         self.core = core
         self.recovery: RecoveryReport | None = None
+        self.loop_failed = False  # the loop ended by an error, not by stop()
         # A secure broker gets a context of its own: ZAP's handler is per context.
         self._own_ctx = context is None and self.config.security is not None
         self._ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
@@ -335,32 +336,58 @@ class Broker:
             self.metrics = None
 
     def run(self) -> None:
-        """The event loop; returns after ``stop()``."""
+        """The event loop; returns after ``stop()`` (or after the loop failed: logged, and the
+        stopped event is set whatever else fails, so no caller waits on a dead loop).
+
+        Start-up order: lock the data directory and read it (nothing written), bind, and only
+        then write the directory's small files and open the segment -- a broker that cannot
+        start (directory in use, port taken) changes nothing on disk."""
+        event_log = self.core.log
         try:
-            self.recovery = self.core.log.recover(self.core)
+            self.recovery = event_log.recover(self.core)
+            self._open_sockets()
+            event_log.open_for_writing()
             if self.recovery is not None:
                 log.info("recovered epoch %s: snapshot %s, %d segments, %d records, %d torn "
                          "bytes dropped", self.recovery.epoch, self.recovery.snapshot,
                          self.recovery.segments, self.recovery.records,
                          self.recovery.torn_bytes)
-            self._open_sockets()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._startup_error = exc
-            self._close_sockets()
-            self.core.log.close()
-            self._ready.set()
-            self._stopped.set()
+            try:
+                self._close_sockets()
+                self.core.log.close()
+            except Exception:  # noqa: BLE001 - the start-up error is the one to report
+                log.exception("cleaning up after a failed start")
+            finally:
+                self._ready.set()
+                self._stopped.set()
             return
         log.info("broker epoch %s: requests on %s, events on %s", self.epoch,
                  ", ".join(self.endpoints), ", ".join(self.pub_endpoints))
         self._ready.set()
+        failed = False
         try:
             self._loop()
+        except BaseException:
+            failed = True
+            log.exception("the broker loop failed; the broker stops")
         finally:
-            self._close_sockets()
-            self.core.log.close()
-            self.core.log.mark_clean()
+            self._shut_down(clean=not failed)
+
+    def _shut_down(self, *, clean: bool) -> None:
+        """Close sockets and log; the log marks its directory clean only if everything was
+        flushed. Each step may fail (a vanished directory, a full disk); the stopped event is
+        set regardless."""
+        try:
+            try:
+                self._close_sockets()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the sockets failed")
+            self.core.log.shut_down(clean=clean)
+        finally:
             self._stopped.set()
+            self.loop_failed = not clean
 
     # ------------------------------------------------------------------ the loop
 
