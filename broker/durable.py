@@ -49,8 +49,8 @@ REC_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 SNAP_HEADER = struct.Struct("<8sQI")  # magic, payload length, crc32(payload)
 MAX_RECORD = 256 * 1024 * 1024
 FSYNC_POLICIES = ("always", "everysec", "no")
-_SEG_RE = re.compile(r"seg-(\d{8})\.log")
-_SNAP_RE = re.compile(r"snap-(\d{8})\.snap")
+SEG_RE = re.compile(r"seg-(\d{8})\.log")
+SNAP_RE = re.compile(r"snap-(\d{8})\.snap")
 
 
 LOCK_FILE = "LOCK"
@@ -424,10 +424,7 @@ class DurableLog(MemoryLog):
     def _abort_turn(self, start: int) -> None:
         self._buf.clear()
         for ns, count in self._turn_events.items():
-            q = self._events.get(ns)
-            for _ in range(min(count, len(q) if q else 0)):
-                assert q is not None
-                q.pop()
+            self.drop_newest(ns, count)
         self._turn_events.clear()
         try:
             assert self._fd is not None
@@ -537,7 +534,7 @@ class DurableLog(MemoryLog):
         try:
             names = self.ops.listdir(self.data_dir)
             for name in sorted(names):
-                m = _SEG_RE.fullmatch(name) or _SNAP_RE.fullmatch(name)
+                m = SEG_RE.fullmatch(name) or SNAP_RE.fullmatch(name)
                 if m and int(m.group(1)) < n:
                     try:
                         self.ops.unlink(self.data_dir / name)

@@ -107,6 +107,14 @@ class MemoryLog:
     def flush(self) -> None:
         """Make appended events durable (nothing to do in memory)."""
 
+    def drop_newest(self, namespace: str, count: int) -> None:
+        """Forget the ``count`` newest events of ``namespace`` (a durable log's failed turn:
+        they were appended for Fetch but never became durable)."""
+        q = self._events.get(namespace)
+        for _ in range(min(count, len(q) if q else 0)):
+            assert q is not None
+            q.pop()
+
     def discard_turn(self) -> None:
         """Forget what was appended since the last flush (nothing is ever pending here)."""
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from broker.core import BrokerCore, new_epoch
 from broker.durable import (
-    _SEG_RE,
-    _SNAP_RE,
     SEG_HEADER,
     SEG_MAGIC,
+    SEG_RE,
+    SNAP_RE,
     BatchRecord,
     CorruptLog,
     DurableLog,
@@ -137,7 +137,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
 
     snapshot = None
     snapshot_path = None
-    for n in reversed(list_numbered(data_dir, _SNAP_RE)):
+    for n in reversed(list_numbered(data_dir, SNAP_RE)):
         path = snap_path(data_dir, n)
         try:
             snapshot = read_snapshot(path)
@@ -145,7 +145,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
             break
         except CorruptLog as exc:
             log.error("skipping unreadable snapshot: %s", exc)
-    segments = list_numbered(data_dir, _SEG_RE)
+    segments = list_numbered(data_dir, SEG_RE)
     start = snapshot.segment if snapshot is not None else (segments[0] if segments else 1)
     replay = [n for n in segments if n >= start]
     for a, b in zip(replay, replay[1:], strict=False):
@@ -262,8 +262,8 @@ def _repair_locked(data_dir: Path) -> list[str]:
     nodes resync from a snapshot instead of taking the new history's events for duplicates of
     the old one's."""
     said: list[str] = []
-    segments = list_numbered(data_dir, _SEG_RE)
-    snaps = list_numbered(data_dir, _SNAP_RE)
+    segments = list_numbered(data_dir, SEG_RE)
+    snaps = list_numbered(data_dir, SNAP_RE)
     start = snaps[-1] if snaps else (segments[0] if segments else 1)
     epoch_path = data_dir / EPOCH_FILE
     epoch = epoch_path.read_text().strip() if epoch_path.exists() else None

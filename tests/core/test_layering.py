@@ -116,14 +116,6 @@ SCANNED = ["broker", "node", "scripts"]
 # Reads of another module's underscore names that remain, each with its reason. An entry is
 # (file, name); the test fails if an entry is no longer needed, so the list only shrinks.
 ALLOWED: set[tuple[str, str]] = {
-    # durable.py and recovery.py are one persistence layer split by job (files vs. start-up);
-    # the segment/snapshot file-name patterns are durable.py's and recovery lists the files.
-    # Another helper is reworking these two files; a public name there retires these entries.
-    ("broker/recovery.py", "_SEG_RE"),
-    ("broker/recovery.py", "_SNAP_RE"),
-    # DurableLog subclasses MemoryLog and drops a failed turn's events from its deque
-    # (``_abort_turn``); the same rework of durable.py can give MemoryLog a method for it.
-    ("broker/durable.py", "_events"),
     # The duration parser of node/config.py, shared by the API and the CLI; issue 13 item 6
     # (one TTL <-> deadline helper) gives it a public home.
     ("node/api.py", "_seconds"),
