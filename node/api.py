@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,9 +38,10 @@ from broker.protocol import (
 )
 from broker.state import Entry, NamespaceState
 from broker.validation import check_key, encode_value
-from node.config import SharedMemoryConfig, _seconds
+from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, _seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
+from node.probe import DEFAULT_LOCAL_BROKER, refused
 from node.watch import INITIAL_DONE, CallbackHandle, ChangeEvent, Watcher, change_from_event
 
 log = logging.getLogger("sharedmem.node")
@@ -75,6 +76,39 @@ class Status:
     namespace: NamespaceStatus
 
 
+_default_lock = threading.Lock()
+_default_address: str | None = None  # the process's choice when no broker is configured
+
+
+def _broker_address(config: SharedMemoryConfig) -> str:
+    """The address a handle connects to (ARCHITECTURE.md section 4, plus no silent fallback).
+
+    With nothing configured the local default broker is used if one listens, else the embedded
+    broker with one WARNING: two processes that each fell back share nothing, which must not go
+    unnoticed. The choice is made once per process, so all of its handles share one broker."""
+    global _default_address
+    address = config.resolved_broker()
+    if address == EMBEDDED:
+        return embedded_address()
+    if address is not None:
+        return address
+    with _default_lock:
+        if _default_address is None:
+            if not refused(DEFAULT_LOCAL_BROKER, timeout=0.5):
+                _default_address = DEFAULT_LOCAL_BROKER
+            else:
+                log.warning(
+                    "no broker configured and none listens at %s: using this process's embedded "
+                    "broker; other processes will NOT see its writes. Start a shared one "
+                    "(scripts/broker) or choose with SharedMemoryConfig(broker='tcp://HOST:PORT') "
+                    "or $SHAREDMEM_BROKER; broker='embedded' selects the embedded broker without "
+                    "this warning", DEFAULT_LOCAL_BROKER)
+                _default_address = EMBEDDED
+        if _default_address == EMBEDDED:
+            return embedded_address()
+        return _default_address
+
+
 def _fast_key_ok(key: object) -> bool:
     # Short printable ASCII keys are always valid; anything else takes the full check.
     return type(key) is str and 0 < len(key) <= 1024 and key.isascii() and key.isprintable()
@@ -84,13 +118,14 @@ class SharedMemory:
     """A namespace replicated into this process. Thread-safe; a context manager.
 
     Construction connects and returns once the namespace is replicated, or raises
-    ``BrokerUnavailable`` (naming the address) when the broker cannot be reached in time, and
-    ``StorageError`` when the namespace exists with another ``max_keys``.
+    ``BrokerUnavailable`` (naming the address) at once when nothing listens there, or when the
+    broker does not answer within ``connect_timeout``. An existing namespace is opened with its
+    own ``max_keys`` (``config.max_keys`` then shows it).
     """
 
     def __init__(self, config: SharedMemoryConfig | None = None) -> None:
         self.config = config = config or SharedMemoryConfig()
-        address = config.resolved_broker() or embedded_address()
+        address = _broker_address(config)
         self.namespace = config.namespace
         deadline = time.monotonic() + config.connect_timeout
         self._node: Node = acquire_node(
@@ -98,11 +133,24 @@ class SharedMemory:
             retry_interval=config.retry_interval, receive_hwm=config.receive_hwm,
             curve=config.curve_keys(),
         )
+        asked = config.max_keys
         try:
-            self._replica = self._node.open_namespace(config.namespace, config.max_keys, deadline)
+            self._replica = self._node.open_namespace(
+                config.namespace, DEFAULT_MAX_KEYS if asked is None else asked, deadline,
+                adopt=True)
         except BaseException:
             release_node(self._node)
             raise
+        if self._replica.max_keys != asked:
+            # Settings belong to the namespace: this handle uses the namespace's limit.
+            if asked is not None:
+                log.warning(
+                    "namespace %r exists with max_keys=%d; this handle asked for max_keys=%d and "
+                    "uses the namespace's %d: the first opener of a namespace sets its limit (pass "
+                    "max_keys=None to adopt it silently; for another limit use another "
+                    "namespace)", config.namespace,
+                    self._replica.max_keys, asked, self._replica.max_keys)
+            self.config = config = replace(config, max_keys=self._replica.max_keys)
         self._lock = self._node.lock
         self._max_value_bytes = self._node.max_value_bytes
         self._max_staleness = config.max_staleness

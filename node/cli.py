@@ -313,6 +313,13 @@ class Session:
             if info is None and not create:
                 return None
             if self.max_keys is not None:
+                if info is not None and info["max_keys"] != self.max_keys:
+                    # The API would adopt the namespace's limit with a warning; a command that
+                    # names a limit explicitly is refused instead, so a script notices.
+                    raise CliError(EXIT_REFUSED, (
+                        f"StorageError: namespace {self.namespace!r} exists with max_keys="
+                        f"{info['max_keys']}; --max-keys asked for max_keys={self.max_keys} "
+                        "(the first opener sets the limit; leave --max-keys out to use it)"))
                 max_keys = self.max_keys
             else:
                 max_keys = info["max_keys"] if info is not None else 0

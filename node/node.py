@@ -43,6 +43,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
+from node.probe import refused
 from node.replica import Replica, RequestFetch, RequestProbe, RequestSnapshot
 from node.requests import ChannelPool, CurveKeys, RequestChannel, apply_curve
 from node.watch import Watcher, change_from_event
@@ -115,13 +116,19 @@ class Node:
                                                         retry_interval=retry_interval,
                                                         curve=curve))
         deadline = time.monotonic() + connect_timeout
+        if refused(address, timeout=min(1.0, connect_timeout)):  # fail fast, not after timeout
+            raise BrokerUnavailable(f"no broker at {address}: connection refused (start one, "
+                                    "e.g. scripts/broker, or check the address)")
         first = RequestChannel(ctx, address, retry_interval=retry_interval, curve=curve,
                                watch_handshake=True)
         try:
             hello = first.call(Hello(os.urandom(12)), deadline)
-        except BrokerUnavailable as exc:
+        except BrokerUnavailable:
             self._pool.close()
-            raise BrokerUnavailable(f"cannot reach broker at {address}: {exc}") from None
+            raise BrokerUnavailable(f"broker at {address} did not answer within "
+                                    f"{connect_timeout:g}s (something accepts connections "
+                                    "there but is silent: a stopped or overloaded broker, or "
+                                    "not a sharedmem broker)") from None
         except BaseException:
             self._pool.close()
             raise
@@ -167,9 +174,11 @@ class Node:
             self.wait_visible(namespace, reply, deadline)
         return reply
 
-    def open_namespace(self, namespace: str, max_keys: int, deadline: float) -> Replica:
-        """Open (create or check) a namespace and wait until its replica is live."""
-        reply = self.request(Open(namespace, max_keys), deadline)
+    def open_namespace(self, namespace: str, max_keys: int, deadline: float,
+                       *, adopt: bool = False) -> Replica:
+        """Open (create or check) a namespace and wait until its replica is live. ``adopt``:
+        an existing namespace is opened with its own ``max_keys`` (the replica's)."""
+        reply = self.request(Open(namespace, max_keys, adopt), deadline)
         if isinstance(reply, Error):
             raise error_from_kind(reply.kind, reply.message)
         if not isinstance(reply, OpenReply):
@@ -502,7 +511,7 @@ class Node:
             elif type(a) is RequestFetch:
                 self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.snap_id))
             elif type(a) is RequestProbe:
-                self._send_dealer(Open(a.namespace, a.max_keys))
+                self._send_dealer(Open(a.namespace, a.max_keys, adopt=True))
 
     def _send_dealer(self, req: object) -> None:
         try:

@@ -16,6 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A handle with no broker configured looks for a broker on tcp://127.0.0.1:7400; tests must not
+# depend on whether one runs on this machine, so they (and their children) default to the
+# embedded broker. Tests of the lookup itself unset this in their child processes.
+os.environ["SHAREDMEM_BROKER"] = "embedded"
+
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0,
                interval: float = 0.01, message: str = "condition") -> object:
@@ -50,7 +55,7 @@ def free_port_pair() -> int:
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("SHAREDMEM_BROKER", None)
+    env["SHAREDMEM_BROKER"] = "embedded"  # see the top of this file
     return env
 
 
