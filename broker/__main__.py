@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
+    if not args.data_dir:
+        logging.getLogger("sharedmem.broker").warning(
+            "no --data-dir: this broker keeps everything in memory; every namespace and key is "
+            "LOST when it stops or restarts (nodes then meet a new epoch). Pass --data-dir DIR "
+            "for a durable log (scripts/broker does)")
     broker = Broker(config)
     stop = threading.Event()
 

@@ -409,7 +409,16 @@ class Node:
                         self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(info[0]) + info[1])
                     r = self.replicas.get(reply.namespace)
                     if r is not None:
+                        old_epoch, old = r.epoch, r.state
                         actions += r.on_snapshot(reply, time.monotonic())
+                        if old is not None and old_epoch is not None and r.epoch != old_epoch:
+                            # A new broker history (e.g. an in-memory broker restarted): say
+                            # what this node's replica lost, not just "broker is back".
+                            log.warning(
+                                "namespace %r was reset: the broker has a new history (epoch "
+                                "%s, was %s); %d keys at seq %d replaced by %d keys at seq %d",
+                                r.namespace, r.epoch, old_epoch, len(old.entries), old.seq,
+                                len(r.state.entries) if r.state else 0, r.seq)
                 elif isinstance(reply, FetchReply):
                     r = self.replicas.get(reply.namespace)
                     if r is not None:
