@@ -70,7 +70,7 @@ class SharedMemoryConfig:
     """
 
     max_keys: int | None = 10000
-    ttl: float = 3600.0
+    ttl: float | timedelta = 3600.0  # stored as float seconds
     namespace: str = "shared"
     broker: str | None = None
     request_timeout: float = 10.0

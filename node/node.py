@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -58,12 +59,15 @@ SUB_HWM = 1_000_000
 APPLY_OWN_WRITES = True  # apply a write's events from its reply (benchmarks turn it off)
 
 
+SyncState = Literal["joining", "live", "repairing", "resyncing"]  # the values of replica.Sync
+
+
 @dataclass(frozen=True)
 class NamespaceStatus:
     """What a node knows about one namespace's freshness."""
 
     namespace: str
-    sync: str
+    sync: SyncState
     seq: int
     head_seq: int
     lag: int
@@ -255,8 +259,8 @@ class Node:
             r = self.replicas[namespace]
             age = None if r.last_heard is None else now - r.last_heard
             head = max(r.head_seq, r.seq)
-            return NamespaceStatus(namespace, r.sync.value, r.seq, head, head - r.seq, age,
-                                   r.resyncs, r.repairs)
+            return NamespaceStatus(namespace, cast(SyncState, r.sync.value), r.seq, head,
+                                   head - r.seq, age, r.resyncs, r.repairs)
 
     def close(self) -> None:
         if self._closed:
