@@ -31,6 +31,7 @@ from broker.log import MemoryLog
 from broker.metrics import MetricsServer
 from broker.metrics import render as render_metrics
 from broker.protocol import (
+    PROTOCOL_VERSION,
     TOPIC_END,
     Delete,
     Digest,
@@ -608,6 +609,10 @@ class Broker:
                 self.core.append_to_log(decision, now, wall)
                 self.core.commit(decision, now)
                 self._outbox.append((envelope, decision.reply, decision))
+            elif t is Hello and request.protocol != PROTOCOL_VERSION:  # refuse, clearly
+                self._send_reply(envelope, Error("ProtocolError", (
+                    f"this broker speaks protocol version {PROTOCOL_VERSION}, the node sent "
+                    f"{request.protocol}: run the same sharedmem version on both sides")))
             elif t is Hello:
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, self.config.max_value_bytes,

@@ -138,6 +138,9 @@ class Node:
             raise
         finally:
             first.close()
+        if isinstance(hello, Error):  # e.g. another protocol version: say what the broker said
+            self._pool.close()
+            raise error_from_kind(hello.kind, hello.message)
         if not isinstance(hello, HelloReply):
             self._pool.close()
             raise BrokerUnavailable(f"broker at {address} answered Hello with {hello!r}")
