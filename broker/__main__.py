@@ -8,18 +8,56 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 
 from broker.server import Broker, BrokerConfig
 
+SUBCOMMANDS_HELP = """\
+other commands:
+  {prog} repair --data-dir DIR   truncate a corrupt log at its last good record
+  {prog} keygen NAME [--dir DIR] create a CURVE key pair (DIR/NAME.key, DIR/NAME.key_secret)
+  ({prog} repair --help, {prog} keygen --help for details)
+"""
+
+
+def prog_name() -> str:
+    """What the user typed: ``sharedmem-broker`` for the console script, else the module."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("sharedmem-broker") else "python -m broker"
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("sharedmem")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _endpoint(text: str) -> str:
+    """An endpoint with its scheme; a bare ``host:port`` gets a hint instead of EINVAL."""
+    if "://" not in text:
+        hint = f" (did you mean 'tcp://{text}'?)" if ":" in text else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no scheme: an endpoint is tcp://HOST:PORT (or ipc://PATH){hint}")
+    return text
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m broker", description="Run a sharedmem broker.")
-    p.add_argument("--bind", action="append", metavar="ENDPOINT",
-                   help="request endpoint (repeatable); default tcp://127.0.0.1:7400")
-    p.add_argument("--pub-bind", action="append", metavar="ENDPOINT",
+    prog = prog_name()
+    p = argparse.ArgumentParser(prog=prog, description="Run a sharedmem broker.",
+                                epilog=SUBCOMMANDS_HELP.format(prog=prog),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"sharedmem-broker {version()}")
+    p.add_argument("--bind", action="append", metavar="ENDPOINT", type=_endpoint,
+                   help="request endpoint tcp://HOST:PORT (repeatable); default "
+                        "tcp://127.0.0.1:7400")
+    p.add_argument("--pub-bind", action="append", metavar="ENDPOINT", type=_endpoint,
                    help="event endpoint (repeatable); default: each --bind's port + 1")
     p.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS",
                    help="heartbeat interval on the event stream (default 0.5)")
@@ -49,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def repair_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m broker repair",
+    p = argparse.ArgumentParser(prog=f"{prog_name()} repair",
                                 description="Truncate a corrupt log at its last good record.")
     p.add_argument("--data-dir", required=True, metavar="DIR")
     args = p.parse_args(argv)
@@ -69,7 +107,7 @@ def repair_main(argv: list[str]) -> int:
 
 
 def keygen_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m broker keygen",
+    p = argparse.ArgumentParser(prog=f"{prog_name()} keygen",
                                 description="Create a CURVE key pair: DIR/NAME.key (public, "
                                             "give it out) and DIR/NAME.key_secret (keep it).")
     p.add_argument("name")
@@ -120,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
+    if not args.data_dir:
+        logging.getLogger("sharedmem.broker").warning(
+            "no --data-dir: this broker keeps everything in memory; every namespace and key is "
+            "LOST when it stops or restarts (nodes then meet a new epoch). Pass --data-dir DIR "
+            "for a durable log (scripts/broker does)")
     broker = Broker(config)
     stop = threading.Event()
 

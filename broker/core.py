@@ -520,7 +520,9 @@ class BrokerCore:
         return entry is not None and entry[0] == request_no and entry[1] == out.reply
 
     def open(self, request: Open) -> Reply:
-        """Create the namespace if missing; refuse a different ``max_keys`` for an existing one."""
+        """Create the namespace if missing. An existing one keeps its ``max_keys`` (settings
+        belong to the namespace): with ``adopt`` the reply carries it, without (older nodes)
+        a different ``max_keys`` is refused."""
         try:
             name = check_namespace(request.namespace)
         except SharedMemoryError as exc:
@@ -528,7 +530,7 @@ class BrokerCore:
         state = self.namespaces.get(name)
         if state is None:
             state = self._create(name, request.max_keys)
-        elif state.max_keys != request.max_keys:
+        elif state.max_keys != request.max_keys and not request.adopt:
             return Error(
                 "StorageError",
                 f"namespace {name!r} exists with max_keys={state.max_keys}; this node asked "

@@ -102,10 +102,13 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
 
 
 class Open(msgspec.Struct, tag=True, frozen=True):
-    """Create ``namespace`` with ``max_keys`` if missing; refuse if it exists with another."""
+    """Create ``namespace`` with ``max_keys`` if missing. If it exists with another
+    ``max_keys``: ``adopt`` = open it with its own limit (the reply says which), else refuse
+    (what nodes without the field expect)."""
 
     namespace: str
     max_keys: NonNegInt
+    adopt: bool = False
 
 
 class Snapshot(msgspec.Struct, tag=True, frozen=True):

@@ -32,6 +32,7 @@ from broker.log import Log, MemoryLog
 from broker.metrics import MetricsServer
 from broker.metrics import render as render_metrics
 from broker.protocol import (
+    PROTOCOL_VERSION,
     TOPIC_END,
     Delete,
     Digest,
@@ -581,6 +582,10 @@ class Broker:
             t = type(request)
             if t is Set or t is SetMany or t is Delete or t is Touch or t is Open:
                 self._writes.append((envelope, request))  # decided by the core's run_turn
+            elif t is Hello and request.protocol != PROTOCOL_VERSION:  # refuse, clearly
+                self._send_reply(envelope, Error("ProtocolError", (
+                    f"this broker speaks protocol version {PROTOCOL_VERSION}, the node sent "
+                    f"{request.protocol}: run the same sharedmem version on both sides")))
             elif t is Hello:
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, self.config.max_value_bytes,

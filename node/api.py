@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -38,9 +38,10 @@ from broker.protocol import (
 )
 from broker.state import Entry, NamespaceState
 from broker.validation import check_key, encode_value
-from node.config import SharedMemoryConfig, _seconds
+from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, _seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
+from node.probe import DEFAULT_LOCAL_BROKER, refused
 from node.watch import INITIAL_DONE, CallbackHandle, ChangeEvent, Watcher, change_from_event
 
 log = logging.getLogger("sharedmem.node")
@@ -75,6 +76,39 @@ class Status:
     namespace: NamespaceStatus
 
 
+_default_lock = threading.Lock()
+_default_address: str | None = None  # the process's choice when no broker is configured
+
+
+def _broker_address(config: SharedMemoryConfig) -> str:
+    """The address a handle connects to (ARCHITECTURE.md section 4, plus no silent fallback).
+
+    With nothing configured the local default broker is used if one listens, else the embedded
+    broker with one WARNING: two processes that each fell back share nothing, which must not go
+    unnoticed. The choice is made once per process, so all of its handles share one broker."""
+    global _default_address
+    address = config.resolved_broker()
+    if address == EMBEDDED:
+        return embedded_address()
+    if address is not None:
+        return address
+    with _default_lock:
+        if _default_address is None:
+            if not refused(DEFAULT_LOCAL_BROKER, timeout=0.5):
+                _default_address = DEFAULT_LOCAL_BROKER
+            else:
+                log.warning(
+                    "no broker configured and none listens at %s: using this process's embedded "
+                    "broker; other processes will NOT see its writes. Start a shared one "
+                    "(scripts/broker) or choose with SharedMemoryConfig(broker='tcp://HOST:PORT') "
+                    "or $SHAREDMEM_BROKER; broker='embedded' selects the embedded broker without "
+                    "this warning", DEFAULT_LOCAL_BROKER)
+                _default_address = EMBEDDED
+        if _default_address == EMBEDDED:
+            return embedded_address()
+        return _default_address
+
+
 def _fast_key_ok(key: object) -> bool:
     # Short printable ASCII keys are always valid; anything else takes the full check.
     return type(key) is str and 0 < len(key) <= 1024 and key.isascii() and key.isprintable()
@@ -84,13 +118,14 @@ class SharedMemory:
     """A namespace replicated into this process. Thread-safe; a context manager.
 
     Construction connects and returns once the namespace is replicated, or raises
-    ``BrokerUnavailable`` (naming the address) when the broker cannot be reached in time, and
-    ``StorageError`` when the namespace exists with another ``max_keys``.
+    ``BrokerUnavailable`` (naming the address) at once when nothing listens there, or when the
+    broker does not answer within ``connect_timeout``. An existing namespace is opened with its
+    own ``max_keys`` (``config.max_keys`` then shows it).
     """
 
     def __init__(self, config: SharedMemoryConfig | None = None) -> None:
         self.config = config = config or SharedMemoryConfig()
-        address = config.resolved_broker() or embedded_address()
+        address = _broker_address(config)
         self.namespace = config.namespace
         deadline = time.monotonic() + config.connect_timeout
         self._node: Node = acquire_node(
@@ -98,11 +133,24 @@ class SharedMemory:
             retry_interval=config.retry_interval, receive_hwm=config.receive_hwm,
             curve=config.curve_keys(),
         )
+        asked = config.max_keys
         try:
-            self._replica = self._node.open_namespace(config.namespace, config.max_keys, deadline)
+            self._replica = self._node.open_namespace(
+                config.namespace, DEFAULT_MAX_KEYS if asked is None else asked, deadline,
+                adopt=True)
         except BaseException:
             release_node(self._node)
             raise
+        if self._replica.max_keys != asked:
+            # Settings belong to the namespace: this handle uses the namespace's limit.
+            if asked is not None:
+                log.warning(
+                    "namespace %r exists with max_keys=%d; this handle asked for max_keys=%d and "
+                    "uses the namespace's %d: the first opener of a namespace sets its limit (pass "
+                    "max_keys=None to adopt it silently; for another limit use another "
+                    "namespace)", config.namespace,
+                    self._replica.max_keys, asked, self._replica.max_keys)
+            self.config = config = replace(config, max_keys=self._replica.max_keys)
         self._lock = self._node.lock
         self._max_value_bytes = self._node.max_value_bytes
         self._max_staleness = config.max_staleness
@@ -275,7 +323,7 @@ class SharedMemory:
             raise StorageError(f"unexpected reply to a write: {type(reply).__name__}")
         return reply
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None,
+    def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None,
             if_version: int | None = None) -> int:
         """Store ``value`` (JSON) under ``key``; returns its new version. ``ttl``: seconds,
         None = the config's default, 0 = never expires. ``if_version``: compare-and-set, write
@@ -287,7 +335,7 @@ class SharedMemory:
         ns, mk = self.namespace, self.config.max_keys
         return self._write(lambda cid, no: Set(cid, no, ns, mk, key, data, t, v)).seq
 
-    def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> int:
+    def set_many(self, mapping: Mapping[str, Any], *, ttl: float | timedelta | None = None) -> int:
         """Store several keys atomically (one event batch); returns the last version."""
         if not isinstance(mapping, Mapping):
             from broker.errors import InvalidValue
@@ -309,7 +357,7 @@ class SharedMemory:
         ns, mk = self.namespace, self.config.max_keys
         return self._write(lambda cid, no: Delete(cid, no, ns, mk, key, v)).changed
 
-    def touch(self, key: str, ttl: float) -> int:
+    def touch(self, key: str, ttl: float | timedelta) -> int:
         """Give ``key`` a new TTL (seconds from now; 0 = never) without rewriting its value.
         KeyNotFound if absent. Returns the namespace seq of the change (the key's version is
         unchanged)."""
@@ -323,7 +371,7 @@ class SharedMemory:
         return self._write(lambda cid, no: Touch(cid, no, ns, mk, key, t)).seq
 
     def update(self, key: str, fn: Callable[[Any], Any], *, default: Any = None,
-               ttl: float | None = None, retries: int = 1000) -> Any:
+               ttl: float | timedelta | None = None, retries: int = 1000) -> Any:
         """Read ``key`` (``default`` if absent), write ``fn(value)`` with compare-and-set, and
         retry on VersionConflict (up to ``retries`` times). Returns the value written."""
         deadline = time.monotonic() + self.config.request_timeout * max(1, retries)
@@ -440,15 +488,21 @@ def _initial_change(key: str, e: Entry, *, resync: bool = False) -> ChangeEvent:
 
 class AsyncSharedMemory:
     """The asyncio twin of ``SharedMemory``: reads run inline (they never block), writes and
-    connecting run in a worker thread so the event loop never waits on the network."""
+    connecting run in a worker thread so the event loop never waits on the network.
+
+    Arguments, return values and errors are those of the ``SharedMemory`` method of the same
+    name; only the waiting differs."""
 
     def __init__(self, config: SharedMemoryConfig | None = None) -> None:
         self.config = config or SharedMemoryConfig()
         self._shm: SharedMemory | None = None
 
     async def open(self) -> AsyncSharedMemory:
+        """Connect and replicate the namespace (in a worker thread); returns ``self``.
+        Idempotent. Raises what ``SharedMemory()`` raises."""
         if self._shm is None:
             self._shm = await asyncio.to_thread(SharedMemory, self.config)
+            self.config = self._shm.config  # the namespace's settings in effect
         return self
 
     async def __aenter__(self) -> AsyncSharedMemory:
@@ -458,67 +512,91 @@ class AsyncSharedMemory:
         await self.close()
 
     async def close(self) -> None:
+        """Leave the namespace and release the node (in a worker thread); idempotent."""
         if self._shm is not None:
             shm, self._shm = self._shm, None
             await asyncio.to_thread(shm.close)
 
     @property
     def sync(self) -> SharedMemory:
+        """The underlying ``SharedMemory``; StorageError before ``open()``."""
         if self._shm is None:
             raise StorageError("AsyncSharedMemory is not open: use 'async with' or await open()")
         return self._shm
 
     async def get(self, key: str, default: Any = _MISSING, *, consistent: bool = False) -> Any:
+        """The value of ``key`` (a fresh copy), ``default`` or KeyNotFound if absent. Local
+        and inline; ``consistent=True`` first catches up with the broker in a worker thread."""
         if consistent:
             await asyncio.to_thread(self.sync.sync_with_broker)
         return self.sync.get(key, default)
 
     async def exists(self, key: str) -> bool:
+        """Whether ``key`` is present and not expired in the local replica (inline)."""
         return self.sync.exists(key)
 
     async def get_metadata(self, key: str) -> Metadata:
+        """Size, timestamps, expiry and version of ``key``; KeyNotFound if absent (inline)."""
         return self.sync.get_metadata(key)
 
     async def list_keys(self, pattern: str = "*", *, consistent: bool = False) -> list[str]:
+        """The sorted keys matching the glob ``pattern`` (PatternError if malformed); see
+        ``get`` for ``consistent``."""
         if consistent:
             await asyncio.to_thread(self.sync.sync_with_broker)
         return self.sync.list_keys(pattern)
 
     async def status(self) -> Status:
+        """How fresh this handle's replica is (inline)."""
         return self.sync.status()
 
-    async def set(self, key: str, value: Any, *, ttl: float | None = None,
+    async def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None,
                   if_version: int | None = None) -> int:
+        """Write ``value`` under ``key`` (worker thread); returns its version. ``ttl``: seconds
+        or timedelta, None = the config's default, 0 = never; ``if_version``: compare-and-set
+        (0 = only if absent), else VersionConflict."""
         return await asyncio.to_thread(self.sync.set, key, value, ttl=ttl,
                                        if_version=if_version)
 
-    async def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> int:
+    async def set_many(self, mapping: Mapping[str, Any], *,
+                       ttl: float | timedelta | None = None) -> int:
+        """Write every item of ``mapping`` as one atomic batch (worker thread); returns the
+        version of the last one."""
         return await asyncio.to_thread(self.sync.set_many, mapping, ttl=ttl)
 
     async def delete(self, key: str, *, if_version: int | None = None) -> bool:
+        """Delete ``key`` (worker thread); True if it existed."""
         return await asyncio.to_thread(self.sync.delete, key, if_version=if_version)
 
-    async def touch(self, key: str, ttl: float) -> int:
+    async def touch(self, key: str, ttl: float | timedelta) -> int:
+        """Give ``key`` a new time to live from now (0 = never expires), keeping its value
+        and version (worker thread); KeyNotFound if absent."""
         return await asyncio.to_thread(self.sync.touch, key, ttl)
 
     async def update(self, key: str, fn: Callable[[Any], Any], *, default: Any = None,
-                     ttl: float | None = None, retries: int = 1000) -> Any:
+                     ttl: float | timedelta | None = None, retries: int = 1000) -> Any:
+        """Read-modify-write ``key`` with compare-and-set retries (worker thread; ``fn`` runs
+        there too); returns the value written."""
         return await asyncio.to_thread(self.sync.update, key, fn, default=default, ttl=ttl,
                                        retries=retries)
 
     def watch(self, pattern: str = "*", *, initial: bool = True,
               from_version: int | None = None) -> Watcher:
-        """An async iterator of changes (``async for change in shm.watch(...)``)."""
+        """An async iterator of changes (``async for change in shm.watch(...)``, or
+        ``await watcher.aget(timeout=...)``). Call it inside the running loop."""
         return self.sync._watch(pattern, initial, from_version, asyncio.get_running_loop())
 
     @property
     def seq(self) -> int:
+        """The seq of the namespace's last event applied to this replica."""
         return self.sync.seq
 
     def local_digest(self) -> tuple[int, str]:
+        """(seq, digest) of this replica's state (inline, not awaited)."""
         return self.sync.local_digest()
 
     async def broker_digest(self) -> tuple[int, str]:
+        """(seq, digest) of the broker's state of the namespace (worker thread)."""
         return await asyncio.to_thread(self.sync.broker_digest)
 
 

@@ -57,9 +57,10 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES_HELP = """\
 exit codes:
   0  ok
-  1  not found: get/meta/del of a missing (or expired) key
+  1  not found: get/meta/del of a missing (or expired) key; get/meta/del/ls/dump in a
+     namespace (-n) that does not exist
   2  usage or invalid input: bad arguments, invalid key/namespace/value/pattern, bad JSON
-  3  broker unavailable (not reachable within --timeout)
+  3  broker unavailable (connection refused, or no answer within --timeout)
   4  refused by the broker: StorageError, including VersionConflict (--if-version) and a
      --max-keys that differs from the existing namespace's
   5  access denied
@@ -84,6 +85,17 @@ class CliError(Exception):
 
 
 # --------------------------------------------------------------------------- argument parsing
+
+
+def version() -> str:
+    """The installed distribution's version (one source: pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("sharedmem")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _non_negative_int(text: str) -> int:
@@ -143,6 +155,9 @@ def _add_global_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
                         "it. A value differing from an existing namespace's is refused (exit 4)")
     g.add_argument("--json", action="store_true", default=d(False),
                    help="machine-readable output for get, set, ls, meta, stats and load")
+    g.add_argument("--raw", action="store_true", default=d(False),
+                   help="get: a string value printed as is (no quotes, no escapes), any other "
+                        "value as compact JSON, one value per line")
     g.add_argument("--timeout", type=_timeout_arg, metavar="SECONDS", default=d(10.0),
                    help="deadline for reaching the broker and for each request (default 10)")
     g.add_argument("--curve-key-file", metavar="FILE", default=d(None),
@@ -161,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"sharedmem {version()}")
     _add_global_options(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -252,9 +268,15 @@ class Session:
     def __init__(self, args: argparse.Namespace) -> None:
         self.address: str = args.broker or os.environ.get("SHAREDMEM_BROKER") or DEFAULT_BROKER
         if not self.address.startswith(("tcp://", "ipc://")):
+            hint = ""
+            if self.address == "embedded":
+                hint = (" ('embedded' is a process's in-process broker, which no other "
+                        "process can reach)")
+            elif "://" not in self.address and ":" in self.address:
+                hint = f" (the scheme is needed: did you mean 'tcp://{self.address}'?)"
             raise CliError(EXIT_USAGE,
                            f"--broker must be 'tcp://HOST:PORT' (or ipc://PATH), got "
-                           f"{self.address!r}")
+                           f"{self.address!r}{hint}")
         self.namespace: str = check_namespace(args.namespace)
         self.max_keys: int | None = args.max_keys
         self.timeout: float = args.timeout
@@ -313,6 +335,13 @@ class Session:
             if info is None and not create:
                 return None
             if self.max_keys is not None:
+                if info is not None and info["max_keys"] != self.max_keys:
+                    # The API would adopt the namespace's limit with a warning; a command that
+                    # names a limit explicitly is refused instead, so a script notices.
+                    raise CliError(EXIT_REFUSED, (
+                        f"StorageError: namespace {self.namespace!r} exists with max_keys="
+                        f"{info['max_keys']}; --max-keys asked for max_keys={self.max_keys} "
+                        "(the first opener sets the limit; leave --max-keys out to use it)"))
                 max_keys = self.max_keys
             else:
                 max_keys = info["max_keys"] if info is not None else 0
@@ -392,11 +421,24 @@ class Progress:
             sys.stderr.flush()
 
 
-def _parse_json(text: str | bytes, what: str) -> Any:
+def _parse_json(text: str | bytes, what: str, *, hint: bool = False) -> Any:
     try:
         return _decode(text)
     except msgspec.DecodeError as exc:
-        raise CliError(EXIT_USAGE, f"{what} is not valid JSON: {exc}") from None
+        extra = ""
+        if hint:  # the usual slip: a bare word where a JSON string was meant
+            import json
+
+            word = text.decode(errors="replace") if isinstance(text, bytes) else text
+            word = word.strip()
+            quoted = json.dumps(word, ensure_ascii=False).replace("'", "'\\''")
+            extra = f"; a string needs JSON quotes: did you mean '{quoted}'?"
+        raise CliError(EXIT_USAGE, f"{what} is not valid JSON: {exc}{extra}") from None
+
+
+def _missing_namespace(s: Session) -> KeyNotFound:
+    return KeyNotFound(f"namespace {s.namespace!r} does not exist (a write creates it; "
+                       "'sharedmem stats' lists the namespaces)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -406,9 +448,12 @@ def cmd_get(args: argparse.Namespace, s: Session) -> int:
     check_key(args.key)
     shm = s.open(create=False)
     if shm is None:
-        raise KeyNotFound(f"key {args.key!r} not found: namespace {s.namespace!r} does not exist")
+        raise _missing_namespace(s)
     value = shm.get(args.key)
-    _out(_json_line(value) if args.json else _pretty(value))
+    if args.raw:
+        _out(value if isinstance(value, str) else _json_line(value))
+    else:
+        _out(_json_line(value) if args.json else _pretty(value))
     return EXIT_OK
 
 
@@ -418,9 +463,9 @@ def cmd_set(args: argparse.Namespace, s: Session) -> int:
         if sys.stdin.isatty():
             print("sharedmem: reading the JSON value from stdin (end with Ctrl-D)",
                   file=sys.stderr, flush=True)
-        value = _parse_json(sys.stdin.buffer.read(), "the value read from stdin")
+        value = _parse_json(sys.stdin.buffer.read(), "the value read from stdin", hint=True)
     else:
-        value = _parse_json(args.value, "the value")
+        value = _parse_json(args.value, "the value", hint=True)
     encode_value(args.key, value)  # InvalidValue before connecting
     shm = s.open(create=True)
     assert shm is not None
@@ -432,7 +477,9 @@ def cmd_set(args: argparse.Namespace, s: Session) -> int:
 def cmd_del(args: argparse.Namespace, s: Session) -> int:
     check_key(args.key)
     shm = s.open(create=False)
-    if shm is None or not shm.delete(args.key, if_version=args.if_version):
+    if shm is None:
+        raise _missing_namespace(s)
+    if not shm.delete(args.key, if_version=args.if_version):
         raise KeyNotFound(f"key {args.key!r} not found in namespace {s.namespace!r}")
     return EXIT_OK
 
@@ -440,7 +487,9 @@ def cmd_del(args: argparse.Namespace, s: Session) -> int:
 def cmd_ls(args: argparse.Namespace, s: Session) -> int:
     compile_pattern(args.pattern)
     shm = s.open(create=False)
-    keys = [] if shm is None else shm.list_keys(args.pattern)
+    if shm is None:
+        raise _missing_namespace(s)
+    keys = shm.list_keys(args.pattern)
     if args.json:
         _out(_json_line(keys))
     else:
@@ -465,7 +514,7 @@ def cmd_meta(args: argparse.Namespace, s: Session) -> int:
     check_key(args.key)
     shm = s.open(create=False)
     if shm is None:
-        raise KeyNotFound(f"key {args.key!r} not found: namespace {s.namespace!r} does not exist")
+        raise _missing_namespace(s)
     d = _meta_dict(args.key, shm.get_metadata(args.key))
     if args.json:
         _out(_json_line(d))
@@ -505,7 +554,7 @@ def cmd_dump(args: argparse.Namespace, s: Session) -> int:
     compile_pattern(args.pattern)
     shm = s.open(create=False)
     if shm is None:
-        return EXIT_OK
+        raise _missing_namespace(s)
     keys = shm.list_keys(args.pattern)
     progress = Progress("dumped", len(keys))
     out = sys.stdout.buffer

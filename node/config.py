@@ -14,6 +14,15 @@ from broker.errors import InvalidNamespace
 from broker.validation import check_namespace
 
 EMBEDDED = "embedded"
+DEFAULT_MAX_KEYS = 10000  # what max_keys=None creates a namespace with
+_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+def _scheme_hint(value: object) -> str:
+    """A hint for the common slip of a bare ``host:port``."""
+    if isinstance(value, str) and "://" not in value and ":" in value:
+        return f" (an address needs its scheme: did you mean 'tcp://{value}'?)"
+    return ""
 
 
 def _seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
@@ -36,11 +45,17 @@ def _as_bytes(key: str | bytes) -> bytes:
 class SharedMemoryConfig:
     """Settings of one shared-memory handle.
 
-    - ``max_keys``: the namespace's capacity, 0 = unlimited (fixed when the namespace is created).
+    - ``max_keys``: the namespace's capacity, 0 = unlimited. A setting of the *namespace*: the
+      first opener creates it with this limit; a handle opening an existing namespace uses the
+      namespace's limit (one WARNING naming both if this one differs; None = adopt silently,
+      or create with ``DEFAULT_MAX_KEYS``). The handle's ``config.max_keys`` is the limit in
+      effect.
     - ``ttl``: default time to live of a write in seconds (int, float or timedelta), 0 = never.
     - ``namespace``: ``[A-Za-z0-9_.-]{1,128}``.
-    - ``broker``: ``"tcp://HOST:PORT"``; None = ``$SHAREDMEM_BROKER`` if set, else the process's
-      embedded in-process broker.
+    - ``broker``: ``"tcp://HOST:PORT"``, or ``"embedded"`` for the process's in-process broker
+      (nothing shared with other processes). None = ``$SHAREDMEM_BROKER`` if set, else the
+      local default broker ``tcp://127.0.0.1:7400`` if one listens, else the embedded broker
+      with one WARNING (other processes will not see its writes).
     - ``request_timeout``: how long a write may take, retries included, before
       ``BrokerUnavailable``; ``connect_timeout``: the same for opening the namespace;
       ``retry_interval``: the first Lazy Pirate timeout (grows up to 4x per attempt).
@@ -54,8 +69,8 @@ class SharedMemoryConfig:
       ``curve_public_key``/``curve_secret_key``/``broker_public_key``. All or nothing.
     """
 
-    max_keys: int = 10000
-    ttl: float = 3600.0
+    max_keys: int | None = 10000
+    ttl: float | timedelta = 3600.0  # stored as float seconds
     namespace: str = "shared"
     broker: str | None = None
     request_timeout: float = 10.0
@@ -70,20 +85,22 @@ class SharedMemoryConfig:
     broker_key_file: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_keys, bool) or not isinstance(self.max_keys, int) \
-                or self.max_keys < 0:
-            raise ValueError(f"max_keys must be an int >= 0 (0 = unlimited), got {self.max_keys!r}")
+        if self.max_keys is not None and (isinstance(self.max_keys, bool)
+                                          or not isinstance(self.max_keys, int)
+                                          or self.max_keys < 0):
+            raise ValueError(f"max_keys must be an int >= 0 (0 = unlimited) or None, got "
+                             f"{self.max_keys!r}")
         object.__setattr__(self, "ttl", _seconds("ttl", self.ttl))
         try:
             check_namespace(self.namespace)
         except InvalidNamespace as exc:  # a ValueError too, as the contract asks
             raise InvalidNamespace(f"namespace: {exc}") from None
         if self.broker is not None:
-            if not isinstance(self.broker, str) or not self.broker.startswith(
-                ("tcp://", "ipc://", "inproc://")
-            ):
+            if not isinstance(self.broker, str) or not (self.broker == EMBEDDED or self.broker
+                                                        .startswith(_SCHEMES)):
                 raise ValueError(
-                    f"broker must be 'tcp://HOST:PORT' (or ipc:// / inproc://), got {self.broker!r}"
+                    f"broker must be 'tcp://HOST:PORT' (or ipc:// / inproc://, or 'embedded'), "
+                    f"got {self.broker!r}" + _scheme_hint(self.broker)
                 )
         for name in ("request_timeout", "connect_timeout", "retry_interval"):
             v = _seconds(name, getattr(self, name))
@@ -145,10 +162,12 @@ class SharedMemoryConfig:
         return public, secret, server
 
     def resolved_broker(self) -> str | None:
-        """The broker address to use; None = the embedded broker."""
+        """The configured broker address (or ``"embedded"``); None = nothing configured (the
+        handle then looks for the local default broker, see ``broker``)."""
         if self.broker is not None:
             return self.broker
         env = os.environ.get("SHAREDMEM_BROKER")
-        if env and not env.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError(f"SHAREDMEM_BROKER must be 'tcp://HOST:PORT', got {env!r}")
+        if env and not (env == EMBEDDED or env.startswith(_SCHEMES)):
+            raise ValueError(f"SHAREDMEM_BROKER must be 'tcp://HOST:PORT' or 'embedded', got "
+                             f"{env!r}" + _scheme_hint(env))
         return env or None

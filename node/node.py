@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal, cast
 from urllib.parse import urlsplit
 
 import zmq
@@ -44,6 +45,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
+from node.probe import refused
 from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
 from node.requests import ChannelPool, CurveKeys, RequestChannel, apply_curve
 from node.watch import Watcher, change_from_event
@@ -57,12 +59,15 @@ _POLLIN = int(zmq.POLLIN)
 SUB_HWM = 1_000_000
 
 
+SyncState = Literal["joining", "live", "repairing", "resyncing"]  # the values of replica.Sync
+
+
 @dataclass(frozen=True)
 class NamespaceStatus:
     """What a node knows about one namespace's freshness."""
 
     namespace: str
-    sync: str
+    sync: SyncState
     seq: int
     head_seq: int
     lag: int
@@ -120,18 +125,27 @@ class Node:
                                                         retry_interval=retry_interval,
                                                         curve=curve))
         deadline = time.monotonic() + connect_timeout
+        if refused(address, timeout=min(1.0, connect_timeout)):  # fail fast, not after timeout
+            raise BrokerUnavailable(f"no broker at {address}: connection refused (start one, "
+                                    "e.g. scripts/broker, or check the address)")
         first = RequestChannel(ctx, address, retry_interval=retry_interval, curve=curve,
                                watch_handshake=True)
         try:
             hello = first.call(Hello(os.urandom(12)), deadline)
-        except BrokerUnavailable as exc:
+        except BrokerUnavailable:
             self._pool.close()
-            raise BrokerUnavailable(f"cannot reach broker at {address}: {exc}") from None
+            raise BrokerUnavailable(f"broker at {address} did not answer within "
+                                    f"{connect_timeout:g}s (something accepts connections "
+                                    "there but is silent: a stopped or overloaded broker, or "
+                                    "not a sharedmem broker)") from None
         except BaseException:
             self._pool.close()
             raise
         finally:
             first.close()
+        if isinstance(hello, Error):  # e.g. another protocol version: say what the broker said
+            self._pool.close()
+            raise error_from_kind(hello.kind, hello.message)
         if not isinstance(hello, HelloReply):
             self._pool.close()
             raise BrokerUnavailable(f"broker at {address} answered Hello with {hello!r}")
@@ -172,9 +186,11 @@ class Node:
             self.wait_visible(namespace, reply, deadline)
         return reply
 
-    def open_namespace(self, namespace: str, max_keys: int, deadline: float) -> Replica:
-        """Open (create or check) a namespace and wait until its replica is live."""
-        reply = self.request(Open(namespace, max_keys), deadline)
+    def open_namespace(self, namespace: str, max_keys: int, deadline: float,
+                       *, adopt: bool = False) -> Replica:
+        """Open (create or check) a namespace and wait until its replica is live. ``adopt``:
+        an existing namespace is opened with its own ``max_keys`` (the replica's)."""
+        reply = self.request(Open(namespace, max_keys, adopt), deadline)
         if isinstance(reply, Error):
             raise error_from_kind(reply.kind, reply.message)
         if not isinstance(reply, OpenReply):
@@ -251,8 +267,8 @@ class Node:
             r = self.replicas[namespace]
             age = None if r.last_heard is None else now - r.last_heard
             head = max(r.head_seq, r.seq)
-            return NamespaceStatus(namespace, r.sync.value, r.seq, head, head - r.seq, age,
-                                   r.resyncs, r.repairs)
+            return NamespaceStatus(namespace, cast(SyncState, r.sync.value), r.seq, head,
+                                   head - r.seq, age, r.resyncs, r.repairs)
 
     def close(self) -> None:
         if self._closed:
@@ -398,7 +414,16 @@ class Node:
                 if isinstance(reply, SnapshotReply):
                     r = self.replicas.get(reply.namespace)
                     if r is not None:
+                        old_epoch, old = r.epoch, r.state
                         actions += r.on_snapshot_chunk(reply, time.monotonic())
+                        if old is not None and old_epoch is not None and r.epoch != old_epoch:
+                            # A new broker history (e.g. an in-memory broker restarted): say
+                            # what this node's replica lost, not just "broker is back".
+                            log.warning(
+                                "namespace %r was reset: the broker has a new history (epoch "
+                                "%s, was %s); %d keys at seq %d replaced by %d keys at seq %d",
+                                r.namespace, r.epoch, old_epoch, len(old.entries), old.seq,
+                                len(r.state.entries) if r.state else 0, r.seq)
                 elif isinstance(reply, FetchReply):
                     r = self.replicas.get(reply.namespace)
                     if r is not None:
@@ -472,7 +497,7 @@ class Node:
             elif type(a) is RequestFetch:
                 self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.snap_id))
             elif type(a) is RequestProbe:
-                self._send_dealer(Open(a.namespace, a.max_keys))
+                self._send_dealer(Open(a.namespace, a.max_keys, adopt=True))
 
     def _send_dealer(self, req: object) -> None:
         try:

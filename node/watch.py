@@ -18,14 +18,15 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, Literal
 
 import msgspec
 
 from broker.pattern import Pattern
 from broker.protocol import Event, KeyDeleted, KeyExpired, KeySet, KeyTouched
 
-INITIAL_DONE = "initial_done"
+INITIAL_DONE: Final = "initial_done"
+ChangeOp = Literal["set", "delete", "expire", "touch", "initial_done"]
 _CLOSED = object()
 
 
@@ -41,7 +42,7 @@ class ChangeEvent:
     """
 
     key: str
-    op: str
+    op: ChangeOp
     version: int
     value: Any = None
     modified_at: datetime | None = None
@@ -152,9 +153,15 @@ class Watcher:
                 return
             yield item
 
-    async def aget(self) -> ChangeEvent | None:
-        assert self._aqueue is not None
-        item = await self._aqueue.get()
+    async def aget(self, timeout: float | None = None) -> ChangeEvent | None:
+        """The next change, or None after ``timeout`` seconds (or once closed); the async
+        twin of ``get``. Only for a watcher from ``AsyncSharedMemory.watch``."""
+        if self._aqueue is None:
+            raise TypeError("this watcher came from SharedMemory.watch: use get() or iterate it")
+        try:
+            item = await asyncio.wait_for(self._aqueue.get(), timeout)
+        except TimeoutError:
+            return None
         if item is _CLOSED:
             self._aqueue.put_nowait(_CLOSED)
             return None

@@ -10,7 +10,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
     echo "sharedmem: bootstrapping $VENV from pyproject.toml" >&2
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" >&2
+    # editable_mode=compat: a plain path entry, which mypy and pyright resolve (the default
+    # import-hook editable install is invisible to type checkers).
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" \
+        --config-settings editable_mode=compat >&2
     echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,12 @@ from tests.processes import (  # noqa: F401
     terminate,
     wait_until,
 )
+
+# A handle with no broker configured looks for a broker on tcp://127.0.0.1:7400; tests must not
+# depend on whether one runs on this machine, so they (and their children, see
+# tests/processes.py child_env) default to the embedded broker. Tests of the lookup itself
+# unset this in their child processes.
+os.environ["SHAREDMEM_BROKER"] = "embedded"
 
 
 @pytest.fixture

@@ -62,11 +62,13 @@ def free_port_pair() -> int:
 
 
 def child_env() -> dict[str, str]:
-    """This environment with the repo first on PYTHONPATH and no SHAREDMEM_BROKER (a child
-    must use the broker it is told about, never one from the caller's shell)."""
+    """This environment with the repo first on PYTHONPATH and SHAREDMEM_BROKER=embedded: a
+    child must use the broker it is told about, never one from the caller's shell, and a handle
+    with nothing configured must not depend on whether a broker listens on the default
+    tcp://127.0.0.1:7400 of this machine."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("SHAREDMEM_BROKER", None)
+    env["SHAREDMEM_BROKER"] = "embedded"
     return env
 
 

@@ -56,7 +56,7 @@ with SharedMemory(SharedMemoryConfig(namespace="envsel")) as shm:
     with SharedMemory(SharedMemoryConfig(namespace="envsel",
                                          broker=broker_process.address)) as shm:
         assert shm.get("via") == "env"
-    assert os.environ.get("SHAREDMEM_BROKER") is None
+    assert os.environ.get("SHAREDMEM_BROKER") == "embedded"  # conftest default, untouched
 
 
 def test_registry_returns_the_same_object_for_equal_configs() -> None:

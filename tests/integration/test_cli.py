@@ -185,8 +185,8 @@ def test_missing_key_exits_1_and_reads_create_nothing(broker_process: BrokerProc
         r = cli("-n", "never-made", *args, broker=broker_process)
         assert r.returncode == 1, (args, r.stderr)
     for args in (["ls"], ["dump"]):
-        r = cli("-n", "never-made", *args, broker=broker_process)
-        assert r.returncode == 0 and r.stdout == ""
+        r = cli("-n", "never-made", *args, broker=broker_process)  # says so (issue 12)
+        assert r.returncode == 1 and r.stdout == "" and "does not exist" in r.stderr
     assert "never-made" not in stats(broker_process)["namespaces"]
 
 
@@ -593,3 +593,76 @@ def test_demo_claims_every_task_once_and_finishes_them_all() -> None:
     assert final.keys() == tasks
     assert all(v["state"] == "done" and v["owner"] == claimed_by[k] for k, v in final.items())
     assert any("[planner] summary: all 8 tasks done" in line for line in lines)
+
+
+# --------------------------------------------------------------------------- polish (issue 12)
+
+
+def broker_cli(*args: str, script: bool = False) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "sharedmem-broker"
+    cmd = [str(exe)] if script else [sys.executable, "-m", "broker"]
+    return subprocess.run([*cmd, *args], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_version_on_both_clis() -> None:
+    from importlib.metadata import version
+
+    expected = version("sharedmem")
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"sharedmem {expected}", r.stdout
+    b = broker_cli("--version")
+    assert b.returncode == 0 and b.stdout.strip() == f"sharedmem-broker {expected}", b.stdout
+
+
+@pytest.mark.timeout(60)
+def test_broker_help_lists_every_subcommand_under_the_name_it_was_called_by() -> None:
+    r = broker_cli("--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: python -m broker")
+    for sub in ("repair --data-dir DIR", "keygen NAME"):
+        assert f"python -m broker {sub}" in r.stdout, r.stdout
+    if not (Path(sys.executable).parent / "sharedmem-broker").exists():
+        pytest.skip("the sharedmem-broker console script is not installed in this venv")
+    s = broker_cli("--help", script=True)
+    assert s.returncode == 0 and s.stdout.startswith("usage: sharedmem-broker"), s.stdout
+    assert "sharedmem-broker keygen NAME" in s.stdout
+    k = broker_cli("keygen", "--help", script=True)
+    assert k.returncode == 0 and k.stdout.startswith("usage: sharedmem-broker keygen")
+
+
+@pytest.mark.timeout(60)
+def test_an_address_without_scheme_is_explained() -> None:
+    b = broker_cli("--bind", "127.0.0.1:7800")
+    assert b.returncode == 2 and "did you mean 'tcp://127.0.0.1:7800'?" in b.stderr, b.stderr
+    r = cli("--broker", "127.0.0.1:7800", "ls")
+    assert r.returncode == 2 and "did you mean 'tcp://127.0.0.1:7800'?" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_raw_output_and_the_json_hint(broker_process: BrokerProcess) -> None:
+    assert cli("set", "greeting", '"hello\\nworld"', broker=broker_process).returncode == 0
+    assert cli("set", "obj", '{"a": [1, 2]}', broker=broker_process).returncode == 0
+    r = cli("--raw", "get", "greeting", broker=broker_process)
+    assert r.returncode == 0 and r.stdout == "hello\nworld\n", repr(r.stdout)
+    o = cli("get", "obj", "--raw", broker=broker_process)
+    assert o.returncode == 0 and o.stdout == '{"a":[1,2]}\n', repr(o.stdout)
+    bad = cli("set", "greeting", "hello", broker=broker_process)
+    assert bad.returncode == 2, bad.stderr
+    assert "did you mean '\"hello\"'?" in bad.stderr, bad.stderr
+    assert json.loads(cli("get", "greeting", broker=broker_process).stdout) == "hello\nworld"
+
+
+@pytest.mark.timeout(60)
+def test_a_namespace_that_does_not_exist_is_named(broker_process: BrokerProcess) -> None:
+    for args in (["get", "k"], ["meta", "k"], ["del", "k"], ["ls"], ["dump"]):
+        r = cli("-n", "no_such_ns", *args, broker=broker_process)
+        assert r.returncode == 1, (args, r.stderr)
+        assert "namespace 'no_such_ns' does not exist" in r.stderr, (args, r.stderr)
+    assert "no_such_ns" not in stats(broker_process)["namespaces"]  # reads created nothing
+
+
+def test_readme_says_where_the_sharedmem_command_is() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert ".venv/bin/sharedmem" in readme and "source .venv/bin/activate" in readme

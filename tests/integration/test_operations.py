@@ -1,0 +1,45 @@
+"""Operator basics (issue 12 item 8): the broker refuses a Hello of another protocol version
+with a clear error, and the project carries a license."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import zmq
+
+from broker.protocol import PROTOCOL_VERSION, Error, Hello, HelloReply, reply_codec, request_codec
+from tests.conftest import ROOT, BrokerProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def hello(address: str, protocol: int) -> object:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(address)
+        s.send(request_codec().encode(Hello(os.urandom(12), protocol)))
+        assert s.poll(10_000), "no reply to Hello"
+        return reply_codec().decode(s.recv())
+    finally:
+        s.close(linger=0)
+
+
+def test_hello_of_another_protocol_version_is_refused(broker_process: BrokerProcess) -> None:
+    reply = hello(broker_process.address, PROTOCOL_VERSION + 1)
+    assert isinstance(reply, Error) and reply.kind == "ProtocolError", reply
+    assert f"protocol version {PROTOCOL_VERSION}" in reply.message
+    assert f"sent {PROTOCOL_VERSION + 1}" in reply.message
+    assert isinstance(hello(broker_process.address, PROTOCOL_VERSION), HelloReply)
+    assert broker_process.alive
+
+
+def test_license_and_metadata() -> None:
+    import tomllib
+
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "MIT"}
+    assert "License :: OSI Approved :: MIT License" in project["classifiers"]
