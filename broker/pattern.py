@@ -26,6 +26,7 @@ item-against-character comparison; tests use it to prove the bound without timin
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -136,6 +137,16 @@ class Pattern:
         if self.prefix_only:
             return key.startswith(self.prefix)
         return self._run(key, None)
+
+    def select(self, keys: Iterable[str]) -> list[str]:
+        """The keys that match, in their order."""
+        if self.exact:
+            return [k for k in keys if k == self.prefix]
+        if self.prefix_only:
+            prefix = self.prefix
+            return [k for k in keys if k.startswith(prefix)]
+        run = self._run
+        return [k for k in keys if run(k, None)]
 
     def match_steps(self, key: str) -> tuple[bool, int]:
         """(matches, steps) by the counting twin of the matcher: for tests of the bound."""

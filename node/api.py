@@ -211,11 +211,15 @@ class SharedMemory:
         """Sorted keys matching the glob (``*``, ``?``, ``[a-z]``, ``[!a]``, ``\\`` escapes).
 
         ``consistent=True``: catch up with the broker's head first (see ``get``)."""
-        compile_pattern(pattern)  # PatternError before taking the lock
+        p = compile_pattern(pattern)  # PatternError before taking the lock
         if consistent:
             self.sync_with_broker()
         with self._lock:
-            return self._state().list_keys(pattern, time.monotonic())
+            keys = self._state().candidates(p, time.monotonic())
+        # Matching runs after the lock is released: however slow a pattern is over many keys,
+        # another thread's get() and the I/O thread's applies never wait for it. The keys are
+        # still exactly those live at one seq (docs/consistency.md).
+        return p.select(keys)
 
     def digest(self) -> str:
         """Hash of this replica's state (equal to the broker's once converged)."""
@@ -387,7 +391,9 @@ class SharedMemory:
             state = self._state()
             self._node.add_watcher(ns, watcher)
             seq, epoch = state.seq, self._replica.epoch
-            current = [(k, state.entries[k]) for k in state.list_keys(pattern, now)]
+            current = [(k, state.entries[k]) for k in state.candidates(p, now)]
+        # Filtered outside the lock (as in list_keys); entries are immutable once applied.
+        current = [(k, e) for k, e in current if p.matches(k)]
         backlog: list[ChangeEvent] = []
         resync_marker = False
         if from_version is not None:
