@@ -612,6 +612,7 @@ class Broker:
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, self.config.max_value_bytes,
                     self.config.heartbeat_interval,
+                    max_message_bytes=self.config.max_message_bytes,
                 ))
             elif t is Open:
                 self._send_reply(envelope, self.core.open(request))

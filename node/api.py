@@ -37,7 +37,7 @@ from broker.protocol import (
     WriteOk,
 )
 from broker.state import Entry, NamespaceState
-from broker.validation import check_key, encode_value
+from broker.validation import check_key, check_ttl_bound, check_version, encode_value
 from node.config import SharedMemoryConfig, _seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
@@ -266,6 +266,8 @@ class SharedMemory:
                 from broker.errors import InvalidValue
 
                 raise InvalidValue(str(exc)) from None
+            assert value is not None
+            check_ttl_bound(value)  # so get_metadata's expires_at is valid for every TTL
         return value or None
 
     def _write(self, build: Any) -> WriteOk:
@@ -430,13 +432,7 @@ class SharedMemory:
 
 
 def _check_version(v: object) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        from broker.errors import InvalidValue
-
-        raise InvalidValue(f"if_version must be an int >= 0 (0 = absent), got {v!r}")
-    return v
+    return check_version(v, "if_version")
 
 
 def _initial_change(key: str, e: Entry, *, resync: bool = False) -> ChangeEvent:
