@@ -73,6 +73,8 @@ from broker.validation import (
     check_encoded_value,
     check_key,
     check_namespace,
+    check_ttl_bound,
+    check_version,
 )
 
 MAX_BATCH_ITEMS = 10_000
@@ -188,7 +190,7 @@ def _check_ttl(ttl: float | None) -> float | None:
         return None
     if not math.isfinite(ttl) or ttl < 0:
         raise InvalidValue(f"ttl must be a finite number of seconds >= 0, got {ttl!r}")
-    return float(ttl)
+    return check_ttl_bound(float(ttl))
 
 
 class BrokerCore:
@@ -308,6 +310,7 @@ class BrokerCore:
                        expected: int | None) -> None:
         if expected is None:
             return
+        check_version(expected)  # a raw peer may send any int64 or uint64
         current = live.version if live is not None else 0
         if current != expected:
             raise VersionConflict(

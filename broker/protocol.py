@@ -209,6 +209,9 @@ class HelloReply(msgspec.Struct, tag=True, frozen=True):
     max_value_bytes: int
     heartbeat_interval: float
     protocol: int = PROTOCOL_VERSION
+    # The largest request frame the broker reads (ZMQ_MAXMSGSIZE); a bigger one is dropped
+    # unanswered, so the node refuses it before sending. 0 = not stated (an older broker).
+    max_message_bytes: int = 0
 
 
 class OpenReply(msgspec.Struct, tag=True, frozen=True):

@@ -590,6 +590,7 @@ class Broker:
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, self.config.max_value_bytes,
                     self.config.heartbeat_interval,
+                    max_message_bytes=self.config.max_message_bytes,
                 ))
             elif t is Snapshot:
                 self._on_snapshot(envelope, request, now)

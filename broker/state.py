@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import msgspec
 from sortedcontainers import SortedList
 
-from broker.pattern import compile_pattern
+from broker.pattern import Pattern, compile_pattern
 from broker.protocol import Event, KeyDeleted, KeyExpired, KeySet, KeyTouched, SnapEntry
 
 
@@ -135,6 +135,14 @@ class NamespaceState:
     def list_keys(self, pattern: str, now: float) -> list[str]:
         """Sorted live keys matching the glob; a literal prefix is a range scan of the index."""
         p = compile_pattern(pattern)
+        return p.select(self.candidates(p, now))
+
+    def candidates(self, p: Pattern, now: float) -> list[str]:
+        """Sorted live keys that start with ``p.prefix``: every key ``p`` can match.
+
+        This is the part of ``list_keys`` that reads the state; it costs one ordered range
+        scan and never runs the matcher, so a caller holding a lock over the state takes
+        candidates under it and runs ``p.select`` after releasing it."""
         if p.exact:
             return [p.prefix] if self.live(p.prefix, now) is not None else []
         if p.prefix:
@@ -144,12 +152,9 @@ class NamespaceState:
         out: list[str] = []
         entries = self.entries
         prefix = p.prefix
-        regex = p.regex
         for key in candidates:
             if not key.startswith(prefix):
                 break
-            if regex is not None and regex.fullmatch(key) is None:
-                continue
             d = entries[key].deadline
             if d is None or d > now:
                 out.append(key)

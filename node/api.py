@@ -37,7 +37,7 @@ from broker.protocol import (
     WriteOk,
 )
 from broker.state import Entry, NamespaceState
-from broker.validation import check_key, encode_value
+from broker.validation import check_key, check_ttl_bound, check_version, encode_value
 from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, _seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
@@ -259,11 +259,15 @@ class SharedMemory:
         """Sorted keys matching the glob (``*``, ``?``, ``[a-z]``, ``[!a]``, ``\\`` escapes).
 
         ``consistent=True``: catch up with the broker's head first (see ``get``)."""
-        compile_pattern(pattern)  # PatternError before taking the lock
+        p = compile_pattern(pattern)  # PatternError before taking the lock
         if consistent:
             self.sync_with_broker()
         with self._lock:
-            return self._state().list_keys(pattern, time.monotonic())
+            keys = self._state().candidates(p, time.monotonic())
+        # Matching runs after the lock is released: however slow a pattern is over many keys,
+        # another thread's get() and the I/O thread's applies never wait for it. The keys are
+        # still exactly those live at one seq (docs/consistency.md).
+        return p.select(keys)
 
     def digest(self) -> str:
         """Hash of this replica's state (equal to the broker's once converged)."""
@@ -310,6 +314,8 @@ class SharedMemory:
                 from broker.errors import InvalidValue
 
                 raise InvalidValue(str(exc)) from None
+            assert value is not None
+            check_ttl_bound(value)  # so get_metadata's expires_at is valid for every TTL
         return value or None
 
     def _write(self, build: Any) -> WriteOk:
@@ -435,7 +441,9 @@ class SharedMemory:
             state = self._state()
             self._node.add_watcher(ns, watcher)
             seq, epoch = state.seq, self._replica.epoch
-            current = [(k, state.entries[k]) for k in state.list_keys(pattern, now)]
+            current = [(k, state.entries[k]) for k in state.candidates(p, now)]
+        # Filtered outside the lock (as in list_keys); entries are immutable once applied.
+        current = [(k, e) for k, e in current if p.matches(k)]
         backlog: list[ChangeEvent] = []
         resync_marker = False
         if from_version is not None:
@@ -472,13 +480,7 @@ class SharedMemory:
 
 
 def _check_version(v: object) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        from broker.errors import InvalidValue
-
-        raise InvalidValue(f"if_version must be an int >= 0 (0 = absent), got {v!r}")
-    return v
+    return check_version(v, "if_version")
 
 
 def _initial_change(key: str, e: Entry, *, resync: bool = False) -> ChangeEvent:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from broker.errors import InvalidNamespace
-from broker.validation import check_namespace
+from broker.validation import MAX_TTL_SECONDS, check_namespace
 
 EMBEDDED = "embedded"
 DEFAULT_MAX_KEYS = 10000  # what max_keys=None creates a namespace with
@@ -90,7 +90,11 @@ class SharedMemoryConfig:
                                           or self.max_keys < 0):
             raise ValueError(f"max_keys must be an int >= 0 (0 = unlimited) or None, got "
                              f"{self.max_keys!r}")
-        object.__setattr__(self, "ttl", _seconds("ttl", self.ttl))
+        ttl = _seconds("ttl", self.ttl)
+        if ttl is not None and ttl > MAX_TTL_SECONDS:
+            raise ValueError(f"ttl must be at most {MAX_TTL_SECONDS} seconds (10 years), "
+                             f"got {self.ttl!r}")
+        object.__setattr__(self, "ttl", ttl)
         try:
             check_namespace(self.namespace)
         except InvalidNamespace as exc:  # a ValueError too, as the contract asks

@@ -152,6 +152,7 @@ class Node:
         self.hello = hello
         self.pub_endpoint = pick_pub_endpoint(address, hello.pub_endpoints)
         self.max_value_bytes = hello.max_value_bytes
+        self._pool.max_request_bytes = hello.max_message_bytes  # refused before sending
         self.heartbeat_timeout = heartbeat_timeout or max(3 * hello.heartbeat_interval, 1.0)
         self._commands: deque[tuple[str, str, list[Action]]] = deque()
         self._wake_r, self._wake_w = pysocket.socketpair()

@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from broker.errors import AccessDenied, BrokerUnavailable, ProtocolError
+from broker.errors import AccessDenied, BrokerUnavailable, InvalidValue, ProtocolError
 from broker.protocol import (
     EventBatch,
     Reply,
@@ -126,15 +126,21 @@ class RequestChannel:
         return self._request_no
 
     def call(self, build: Callable[[bytes, int], Request] | Request, deadline: float,
-             *, is_write: bool = False) -> Reply:
+             *, is_write: bool = False, max_bytes: int = 0) -> Reply:
         """Send one request and return its reply, retrying until ``deadline`` (monotonic).
 
         ``build(client_id, request_no)`` makes a write request (the number is fixed once, so
-        every resend is the same request); a plain Request is sent as is.
+        every resend is the same request); a plain Request is sent as is. ``max_bytes``: the
+        broker's message limit (0 = unknown); a bigger request raises InvalidValue unsent,
+        because the broker would drop it unanswered and the caller would wait for nothing.
         """
         self.last_batch = None
         request = build(self.client_id, self.next_request_no()) if callable(build) else build
         data = self._requests.encode(request)
+        if max_bytes and len(data) > max_bytes:
+            raise InvalidValue(
+                f"{type(request).__name__} request is {len(data)} bytes, over the broker's "
+                f"message limit of {max_bytes} bytes; nothing was sent (split it up)")
         attempt = 0
         while True:
             now = time.monotonic()
@@ -177,6 +183,7 @@ class ChannelPool:
 
     def __init__(self, factory: Callable[[], RequestChannel]) -> None:
         self._factory = factory
+        self.max_request_bytes = 0  # the broker's limit from its Hello reply (0 = unknown)
         self._free: list[RequestChannel] = []
         self._all: list[RequestChannel] = []
         self._lock = threading.Lock()
@@ -197,7 +204,8 @@ class ChannelPool:
                 channel = self._factory()
                 self._all.append(channel)
         try:
-            reply = channel.call(build, deadline, is_write=is_write)
+            reply = channel.call(build, deadline, is_write=is_write,
+                                 max_bytes=self.max_request_bytes)
             return reply, channel.last_batch
         finally:
             with self._lock:
