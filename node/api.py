@@ -74,6 +74,10 @@ class Status:
     broker: str
     epoch: str | None
     namespace: NamespaceStatus
+    # Broker groups (docs/groups.md, "Nodes"): the highest term this node has seen, and the
+    # request endpoint of the primary it sends to ("" for a single broker, or while unknown).
+    term: int = 0
+    primary: str = ""
 
 
 _default_lock = threading.Lock()
@@ -300,7 +304,9 @@ class SharedMemory:
         if self._closed:
             raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
         ns = self._node.status(self.namespace, time.monotonic())
-        return Status(self._node.connected, self._node.address, self._replica.epoch, ns)
+        term, primary, _, _ = self._node.route.view()
+        return Status(self._node.connected, self._node.address, self._replica.epoch, ns,
+                      max(term, ns.term), primary)
 
     # ------------------------------------------------------------------ writes (via broker)
 

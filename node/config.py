@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -23,6 +24,44 @@ def _scheme_hint(value: object) -> str:
     if isinstance(value, str) and "://" not in value and ":" in value:
         return f" (an address needs its scheme: did you mean 'tcp://{value}'?)"
     return ""
+
+
+def seed_list(value: str | Sequence[str], *, source: str = "broker") -> tuple[str, ...]:
+    """The seed addresses of ``value``: one address, several separated by commas, or a list.
+
+    A seed list names a broker group (or a single broker) reachable at any of its entries
+    (docs/groups.md, "Nodes"). Each entry must be an address as a single ``broker`` is
+    (``tcp://``, ``ipc://`` or ``inproc://``); ``"embedded"`` stands only alone, since the
+    in-process broker is never part of a group. Duplicates are dropped, the order is kept
+    (it is the order the seeds are tried in).
+
+    Raises:
+        ValueError: naming ``source``, the bad entry and what is wrong with it.
+    """
+    if isinstance(value, str):
+        entries = [e.strip() for e in value.split(",")] if "," in value else [value]
+    elif isinstance(value, Sequence) and value and all(isinstance(e, str) for e in value):
+        entries = [e.strip() for e in value]
+    else:
+        raise ValueError(f"{source} must be an address string or a non-empty list of address "
+                         f"strings, got {value!r}")
+    if len(entries) == 1 and entries[0] == EMBEDDED:
+        return (EMBEDDED,)
+    out: list[str] = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{source}: entry {i} of {value!r}" if len(entries) > 1 else source
+        if entry == EMBEDDED:
+            raise ValueError(f"{where} is 'embedded': the in-process broker cannot be part of "
+                             "a seed list (give it alone)")
+        if not entry:
+            raise ValueError(f"{where} is empty (a stray comma?)")
+        if not entry.startswith(_SCHEMES) or entry in _SCHEMES:
+            raise ValueError(
+                f"{where} must be 'tcp://HOST:PORT' (or ipc:// / inproc://, or 'embedded' "
+                f"alone), got {entry!r}" + _scheme_hint(entry))
+        if entry not in out:
+            out.append(entry)
+    return tuple(out)
 
 
 def _seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
@@ -55,7 +94,10 @@ class SharedMemoryConfig:
     - ``broker``: ``"tcp://HOST:PORT"``, or ``"embedded"`` for the process's in-process broker
       (nothing shared with other processes). None = ``$SHAREDMEM_BROKER`` if set, else the
       local default broker ``tcp://127.0.0.1:7400`` if one listens, else the embedded broker
-      with one WARNING (other processes will not see its writes).
+      with one WARNING (other processes will not see its writes). A seed list
+      (``"tcp://h1:7400,tcp://h2:7400"`` or a list of such strings; the same string in
+      ``$SHAREDMEM_BROKER``) names a broker group, or a single broker, at any of them; a list
+      is stored as a tuple (hashable).
     - ``request_timeout``: how long a write may take, retries included, before
       ``BrokerUnavailable``; ``connect_timeout``: the same for opening the namespace;
       ``retry_interval``: the first Lazy Pirate timeout (grows up to 4x per attempt).
@@ -72,7 +114,7 @@ class SharedMemoryConfig:
     max_keys: int | None = 10000
     ttl: float | timedelta = 3600.0  # stored as float seconds
     namespace: str = "shared"
-    broker: str | None = None
+    broker: str | Sequence[str] | None = None
     request_timeout: float = 10.0
     connect_timeout: float = 10.0
     retry_interval: float = field(default=1.0, compare=True)
@@ -100,12 +142,9 @@ class SharedMemoryConfig:
         except InvalidNamespace as exc:  # a ValueError too, as the contract asks
             raise InvalidNamespace(f"namespace: {exc}") from None
         if self.broker is not None:
-            if not isinstance(self.broker, str) or not (self.broker == EMBEDDED or self.broker
-                                                        .startswith(_SCHEMES)):
-                raise ValueError(
-                    f"broker must be 'tcp://HOST:PORT' (or ipc:// / inproc://, or 'embedded'), "
-                    f"got {self.broker!r}" + _scheme_hint(self.broker)
-                )
+            seeds = seed_list(self.broker)
+            if not isinstance(self.broker, str):  # a list: kept as a tuple, so still hashable
+                object.__setattr__(self, "broker", seeds)
         for name in ("request_timeout", "connect_timeout", "retry_interval"):
             v = _seconds(name, getattr(self, name))
             if not v:
@@ -167,11 +206,11 @@ class SharedMemoryConfig:
 
     def resolved_broker(self) -> str | None:
         """The configured broker address (or ``"embedded"``); None = nothing configured (the
-        handle then looks for the local default broker, see ``broker``)."""
+        handle then looks for the local default broker, see ``broker``). A seed list comes
+        back as one string, its entries joined by commas."""
         if self.broker is not None:
-            return self.broker
+            return ",".join(seed_list(self.broker))
         env = os.environ.get("SHAREDMEM_BROKER")
-        if env and not (env == EMBEDDED or env.startswith(_SCHEMES)):
-            raise ValueError(f"SHAREDMEM_BROKER must be 'tcp://HOST:PORT' or 'embedded', got "
-                             f"{env!r}" + _scheme_hint(env))
-        return env or None
+        if not env:
+            return None
+        return ",".join(seed_list(env, source="SHAREDMEM_BROKER"))

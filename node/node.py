@@ -6,6 +6,13 @@ the calling threads; and the ``Replica`` of every open namespace. The I/O thread
 under ``lock`` and signals ``changed``; readers take ``lock`` briefly, so a read reflects
 exactly the events up to some seq (a batch is never half-visible).
 
+With a broker group (a seed list, CLUSTER.md section 4) the node's ``SharedRoute`` says where
+requests go; the SUB is connected to every member's event endpoint (only the primary
+publishes), and the DEALER follows the route's target: it is reconnected when the primary
+changes, and the pending snapshot/fetch is asked again there at once. When the primary is
+unknown (a higher term seen on the stream, or the stream went silent), the I/O thread asks the
+members in turn with ``Hello`` until one names the primary.
+
 Must never: apply a write before the broker has ordered it (read-your-writes: the write's own
 events from its reply when the replica is exactly at their predecessor, else waiting for the
 reply's seq on the stream), or block the I/O thread on a user request. The snapshot protocol
@@ -20,6 +27,7 @@ import socket as pysocket
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 from urllib.parse import urlsplit
@@ -35,6 +43,7 @@ from broker.protocol import (
     Heartbeat,
     Hello,
     HelloReply,
+    NotPrimary,
     Open,
     OpenReply,
     Snapshot,
@@ -45,9 +54,11 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
+from node.config import seed_list
 from node.probe import refused
 from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
-from node.requests import ChannelPool, CurveKeys, RequestChannel, apply_curve
+from node.requests import ChannelPool, CurveKeys, RequestChannel, SharedRoute, apply_curve
+from node.routing import derived_pub_endpoint
 from node.watch import Watcher, change_from_event
 
 log = logging.getLogger("sharedmem.node")
@@ -74,6 +85,7 @@ class NamespaceStatus:
     last_heard_age: float | None
     resyncs: int
     repairs: int
+    term: int = 0  # highest broker-group term seen on this namespace's stream (0: single)
 
 
 def pick_pub_endpoint(broker: str, offered: list[str]) -> str:
@@ -98,13 +110,18 @@ def pick_pub_endpoint(broker: str, offered: list[str]) -> str:
 
 
 class Node:
-    """Replicas of one broker's namespaces in this process. Use ``acquire_node`` to share."""
+    """Replicas of one broker's (or broker group's) namespaces in this process. Use
+    ``acquire_node`` to share.
 
-    def __init__(self, address: str, ctx: zmq.Context, *, connect_timeout: float = 10.0,
-                 retry_interval: float = 1.0, heartbeat_timeout: float | None = None,
-                 receive_hwm: int = SUB_HWM, curve: CurveKeys | None = None,
-                 apply_own_writes: bool = True) -> None:
-        self.address = address
+    ``address``: one request endpoint, or a seed list (comma-separated, or a sequence)."""
+
+    def __init__(self, address: str | Sequence[str], ctx: zmq.Context, *,
+                 connect_timeout: float = 10.0, retry_interval: float = 1.0,
+                 heartbeat_timeout: float | None = None, receive_hwm: int = SUB_HWM,
+                 curve: CurveKeys | None = None, apply_own_writes: bool = True) -> None:
+        self.seeds = seed_list(address)
+        self.address = ",".join(self.seeds)  # as configured (one address stays as it was)
+        self.route = SharedRoute(self.seeds)
         # Apply a write's events from its reply when the replica is exactly at their
         # predecessor (docs/architecture.md §5); False always waits for the stream (benchmarks
         # compare the two).
@@ -121,36 +138,24 @@ class Node:
         self.watchers: dict[str, list[Watcher]] = {}
         self._refs: dict[str, int] = {}
         self.curve = curve
-        self._pool = ChannelPool(lambda: RequestChannel(ctx, address,
+        self._pool = ChannelPool(lambda: RequestChannel(ctx, self.route,
                                                         retry_interval=retry_interval,
                                                         curve=curve))
         deadline = time.monotonic() + connect_timeout
-        if refused(address, timeout=min(1.0, connect_timeout)):  # fail fast, not after timeout
-            raise BrokerUnavailable(f"no broker at {address}: connection refused (start one, "
-                                    "e.g. scripts/broker, or check the address)")
-        first = RequestChannel(ctx, address, retry_interval=retry_interval, curve=curve,
-                               watch_handshake=True)
         try:
-            hello = first.call(Hello(os.urandom(12)), deadline)
-        except BrokerUnavailable:
-            self._pool.close()
-            raise BrokerUnavailable(f"broker at {address} did not answer within "
-                                    f"{connect_timeout:g}s (something accepts connections "
-                                    "there but is silent: a stopped or overloaded broker, or "
-                                    "not a sharedmem broker)") from None
+            answered, hello = self._hello_seeds(deadline, connect_timeout)
         except BaseException:
             self._pool.close()
             raise
-        finally:
-            first.close()
-        if isinstance(hello, Error):  # e.g. another protocol version: say what the broker said
-            self._pool.close()
-            raise error_from_kind(hello.kind, hello.message)
-        if not isinstance(hello, HelloReply):
-            self._pool.close()
-            raise BrokerUnavailable(f"broker at {address} answered Hello with {hello!r}")
         self.hello = hello
-        self.pub_endpoint = pick_pub_endpoint(address, hello.pub_endpoints)
+        self.route.on_hello(answered, hello.term, hello.primary, hello.members)
+        # Event endpoint per member: what its own Hello offers (it knows its binds, wildcards
+        # included); the group's layout (port + 1) for a member that cannot be asked now.
+        self._pubs: dict[str, str] = {answered: pick_pub_endpoint(answered, hello.pub_endpoints)}
+        self.pub_endpoint = self._pubs[answered]
+        for member in self.route.view()[2]:
+            if member not in self._pubs:
+                self._pubs[member] = self._member_pub_endpoint(member, deadline)
         self.max_value_bytes = hello.max_value_bytes
         self._pool.max_request_bytes = hello.max_message_bytes  # refused before sending
         self.heartbeat_timeout = heartbeat_timeout or max(3 * hello.heartbeat_interval, 1.0)
@@ -163,6 +168,69 @@ class Node:
         self._io_ready = threading.Event()
         self._thread.start()
         self._io_ready.wait(5.0)
+
+    def _hello_seeds(self, deadline: float, connect_timeout: float) -> tuple[str, HelloReply]:
+        """Hello to the seeds in turn: skip those that refuse the connection (fast, node/probe),
+        give each of the others a share of the time left (the last one all of it); the first
+        answer wins. A standby answers Hello too, naming the primary and the members."""
+        seeds = self.seeds
+        live = [s for s in seeds if not refused(s, timeout=min(1.0, connect_timeout))]
+        if not live:
+            if len(seeds) == 1:
+                raise BrokerUnavailable(f"no broker at {seeds[0]}: connection refused (start "
+                                        "one, e.g. scripts/broker, or check the address)")
+            raise BrokerUnavailable(f"no broker at any of {', '.join(seeds)}: connection "
+                                    "refused at each (start one, or check the addresses)")
+        silent: list[str] = []
+        for i, seed in enumerate(live):
+            share = (deadline - time.monotonic()) / (len(live) - i)
+            first = RequestChannel(self._ctx, seed, retry_interval=self.retry_interval,
+                                   curve=self.curve, watch_handshake=True)
+            try:
+                hello = first.call(Hello(os.urandom(12)), time.monotonic() + max(0.0, share))
+            except BrokerUnavailable:
+                silent.append(seed)
+                continue
+            finally:
+                first.close()
+            if isinstance(hello, Error):  # e.g. another protocol version: say what it said
+                raise error_from_kind(hello.kind, hello.message)
+            if not isinstance(hello, HelloReply):
+                raise BrokerUnavailable(f"broker at {seed} answered Hello with {hello!r}")
+            if len(seeds) > 1:
+                log.info("seed %s answered (term %d, primary %r, members %s)", seed, hello.term,
+                         hello.primary, hello.members)
+            return seed, hello
+        if len(seeds) == 1:
+            raise BrokerUnavailable(f"broker at {seeds[0]} did not answer within "
+                                    f"{connect_timeout:g}s (something accepts connections "
+                                    "there but is silent: a stopped or overloaded broker, or "
+                                    "not a sharedmem broker)")
+        gone = [s for s in seeds if s not in live]
+        raise BrokerUnavailable(
+            f"no broker of the seed list {', '.join(seeds)} answered within "
+            f"{connect_timeout:g}s (silent: {', '.join(silent)}"
+            + (f"; connection refused: {', '.join(gone)}" if gone else "") + ")")
+
+    def _member_pub_endpoint(self, member: str, deadline: float) -> str:
+        """Ask ``member`` for its event endpoint (one short Hello); derive it when the member
+        refuses connections or stays silent, so the SUB is connected for when it comes back."""
+        budget = min(deadline - time.monotonic(), max(0.5, self.retry_interval))
+        if budget > 0 and not refused(member, timeout=min(0.5, budget)):
+            channel = RequestChannel(self._ctx, member, retry_interval=self.retry_interval,
+                                     curve=self.curve)
+            try:
+                reply = channel.call(Hello(os.urandom(12)), time.monotonic() + budget)
+                if isinstance(reply, HelloReply) and reply.pub_endpoints:
+                    return pick_pub_endpoint(member, reply.pub_endpoints)
+            except BrokerUnavailable:
+                pass
+            finally:
+                channel.close()
+        derived = derived_pub_endpoint(member)
+        log.info("member %s did not answer Hello; its events are expected at %s", member,
+                 derived)
+        return derived
 
     # ------------------------------------------------------------------ user-thread API
 
@@ -269,7 +337,7 @@ class Node:
             age = None if r.last_heard is None else now - r.last_heard
             head = max(r.head_seq, r.seq)
             return NamespaceStatus(namespace, cast(SyncState, r.sync.value), r.seq, head,
-                                   head - r.seq, age, r.resyncs, r.repairs)
+                                   head - r.seq, age, r.resyncs, r.repairs, r.term)
 
     def close(self) -> None:
         if self._closed:
@@ -301,9 +369,13 @@ class Node:
             s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
             s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sub.connect(self.pub_endpoint)
-        dealer.connect(self.address)
+        for endpoint in dict.fromkeys(self._pubs.values()):
+            sub.connect(endpoint)
+        self._dealer_target = self.route.target()
+        dealer.connect(self._dealer_target)
         self._sub, self._dealer = sub, dealer
+        self._hello_sent: float | None = None  # when the dealer's Hello went out, unanswered
+        self._last_hello = float("-inf")
         self._published = published_codec()
         self._replies = reply_codec()
         self._requests = request_codec()
@@ -386,6 +458,8 @@ class Node:
                 r = self.replicas.get(msg.namespace)
                 if r is None or topic != topic_for(msg.namespace):
                     continue
+                if msg.term > r.term:
+                    self.route.note_term(msg.term)  # a new primary: the tick finds where
                 now = time.monotonic()
                 if type(msg) is EventBatch:
                     actions += r.on_batch(msg, now)
@@ -410,6 +484,9 @@ class Node:
                 reply = self._replies.decode(frames[1])
             except ProtocolError as exc:
                 log.warning("dropping bad snapshot-channel reply: %s", exc)
+                continue
+            if isinstance(reply, (HelloReply, NotPrimary)):
+                actions += self._on_route_reply(reply)
                 continue
             with self.changed:
                 if isinstance(reply, SnapshotReply):
@@ -440,6 +517,62 @@ class Node:
                         self._dispatch(r)
                 self.changed.notify_all()
         self._carry_out(actions)
+
+    def _on_route_reply(self, reply: HelloReply | NotPrimary) -> list[Action]:
+        """A Hello answer, or a standby's refusal of a snapshot/fetch/probe, on the DEALER:
+        update the route; the DEALER follows it at once (and what was pending is re-asked)."""
+        asked = self._dealer_target
+        if isinstance(reply, HelloReply):
+            self._hello_sent = None
+            self.route.on_hello(asked, reply.term, reply.primary, reply.members)
+        else:
+            self.route.on_not_primary(asked, reply.term, reply.primary)
+        return self._follow_route(time.monotonic())
+
+    def _follow_route(self, now: float) -> list[Action]:
+        """Connect the SUB to members not yet connected; move the DEALER to the route's target
+        and re-ask there whatever snapshot/fetch was pending."""
+        _, primary, members, _ = self.route.view()
+        for member in members:
+            if member not in self._pubs:
+                self._pubs[member] = endpoint = derived_pub_endpoint(member)
+                log.info("new group member %s: subscribing to its events at %s", member,
+                         endpoint)
+                self._sub.connect(endpoint)
+        target = self.route.target()
+        if target == self._dealer_target:
+            return []
+        log.info("snapshot/fetch channel moves from %s to %s", self._dealer_target, target)
+        try:
+            self._dealer.disconnect(self._dealer_target)
+        except zmq.ZMQError:
+            pass
+        self._dealer.connect(target)
+        self._dealer_target = target
+        self._hello_sent = None
+        actions: list[Action] = []
+        with self.lock:
+            for r in self.replicas.values():
+                actions += r.reask(now)
+        return actions
+
+    def _ask_route(self, now: float) -> list[Action]:
+        """In a group whose primary is unknown, or whose stream went silent: Hello over the
+        DEALER; a Hello unanswered for ``hello_timeout`` rotates to the next member."""
+        term, primary, members, _ = self.route.view()
+        if len(members) < 2 or (primary and self.connected):
+            self._hello_sent = None
+            return []
+        hello_timeout = max(0.5, 2 * self.retry_interval)
+        actions: list[Action] = []
+        if self._hello_sent is not None and now - self._hello_sent > hello_timeout:
+            self._hello_sent = None
+            self.route.on_timeout(self._dealer_target)
+            actions += self._follow_route(now)
+        if self._hello_sent is None and now - self._last_hello > hello_timeout:
+            self._hello_sent = self._last_hello = now
+            self._send_dealer(Hello(os.urandom(12)))
+        return actions
 
     def _dispatch(self, r: Replica) -> None:
         """Hand the replica's recorded changes to the namespace's watchers (under ``lock``)."""
@@ -480,6 +613,8 @@ class Node:
                             "is back" if self.connected else "went silent")
             for r in self.replicas.values():
                 actions += r.on_tick(now)
+        actions += self._follow_route(now)
+        actions += self._ask_route(now)
         self._carry_out(actions)
 
     def _carry_out(self, actions: list[Action]) -> None:
@@ -509,16 +644,18 @@ class Node:
 
 # ---------------------------------------------------------------------- sharing per process
 
-_nodes: dict[tuple[str, CurveKeys | None], tuple[Node, int]] = {}
+_nodes: dict[tuple[tuple[str, ...], CurveKeys | None], tuple[Node, int]] = {}
 _nodes_lock = threading.Lock()
 
 
-def acquire_node(address: str, ctx: zmq.Context, *, connect_timeout: float,
+def acquire_node(address: str | Sequence[str], ctx: zmq.Context, *, connect_timeout: float,
                  retry_interval: float, receive_hwm: int = SUB_HWM,
                  curve: CurveKeys | None = None) -> Node:
     """The process's node for ``address`` and identity (created on first use), with one more
-    reference."""
-    k = (address, curve)
+    reference. A seed list is keyed by its normalised tuple of entries (``seed_list``), so
+    ``"tcp://a,tcp://b"`` and ``["tcp://a", "tcp://b"]`` share one node; another order or
+    another subset is another node (it may name another group)."""
+    k = (seed_list(address), curve)
     with _nodes_lock:
         item = _nodes.get(k)
         if item is not None and not item[0]._closed:
@@ -531,14 +668,14 @@ def acquire_node(address: str, ctx: zmq.Context, *, connect_timeout: float,
                     node.receive_hwm, retry_interval, receive_hwm)
             _nodes[k] = (node, item[1] + 1)
             return node
-        node = Node(address, ctx, connect_timeout=connect_timeout, retry_interval=retry_interval,
+        node = Node(k[0], ctx, connect_timeout=connect_timeout, retry_interval=retry_interval,
                     receive_hwm=receive_hwm, curve=curve)
         _nodes[k] = (node, 1)
         return node
 
 
 def release_node(node: Node) -> None:
-    k = (node.address, node.curve)
+    k = (node.seeds, node.curve)
     with _nodes_lock:
         item = _nodes.get(k)
         if item is None or item[0] is not node:

@@ -21,6 +21,12 @@ Theory of operation:
 - RESYNCING: waiting for a fresh snapshot (epoch change, or repair impossible). The old state is
   still served; the new one is built from the snapshot alone and swapped in whole.
 Every request carries an id; replies with another id are stale and dropped.
+
+Broker groups (CLUSTER.md section 4): every batch and heartbeat carries the term of the primary
+that sent it. One of a term below the highest seen for this namespace comes from a deposed
+primary and is dropped before anything else looks at it (it does not even count as hearing
+from the broker); an equal or higher term is accepted and continues the same epoch and seqs,
+so a failover needs no resync. A single broker sends term 0 throughout.
 """
 
 from __future__ import annotations
@@ -142,6 +148,8 @@ class Replica:
         self.repairs = 0
         self.last_heard: float | None = None  # any message of this namespace, local clock
         self.head_seq = 0  # highest seq the broker has announced (events or heartbeats)
+        self.term = 0  # highest broker-group term seen for this namespace (0: single broker)
+        self.stale_dropped = 0  # batches and heartbeats dropped for a term below ``term``
         self._buffer: list[tuple[EventBatch, float]] = []  # with arrival time (for TTLs)
         self._buffered = 0
         self._next_id = 0
@@ -223,6 +231,14 @@ class Replica:
     def _accepts(self, kind: str) -> bool:
         return kind in TRANSITIONS[self.sync]
 
+    def _old_term(self, term: int) -> bool:
+        """True (and counted) for a term below the highest seen; else that term is noted."""
+        if term < self.term:
+            self.stale_dropped += 1
+            return True
+        self.term = term
+        return False
+
     # ------------------------------------------------------------------ inputs
 
     def start(self, now: float) -> list[Action]:
@@ -230,6 +246,8 @@ class Replica:
         return self._ask_snapshot(now)
 
     def on_batch(self, batch: EventBatch, now: float) -> list[Action]:
+        if self._old_term(batch.term):
+            return []  # a deposed primary's batch: never applied, never buffered
         self.last_heard = now
         if self.sync is not Sync.LIVE:
             if batch.events and (self.epoch is None or batch.epoch == self.epoch):
@@ -264,13 +282,17 @@ class Replica:
         The same batch arriving later on the stream is then dropped as a duplicate."""
         events = batch.events
         if self.sync is not Sync.LIVE or batch.epoch != self.epoch or not events \
-                or self.state is None or events[0].seq != self.state.seq + 1:
+                or self.state is None or events[0].seq != self.state.seq + 1 \
+                or batch.term < self.term:
             return False
+        self.term = batch.term
         self._apply(events, now)
         self.head_seq = max(self.head_seq, self.state.seq)
         return True
 
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[Action]:
+        if self._old_term(hb.term):
+            return []  # a deposed primary's heartbeat says nothing about the group's head
         self.last_heard = now
         if self.sync is Sync.JOINING:
             return []
@@ -371,6 +393,14 @@ class Replica:
         if seq > self.seq:
             return self._ask_fetch(now)
         return []
+
+    def reask(self, now: float) -> list[Action]:
+        """The shell moved its snapshot/fetch channel to another broker (a new primary): ask
+        again now what is pending (with a new id) instead of after ``request_timeout``."""
+        if self._pending_id is None:
+            return []
+        self._pending_since = now - self.request_timeout
+        return self.on_tick(now)
 
     def close(self) -> list[Action]:
         """The namespace is closed: drop every barrier subscription still held."""

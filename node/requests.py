@@ -4,18 +4,25 @@ Owns: one socket, one ``client_id`` and its request counter. On a timeout the so
 with LINGER 0 (a REQ cannot send again before it receives), reopened, and the *same bytes* are
 resent, so the broker's dedup table answers a repeat instead of applying it twice.
 
+With a broker group the endpoint comes from the node's shared ``SharedRoute`` before every
+send: a ``NotPrimary`` reply re-sends at once to the primary it names, a timeout rotates to the
+next member (after a jittered pause). Both resend the same bytes, so the same
+``(client_id, request_no)`` reaches the new primary, whose dedup table was rebuilt from the
+shipped log: exactly-once survives a failover.
+
 Must never: be used by two threads at once (``ChannelPool`` hands each caller its own), or
 report a write whose reply never came as refused: that is ``BrokerUnavailable`` with
-``outcome_unknown=True``.
+``outcome_unknown=True`` (a ``NotPrimary`` is a refusal that changed nothing; a timeout is not).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -23,6 +30,7 @@ import zmq
 from broker.errors import AccessDenied, BrokerUnavailable, InvalidValue, ProtocolError
 from broker.protocol import (
     EventBatch,
+    NotPrimary,
     Reply,
     Request,
     WriteOk,
@@ -30,6 +38,7 @@ from broker.protocol import (
     reply_codec,
     request_codec,
 )
+from node.routing import Route, rotation_delay
 
 log = logging.getLogger("sharedmem.node")
 
@@ -49,18 +58,68 @@ def apply_curve(sock: zmq.Socket, curve: CurveKeys | None) -> None:
     sock.curve_serverkey = server
 
 
-class RequestChannel:
-    """REQ socket + Lazy Pirate retries. Not thread-safe: one caller at a time."""
+class SharedRoute:
+    """A ``Route`` shared by the node's request channels and its I/O thread, behind a lock
+    (each call is a few dict and list operations, never I/O)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, *, retry_interval: float = 1.0,
-                 curve: CurveKeys | None = None, watch_handshake: bool = False) -> None:
+    def __init__(self, seeds: Sequence[str]) -> None:
+        self._route = Route(seeds)
+        self._lock = threading.Lock()
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        return self._route.seeds
+
+    def target(self) -> str:
+        with self._lock:
+            return self._route.target()
+
+    def view(self) -> tuple[int, str, list[str], int]:
+        """(term, primary, members, changes), one consistent reading."""
+        with self._lock:
+            r = self._route
+            return r.term, r.primary, list(r.members), r.changes
+
+    def candidates(self) -> int:
+        with self._lock:
+            return len(self._route.members)
+
+    def on_hello(self, answered_by: str, term: int, primary: str, members: Sequence[str]
+                 ) -> bool:
+        with self._lock:
+            return self._route.on_hello(answered_by, term, primary, members)
+
+    def on_not_primary(self, asked: str, term: int, primary: str) -> str:
+        with self._lock:
+            nxt = self._route.on_not_primary(asked, term, primary)
+        log.info("%s is not the primary (term %d); next: %s", asked, term, nxt)
+        return nxt
+
+    def on_timeout(self, asked: str) -> str:
+        with self._lock:
+            return self._route.on_timeout(asked)
+
+    def note_term(self, term: int) -> bool:
+        with self._lock:
+            return self._route.note_term(term)
+
+
+class RequestChannel:
+    """REQ socket + Lazy Pirate retries. Not thread-safe: one caller at a time.
+
+    ``route``: the node's shared route, or one endpoint (then a route of its own)."""
+
+    def __init__(self, ctx: zmq.Context, route: SharedRoute | str, *,
+                 retry_interval: float = 1.0, curve: CurveKeys | None = None,
+                 watch_handshake: bool = False) -> None:
         self._ctx = ctx
+        self.route = SharedRoute([route]) if isinstance(route, str) else route
         self._curve = curve
         # Watch the handshake (AccessDenied instead of a timeout): always with CURVE keys, and
         # on request for the first contact (a broker may demand CURVE of a client without).
         self._watch_handshake = watch_handshake or curve is not None
         self._monitor: zmq.Socket | None = None
-        self.endpoint = endpoint
+        self.endpoint = self.route.target()  # where the socket is (or will be) connected
         self.client_id = os.urandom(12)
         self.retry_interval = retry_interval
         self._request_no = 0
@@ -71,7 +130,11 @@ class RequestChannel:
         self.last_batch: EventBatch | None = None  # events of the last write, if sent along
 
     def _socket(self) -> zmq.Socket:
+        target = self.route.target()
+        if self._sock is not None and target != self.endpoint:
+            self._reset()  # the route moved on (another channel learned of a new primary)
         if self._sock is None:
+            self.endpoint = target
             s = self._ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
             apply_curve(s, self._curve)
@@ -142,6 +205,8 @@ class RequestChannel:
                 f"{type(request).__name__} request is {len(data)} bytes, over the broker's "
                 f"message limit of {max_bytes} bytes; nothing was sent (split it up)")
         attempt = 0
+        unanswered = 0  # sends whose reply never came: only these make the outcome unknown
+        pause_until = 0.0  # a jittered pause before the next member (rotation_delay)
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -149,9 +214,15 @@ class RequestChannel:
                 raise BrokerUnavailable(
                     f"broker at {self.endpoint} did not answer {type(request).__name__} in time"
                     + ("; the write may or may not have been applied (a retry is safe)"
-                       if is_write and attempt else ""),
-                    outcome_unknown=is_write and attempt > 0,
+                       if is_write and unanswered else "")
+                    + ("" if unanswered or not attempt else
+                       "; every member asked answered that it is not the primary (nothing "
+                       "was applied)"),
+                    outcome_unknown=is_write and unanswered > 0,
                 )
+            if now < pause_until:
+                time.sleep(min(pause_until, deadline) - now)  # jitter before the next member
+                continue
             sock = self._socket()
             try:
                 sock.send(data, zmq.NOBLOCK)
@@ -166,6 +237,16 @@ class RequestChannel:
                 frames = sock.recv_multipart()
                 try:
                     reply = self._replies.decode(frames[0])
+                    if type(reply) is NotPrimary:
+                        # A standby: nothing changed. Same bytes to the primary it names
+                        # (or, mid-election, to the next member after a short pause).
+                        asked = self.endpoint
+                        nxt = self.route.on_not_primary(asked, reply.term, reply.primary)
+                        self._reset()
+                        if not reply.primary or nxt == asked:
+                            pause_until = time.monotonic() + max(0.01, rotation_delay(
+                                2, self.retry_interval, random.random))
+                        continue
                     if len(frames) > 1 and type(reply) is WriteOk:
                         batch = self._published.decode(frames[1])
                         if type(batch) is EventBatch:
@@ -173,9 +254,14 @@ class RequestChannel:
                     return reply
                 except ProtocolError:
                     log.warning("undecodable reply from %s; retrying", self.endpoint)
+            unanswered += 1  # no reply, or one we could not read: the outcome is unknown
             log.debug("no reply from %s after %.2fs (attempt %d); reopening",
                       self.endpoint, wait, attempt)
+            asked = self.endpoint
             self._reset()
+            if self.route.on_timeout(asked) != asked:
+                pause_until = time.monotonic() + rotation_delay(
+                    self.route.candidates(), self.retry_interval, random.random)
 
 
 class ChannelPool:

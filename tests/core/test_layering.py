@@ -28,6 +28,7 @@ KERNEL = [
     "broker.core",
     "broker.turn",
     "node.replica",
+    "node.routing",
     "node.watch",
 ]
 

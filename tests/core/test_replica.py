@@ -528,3 +528,77 @@ def test_barriers_of_answered_or_abandoned_snapshots_are_dropped() -> None:
     # closing the namespace drops what is still held
     assert r.close() == [DropBarrier(NS, b"n2")]
     assert r.close() == []
+
+
+# --------------------------------------------------------------------------- broker-group terms
+
+
+def tbatch(term: int, *events: KeySet | KeyDeleted, epoch: str = A) -> EventBatch:
+    return EventBatch(NS, epoch, list(events), term)
+
+
+def test_a_batch_of_a_lower_term_is_dropped_and_changes_nothing() -> None:
+    r = live_replica(seq=3)
+    assert r.on_batch(tbatch(2, ks(4, "a", b"new")), 1.0) == []
+    assert r.term == 2 and r.seq == 4
+    before = observe(r)
+    heard = r.last_heard
+    # A deposed primary (term 1) publishes seq 5: not applied, not buffered, not "heard".
+    assert r.on_batch(tbatch(1, ks(5, "a", b"deposed")), 2.0) == []
+    assert observe(r) == before and r.last_heard == heard
+    assert values(r)["a"] == b"new" and r.stale_dropped == 1
+
+
+def test_a_heartbeat_of_a_lower_term_is_dropped_and_asks_nothing() -> None:
+    r = live_replica(seq=3)
+    assert r.on_heartbeat(Heartbeat(NS, A, 3, 5), 1.0) == []
+    assert r.term == 5
+    before, heard = observe(r), r.last_heard
+    # Ahead of us, so from term 5 it would start a repair; from term 4 it is ignored.
+    assert r.on_heartbeat(Heartbeat(NS, A, 9, 4), 2.0) == []
+    assert observe(r) == before and r.last_heard == heard and r.stale_dropped == 1
+    (fetch,) = r.on_heartbeat(Heartbeat(NS, A, 9, 5), 3.0)
+    assert isinstance(fetch, RequestFetch) and fetch.from_seq == 4
+
+
+def test_a_higher_term_continues_the_same_epoch_without_a_resync() -> None:
+    """A failover keeps the epoch and the seqs: the new primary's first batch just applies."""
+    r = live_replica(seq=3)
+    r.on_batch(tbatch(1, ks(4, "a", b"x")), 1.0)
+    assert r.on_batch(tbatch(2, ks(5, "b", b"y")), 2.0) == []
+    assert r.on_heartbeat(Heartbeat(NS, A, 5, 2), 3.0) == []
+    assert (r.seq, r.term, r.resyncs, r.repairs, r.sync) == (5, 2, 0, 0, Sync.LIVE)
+    assert values(r) == {"a": b"x", "b": b"y"}
+
+
+def test_equal_term_is_accepted_and_term_zero_is_the_single_broker() -> None:
+    r = live_replica(seq=3)
+    assert r.on_batch(tbatch(0, ks(4, "a")), 1.0) == [] and r.seq == 4 and r.term == 0
+    assert r.on_batch(tbatch(3, ks(5, "a")), 1.0) == [] and r.term == 3
+    assert r.on_batch(tbatch(3, ks(6, "a")), 1.0) == [] and r.seq == 6
+    assert r.stale_dropped == 0
+
+
+def test_lower_term_batches_are_not_buffered_while_joining() -> None:
+    r = Replica(NS, 0)
+    (ask,) = r.start(0.0)
+    r.on_heartbeat(Heartbeat(NS, A, 0, 3), 0.1)  # term 3 seen while joining
+    assert r.on_batch(tbatch(2, ks(1, "old")), 0.2) == []
+    assert r.on_batch(tbatch(3, ks(1, "new")), 0.3) == []
+    assert r.on_snapshot(snap(ask.snap_id, A, 0, {}), 0.4) == []
+    assert values(r) == {"new": b"1"} and r.stale_dropped == 1
+
+
+def test_own_write_of_a_lower_term_is_not_applied_from_the_reply() -> None:
+    r = live_replica(seq=3)
+    r.on_heartbeat(Heartbeat(NS, A, 3, 4), 1.0)
+    assert not r.apply_own(tbatch(3, ks(4, "a")), 1.0)
+    assert r.apply_own(tbatch(4, ks(4, "a", b"ok")), 1.0) and values(r)["a"] == b"ok"
+
+
+def test_reask_re_sends_the_pending_request_at_once_with_a_new_id() -> None:
+    r, fetch = repairing_replica()
+    (again,) = [a for a in r.reask(0.1) if not isinstance(a, DropBarrier)]
+    assert isinstance(again, RequestFetch) and again.snap_id != fetch.snap_id
+    assert again.from_seq == fetch.from_seq and r.pending_id == again.snap_id
+    assert live_replica().reask(0.1) == []  # nothing pending: nothing to ask
