@@ -32,9 +32,9 @@ from broker.log import Log, MemoryLog
 from broker.metrics import MetricsServer
 from broker.metrics import render as render_metrics
 from broker.protocol import (
+    PERMISSION_NEEDED,
     PROTOCOL_VERSION,
     TOPIC_END,
-    Delete,
     Digest,
     Error,
     Fetch,
@@ -44,13 +44,11 @@ from broker.protocol import (
     HelloReply,
     Open,
     OpenReply,
+    Read,
     Reply,
-    Set,
-    SetMany,
     Snapshot,
     Stats,
     StatsReply,
-    Touch,
     WriteOk,
     WriteRequest,
     published_codec,
@@ -60,7 +58,7 @@ from broker.protocol import (
 )
 from broker.recovery import RecoveryReport
 from broker.security import Security, is_loopback_endpoint
-from broker.turn import persist
+from broker.turn import TURN_TYPES, persist
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
 
 log = logging.getLogger("sharedmem.broker")
@@ -580,8 +578,10 @@ class Broker:
                 return
         try:
             t = type(request)
-            if t is Set or t is SetMany or t is Delete or t is Touch or t is Open:
+            if t in TURN_TYPES:
                 self._writes.append((envelope, request))  # decided by the core's run_turn
+            elif t is Read:  # the state as of the last turn (its replies waited for the flush)
+                self._send_reply(envelope, self.core.read(request, now))
             elif t is Hello and request.protocol != PROTOCOL_VERSION:  # refuse, clearly
                 self._send_reply(envelope, Error("ProtocolError", (
                     f"this broker speaks protocol version {PROTOCOL_VERSION}, the node sent "
@@ -660,12 +660,9 @@ class Broker:
         if namespace is None:
             return None  # Hello, Stats (filtered per namespace)
         t = type(request)
-        if t is Set or t is SetMany or t is Delete or t is Touch:
-            need = "write"
-        elif t is Open and namespace not in self.core.namespaces:
+        need = PERMISSION_NEEDED.get(t, "read")
+        if t is Open and namespace not in self.core.namespaces:
             need = "write"  # opening a namespace that does not exist creates it
-        else:
-            need = "read"
         if sec.allowed(user, namespace, need):
             return None
         return Error("AccessDenied",
