@@ -30,7 +30,6 @@ from broker.durable import FSYNC_POLICIES, DurableLog
 from broker.errors import ProtocolError
 from broker.log import Log, MemoryLog
 from broker.metrics import MetricsServer
-from broker.metrics import render as render_metrics
 from broker.protocol import (
     PERMISSION_NEEDED,
     PROTOCOL_VERSION,
@@ -314,7 +313,8 @@ class Broker:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self._ctl.bind(self._ctl_endpoint)
         if cfg.metrics_port is not None:
-            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
+            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port,
+                                         stale_after=max(5.0, 10 * cfg.heartbeat_interval))
         for ep in cfg.bind:
             self._router.bind(ep)
             self.endpoints.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -429,7 +429,7 @@ class Broker:
             now = time.monotonic()
             if now >= next_heartbeat:
                 if self.metrics is not None:
-                    self.metrics.text = render_metrics(self.stats())
+                    self.metrics.update(self.stats())
                 self._send_heartbeats()
                 self._expire_pending_snapshots(now)
                 next_heartbeat = now + hb_interval
