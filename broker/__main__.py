@@ -74,7 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-retention", type=int, default=100_000, metavar="N",
                    help="events per namespace kept in memory for gap repair (default 100000)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics")
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics and a health "
+                        "check on /healthz (200 serving, 503 not); needs prometheus_client "
+                        "(pip install 'sharedmem[metrics]')")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics endpoint listens on (default 127.0.0.1; "
+                        "0.0.0.0 for every interface: it has no authentication, and shows "
+                        "namespace names and counts)")
     p.add_argument("--config", metavar="FILE",
                    help="TOML file with the broker's CURVE key and the clients' keys and "
                         "permissions (docs/security.md); enables authentication")
@@ -154,10 +160,19 @@ def main(argv: list[str] | None = None) -> int:
             hwm=args.hwm,
             log_retention=args.log_retention,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     except ValueError as exc:
         print(f"broker: {exc}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:
+        from broker.metrics import require_prometheus_client
+
+        try:
+            require_prometheus_client()
+        except RuntimeError as exc:
+            print(f"broker: {exc}", file=sys.stderr)
+            return 2
     if not args.data_dir:
         logging.getLogger("sharedmem.broker").warning(
             "no --data-dir: this broker keeps everything in memory; every namespace and key is "

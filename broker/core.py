@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from broker.errors import (
     InvalidKey,
     InvalidValue,
@@ -31,9 +33,14 @@ from broker.errors import (
     VersionConflict,
 )
 from broker.log import Log, MemoryLog
+from broker.pattern import compile_pattern
 from broker.protocol import (
+    READ_KINDS,
     Delete,
+    DeleteMany,
+    DeletePattern,
     DigestReply,
+    DropNamespace,
     Error,
     Event,
     EventBatch,
@@ -45,9 +52,13 @@ from broker.protocol import (
     KeyTouched,
     Open,
     OpenReply,
+    Read,
+    ReadEntry,
+    ReadReply,
     Reply,
     Set,
     SetMany,
+    SetMaxKeys,
     SnapEntry,
     Snapshot,
     SnapshotReply,
@@ -77,7 +88,11 @@ from broker.validation import (
     check_version,
 )
 
-MAX_BATCH_ITEMS = 10_000
+MAX_BATCH_ITEMS = 10_000  # items of one set_many / keys of one delete_many / get_many
+# Keys one delete_pattern may remove. One call is one event batch that every subscriber receives
+# as one message and every replica applies under its lock, so its size is bounded; a pattern that
+# matches more is refused whole (StorageError, nothing deleted): narrow it, or delete in parts.
+MAX_PATTERN_DELETE = 100_000
 
 log = logging.getLogger("sharedmem.broker.core")
 
@@ -98,6 +113,7 @@ class Decision:
     client: tuple[bytes, int] | None = None  # (client_id, request_no) to remember the reply for
     duplicate: bool = False
     body: bytes | None = None  # the encoded EventBatch, shared by the reply and the publish
+    set_max_keys: int | None = None  # change the namespace's max_keys to this (SetMaxKeys)
 
 
 @dataclass(slots=True)
@@ -182,7 +198,7 @@ class DedupTable:
         writes it replayed live in that one."""
         for client_id, (no, reply) in self._last.items():
             if isinstance(reply, WriteOk):
-                self._last[client_id] = (no, WriteOk(epoch, reply.seq, reply.changed))
+                self._last[client_id] = (no, msgspec.structs.replace(reply, epoch=epoch))
 
 
 def _check_ttl(ttl: float | None) -> float | None:
@@ -246,6 +262,8 @@ class BrokerCore:
         state = self.namespaces.get(ns_name)
         create = None
         if state is None:
+            if type(request) is DropNamespace:
+                raise KeyNotFound(f"namespace {ns_name!r} does not exist")
             create = request.max_keys
             state = NamespaceState(ns_name, request.max_keys)
         seq = state.seq
@@ -303,7 +321,52 @@ class BrokerCore:
                 raise KeyNotFound(f"key {request.key!r} not found in namespace {ns_name!r}")
             event = KeyTouched(seq + 1, request.key, ttl)
             return Decision(WriteOk(self.epoch, seq + 1), ns_name, [event], create)
+        if type(request) is DeleteMany:
+            if len(request.keys) > MAX_BATCH_ITEMS:
+                raise InvalidValue(
+                    f"delete_many of {len(request.keys)} keys; the limit is {MAX_BATCH_ITEMS}")
+            for key in request.keys:
+                check_key(key)
+            # Stored keys, each once, in the order given; a due-but-unexpired key is deleted
+            # too (as delete does), and counts as existing only if it is still live.
+            doomed = [k for k in dict.fromkeys(request.keys) if k in entries]
+            existed = any(state.live(k, now) is not None for k in doomed)
+            return self._deletes(state, doomed, existed, create)
+        if type(request) is DeletePattern:
+            p = compile_pattern(request.pattern)
+            doomed = p.select(state.candidates(p, now))
+            if len(doomed) > MAX_PATTERN_DELETE:
+                raise StorageError(
+                    f"delete_pattern {request.pattern!r} matches {len(doomed)} keys in namespace "
+                    f"{ns_name!r}; one call deletes at most {MAX_PATTERN_DELETE} (nothing was "
+                    "deleted: narrow the pattern or delete in parts)")
+            return self._deletes(state, doomed, bool(doomed), create)
+        if type(request) is DropNamespace:
+            doomed = list(state.index)
+            existed = any(state.live(k, now) is not None for k in doomed)
+            return self._deletes(state, doomed, existed, None)
+        if type(request) is SetMaxKeys:
+            live = len(state.entries)
+            if request.max_keys and live > request.max_keys:
+                raise StorageError(
+                    f"namespace {ns_name!r} holds {live} keys: max_keys={request.max_keys} is "
+                    "below that (delete keys first, or choose a larger limit; 0 = unlimited)")
+            if create is not None:
+                create = request.max_keys
+            changed = create is not None or state.max_keys != request.max_keys
+            decision = Decision(WriteOk(self.epoch, seq, changed=changed), ns_name, [], create)
+            if changed and create is None:
+                decision.set_max_keys = request.max_keys
+            return decision
         raise InvalidKey(f"not a write request: {type(request).__name__}")  # pragma: no cover
+
+    def _deletes(self, state: NamespaceState, keys: list[str], existed: bool,
+                 create: int | None) -> Decision:
+        """One batch of KeyDeleted for ``keys`` (all stored): consecutive seqs, one reply."""
+        seq = state.seq
+        events: list[Event] = [KeyDeleted(seq + i + 1, k) for i, k in enumerate(keys)]
+        return Decision(WriteOk(self.epoch, seq + len(events), existed, count=len(events)),
+                        state.name, events, create)
 
     @staticmethod
     def _check_version(state: NamespaceState, key: str, live: Entry | None,
@@ -333,6 +396,14 @@ class BrokerCore:
         if decision.namespace is not None and decision.create_max_keys is not None:
             # append_to_log already recorded the namespace (before the batch).
             self._create(decision.namespace, decision.create_max_keys)
+        if decision.set_max_keys is not None:
+            assert decision.namespace is not None
+            state = self.namespaces[decision.namespace]
+            if self._undo is not None:
+                self._undo.append(("max_keys", state, state.max_keys))
+            state.max_keys = decision.set_max_keys
+            # Recovery takes a namespace's last NamespaceRecord as its limit.
+            self._records.append(NamespaceRecord(state.name, state.max_keys))
         if decision.events:
             assert decision.namespace is not None
             state = self.namespaces[decision.namespace]
@@ -500,10 +571,14 @@ class BrokerCore:
                 self.dedup.restore(client_id, previous)
             elif item[0] == "create":
                 self.namespaces.pop(item[1], None)
+            elif item[0] == "max_keys":
+                item[1].max_keys = item[2]
         turn.undo.clear()
         # Namespaces created between turns (and so not undone) still need their record.
+        # (A set_max_keys record of the turn names a limit the undo just took back: dropped.)
         self._records[:0] = [r for r in turn.records
-                             if type(r) is NamespaceRecord and r.namespace in self.namespaces]
+                             if type(r) is NamespaceRecord and r.namespace in self.namespaces
+                             and self.namespaces[r.namespace].max_keys == r.max_keys]
         refusal = Error("StorageError", reason)
         turn.replies = [
             out if type(out.reply) is HelloReply or self._still_durable(out)
@@ -561,6 +636,42 @@ class BrokerCore:
         if events is None:
             return FetchReply(snap_id, namespace, self.epoch, False)
         return FetchReply(snap_id, namespace, self.epoch, True, events)
+
+    def read(self, request: Read, now: float) -> Reply:
+        """Answer a Read from the broker's state (what a node without a replica asks for: the
+        CLI's one-shot commands). Never creates a namespace; absent or expired keys are left
+        out; the reply names the seq the answer reflects."""
+        try:
+            name = check_namespace(request.namespace)
+            if request.kind not in READ_KINDS:
+                raise InvalidValue(
+                    f"unknown read kind {request.kind!r}; use one of {', '.join(READ_KINDS)}")
+            if len(request.keys) > MAX_BATCH_ITEMS:
+                raise InvalidValue(
+                    f"a read of {len(request.keys)} keys; the limit is {MAX_BATCH_ITEMS}")
+            for key in request.keys:
+                check_key(key)
+            p = compile_pattern(request.pattern) if request.kind == "list" else None
+        except SharedMemoryError as exc:
+            return Error(exc.kind, str(exc))
+        state = self.namespaces.get(name)
+        if state is None:
+            return ReadReply(self.epoch, name, False)
+        entries: list[ReadEntry] = []
+        keys: list[str] = []
+        if p is not None:
+            keys = p.select(state.candidates(p, now))
+        elif request.kind != "info":
+            with_value = request.kind == "get"
+            for key in dict.fromkeys(request.keys):
+                e = state.live(key, now)
+                if e is not None:
+                    entries.append(ReadEntry(
+                        key, e.value if with_value else b"", e.version, e.created_at,
+                        e.modified_at, None if e.deadline is None else e.deadline - now,
+                        len(e.value)))
+        return ReadReply(self.epoch, name, True, state.seq, len(state.entries), state.max_keys,
+                         entries, keys)
 
     def digest(self, namespace: str) -> Reply:
         state = self.namespaces.get(namespace)

@@ -180,6 +180,63 @@ class Touch(msgspec.Struct, tag=True, frozen=True):
     ttl: float | None = None
 
 
+class DeleteMany(msgspec.Struct, tag=True, frozen=True):
+    """Remove several keys atomically: one event batch (a KeyDeleted per key that was stored);
+    keys that are absent are skipped. WriteOk.changed: at least one existed."""
+
+    client_id: bytes
+    request_no: int
+    namespace: str
+    max_keys: NonNegInt
+    keys: list[str]
+
+
+class DeletePattern(msgspec.Struct, tag=True, frozen=True):
+    """Remove every key matching the glob ``pattern`` (list_keys syntax) atomically: one event
+    batch. Refused (StorageError, nothing deleted) when more than the broker's bound match."""
+
+    client_id: bytes
+    request_no: int
+    namespace: str
+    max_keys: NonNegInt
+    pattern: str
+
+
+class DropNamespace(msgspec.Struct, tag=True, frozen=True):
+    """Admin: remove every key of the namespace in one event batch. The namespace itself (its
+    seq, epoch and max_keys) stays, so connected replicas never see their seq go backwards."""
+
+    client_id: bytes
+    request_no: int
+    namespace: str
+
+
+class SetMaxKeys(msgspec.Struct, tag=True, frozen=True):
+    """Admin: change the namespace's ``max_keys`` (0 = unlimited); refused (StorageError) when
+    the namespace holds more keys than the new limit. Creates the namespace if missing."""
+
+    client_id: bytes
+    request_no: int
+    namespace: str
+    max_keys: NonNegInt
+
+
+READ_KINDS = ("get", "exists", "metadata", "list", "info")
+
+
+class Read(msgspec.Struct, tag=True, frozen=True):
+    """A read answered from the broker's state (no replica needed; never creates anything).
+
+    ``kind``: ``get`` (entries of ``keys`` with values), ``exists``/``metadata`` (entries of
+    ``keys`` without values), ``list`` (the live keys matching ``pattern``), ``info`` (only the
+    namespace's seq, key count and max_keys). Absent or expired keys are left out."""
+
+    namespace: str
+    kind: str
+    keys: list[str] = []
+    pattern: str = "*"
+
+
 class Head(msgspec.Struct, tag=True, frozen=True):
     """Ask for a namespace's epoch and head seq (consistent reads wait for it locally)."""
 
@@ -198,8 +255,18 @@ class Digest(msgspec.Struct, tag=True, frozen=True):
 
 Request = (
     Hello | Open | Snapshot | Fetch | Set | SetMany | Delete | Touch | Head | Stats | Digest
+    | DeleteMany | DeletePattern | DropNamespace | SetMaxKeys | Read
 )
-WriteRequest = Set | SetMany | Delete | Touch
+WriteRequest = Set | SetMany | Delete | Touch | DeleteMany | DeletePattern | DropNamespace \
+    | SetMaxKeys
+
+# The permission (broker/security.py) a request needs on its namespace when access control is
+# on; a type not listed needs "read". (An Open of a namespace that does not exist needs
+# "write": it creates it.)
+PERMISSION_NEEDED: dict[type, str] = {
+    Set: "write", SetMany: "write", Delete: "write", Touch: "write", DeleteMany: "write",
+    DeletePattern: "write", DropNamespace: "admin", SetMaxKeys: "admin",
+}
 
 
 # --------------------------------------------------------------------------- replies
@@ -270,6 +337,9 @@ class WriteOk(msgspec.Struct, tag=True, frozen=True):
     seq: int
     changed: bool = True
     term: int = 0  # broker group: the term that committed it (0 for a single broker)
+    # Events the write logged (delete_many/delete_pattern/drop report it as keys deleted);
+    # 0 = not stated (an older broker, or a resent reply rebuilt from a compacted snapshot).
+    count: int = 0
 
 
 class StatsReply(msgspec.Struct, tag=True, frozen=True):
@@ -284,6 +354,33 @@ class DigestReply(msgspec.Struct, tag=True, frozen=True):
     seq: int
     digest: str
     keys: int
+
+
+class ReadEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One key of a ReadReply: ``value`` is empty unless the kind was ``get``; ``size`` is the
+    stored JSON's length; ``ttl`` the seconds left when answered (None = never)."""
+
+    key: str
+    value: bytes
+    version: int
+    created_at: float
+    modified_at: float
+    ttl: float | None
+    size: int
+
+
+class ReadReply(msgspec.Struct, tag=True, frozen=True):
+    """The answer to a Read: the broker's state at ``seq``. ``found`` False: the namespace does
+    not exist (nothing else is set)."""
+
+    epoch: str
+    namespace: str
+    found: bool
+    seq: int = 0
+    keys_count: int = 0
+    max_keys: int = 0
+    entries: list[ReadEntry] = []
+    keys: list[str] = []
 
 
 class Error(msgspec.Struct, tag=True, frozen=True):
@@ -305,7 +402,7 @@ class NotPrimary(msgspec.Struct, tag=True, frozen=True):
 
 Reply = (
     HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | StatsReply | DigestReply
-    | Error | NotPrimary
+    | ReadReply | Error | NotPrimary
 )
 
 

@@ -92,8 +92,12 @@ def _load_snapshot(core: BrokerCore, snap: SnapshotFile, epoch: str, mono: float
 
 def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: float) -> None:
     if type(rec) is NamespaceRecord:
-        if rec.namespace not in core.namespaces:
+        # The last record of a namespace holds its limit (set_max_keys appends another).
+        state = core.namespaces.get(rec.namespace)
+        if state is None:
             core.namespaces[rec.namespace] = NamespaceState(rec.namespace, rec.max_keys)
+        else:
+            state.max_keys = rec.max_keys
         return
     assert type(rec) is BatchRecord
     state = core.namespaces.get(rec.namespace)
@@ -108,7 +112,8 @@ def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: 
     core.log.replay(rec.namespace, events, then)  # for Fetch; not re-written
     if rec.client is not None:
         core.dedup.remember(rec.client, rec.request_no,
-                            WriteOk(epoch, rec.events[-1].seq, rec.changed))
+                            WriteOk(epoch, rec.events[-1].seq, rec.changed,
+                                    count=len(rec.events)))
 
 
 def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:

@@ -30,11 +30,10 @@ from broker.durable import FSYNC_POLICIES, DurableLog
 from broker.errors import ProtocolError
 from broker.log import Log, MemoryLog
 from broker.metrics import MetricsServer
-from broker.metrics import render as render_metrics
 from broker.protocol import (
+    PERMISSION_NEEDED,
     PROTOCOL_VERSION,
     TOPIC_END,
-    Delete,
     Digest,
     Error,
     Fetch,
@@ -44,13 +43,11 @@ from broker.protocol import (
     HelloReply,
     Open,
     OpenReply,
+    Read,
     Reply,
-    Set,
-    SetMany,
     Snapshot,
     Stats,
     StatsReply,
-    Touch,
     WriteOk,
     WriteRequest,
     published_codec,
@@ -60,7 +57,7 @@ from broker.protocol import (
 )
 from broker.recovery import RecoveryReport
 from broker.security import Security, is_loopback_endpoint
-from broker.turn import persist
+from broker.turn import TURN_TYPES, persist
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
 
 log = logging.getLogger("sharedmem.broker")
@@ -316,7 +313,8 @@ class Broker:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self._ctl.bind(self._ctl_endpoint)
         if cfg.metrics_port is not None:
-            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port)
+            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port,
+                                         stale_after=max(5.0, 10 * cfg.heartbeat_interval))
         for ep in cfg.bind:
             self._router.bind(ep)
             self.endpoints.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -431,7 +429,7 @@ class Broker:
             now = time.monotonic()
             if now >= next_heartbeat:
                 if self.metrics is not None:
-                    self.metrics.text = render_metrics(self.stats())
+                    self.metrics.update(self.stats())
                 self._send_heartbeats()
                 self._expire_pending_snapshots(now)
                 next_heartbeat = now + hb_interval
@@ -580,8 +578,10 @@ class Broker:
                 return
         try:
             t = type(request)
-            if t is Set or t is SetMany or t is Delete or t is Touch or t is Open:
+            if t in TURN_TYPES:
                 self._writes.append((envelope, request))  # decided by the core's run_turn
+            elif t is Read:  # the state as of the last turn (its replies waited for the flush)
+                self._send_reply(envelope, self.core.read(request, now))
             elif t is Hello and request.protocol != PROTOCOL_VERSION:  # refuse, clearly
                 self._send_reply(envelope, Error("ProtocolError", (
                     f"this broker speaks protocol version {PROTOCOL_VERSION}, the node sent "
@@ -660,12 +660,9 @@ class Broker:
         if namespace is None:
             return None  # Hello, Stats (filtered per namespace)
         t = type(request)
-        if t is Set or t is SetMany or t is Delete or t is Touch:
-            need = "write"
-        elif t is Open and namespace not in self.core.namespaces:
+        need = PERMISSION_NEEDED.get(t, "read")
+        if t is Open and namespace not in self.core.namespaces:
             need = "write"  # opening a namespace that does not exist creates it
-        else:
-            need = "read"
         if sec.allowed(user, namespace, need):
             return None
         return Error("AccessDenied",

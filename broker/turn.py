@@ -24,12 +24,16 @@ from typing import TYPE_CHECKING, NamedTuple
 from broker.errors import StorageError
 from broker.protocol import (
     Delete,
+    DeleteMany,
+    DeletePattern,
+    DropNamespace,
     Event,
     EventBatch,
     Open,
     Reply,
     Set,
     SetMany,
+    SetMaxKeys,
     Touch,
 )
 from broker.records import LogRecord
@@ -41,7 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sharedmem.broker")
 
 # The requests a turn decides: those that may change the state or create a namespace.
-TurnRequest = Set | SetMany | Delete | Touch | Open
+TurnRequest = (Set | SetMany | Delete | Touch | DeleteMany | DeletePattern | DropNamespace
+               | SetMaxKeys | Open)
+# The same as a set of types, for the shell's dispatch (``type(request) in TURN_TYPES``).
+TURN_TYPES: frozenset[type] = frozenset(TurnRequest.__args__)
 
 
 class Outgoing(NamedTuple):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from node.api import (
         AsyncSharedMemory,
         Metadata,
+        NamespaceInfo,
         Registry,
         SharedMemory,
         Status,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "AsyncSharedMemory": "node.api",
     "Metadata": "node.api",
+    "NamespaceInfo": "node.api",
     "Registry": "node.api",
     "SharedMemory": "node.api",
     "Status": "node.api",
@@ -71,6 +73,7 @@ __all__ = [
     "InvalidValue",
     "KeyNotFound",
     "Metadata",
+    "NamespaceInfo",
     "PatternError",
     "Registry",
     "SharedMemory",

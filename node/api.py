@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,19 +20,31 @@ from typing import Any
 import msgspec
 import zmq
 
-from broker.errors import KeyNotFound, StorageError, VersionConflict, error_from_kind
+from broker.errors import (
+    InvalidValue,
+    KeyNotFound,
+    StorageError,
+    VersionConflict,
+    error_from_kind,
+)
 from broker.pattern import compile_pattern
 from broker.protocol import (
     Delete,
+    DeleteMany,
+    DeletePattern,
     Digest,
     DigestReply,
+    DropNamespace,
     Error,
     Fetch,
     FetchReply,
     Head,
     OpenReply,
+    Read,
+    ReadReply,
     Set,
     SetMany,
+    SetMaxKeys,
     Touch,
     WriteOk,
 )
@@ -64,6 +76,18 @@ class Metadata:
     last_modified: datetime
     expires_at: datetime | None
     version: int
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceInfo:
+    """The broker's view of a namespace (asked over the network, not the replica):
+    ``keys`` stored (an expired key counts until its expiry event), ``seq`` of its last event,
+    ``max_keys`` its limit now (0 = unlimited)."""
+
+    namespace: str
+    keys: int
+    seq: int
+    max_keys: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +261,25 @@ class SharedMemory:
             return default
         return _json_decode(entry.value)
 
+    def get_many(self, keys: Iterable[str], *, consistent: bool = False) -> dict[str, Any]:
+        """The values of several keys, read from the replica in one lock acquisition (so all
+        at one seq): a dict key -> fresh copy, in the order given; absent or expired keys are
+        left out. InvalidKey (before any read) if one key is invalid. ``consistent``: see
+        ``get``."""
+        if isinstance(keys, str):
+            raise InvalidValue("get_many takes an iterable of keys, not one str")
+        wanted = list(dict.fromkeys(keys))
+        for key in wanted:
+            if not _fast_key_ok(key):
+                check_key(key)
+        if consistent:
+            self.sync_with_broker()
+        now = time.monotonic()
+        with self._lock:
+            state = self._state()
+            found = [(k, e.value) for k in wanted if (e := state.live(k, now)) is not None]
+        return {k: _json_decode(v) for k, v in found}  # decoding outside the lock
+
     def exists(self, key: str) -> bool:
         """True if ``key`` holds a value that has not expired."""
         return self._entry(key) is not None
@@ -287,6 +330,19 @@ class SharedMemory:
         if not isinstance(reply, DigestReply):
             raise StorageError(f"unexpected reply to Digest: {type(reply).__name__}")
         return reply.seq, reply.digest
+
+    def namespace_info(self) -> NamespaceInfo:
+        """The broker's key count, seq and ``max_keys`` of this namespace (one round trip):
+        a limit changed by ``set_max_keys`` on any node shows here at once."""
+        deadline = time.monotonic() + self.config.request_timeout
+        reply = self._node.request(Read(self.namespace, "info"), deadline)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message)
+        if not isinstance(reply, ReadReply):
+            raise StorageError(f"unexpected reply to Read: {type(reply).__name__}")
+        if not reply.found:
+            raise KeyNotFound(f"namespace {self.namespace!r} does not exist")
+        return NamespaceInfo(self.namespace, reply.keys_count, reply.seq, reply.max_keys)
 
     def local_digest(self) -> tuple[int, str]:
         """(seq, digest) of this replica, taken atomically."""
@@ -381,6 +437,47 @@ class SharedMemory:
         t = self._ttl(ttl)
         ns, mk = self.namespace, self.config.max_keys
         return self._write(lambda cid, no: Touch(cid, no, ns, mk, key, t)).seq
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove several keys atomically (one event batch: every node sees all of them go at
+        once, or none); keys that are absent are skipped. Returns how many were removed.
+        InvalidKey if one key is invalid, InvalidValue beyond 10 000 keys (nothing removed);
+        AccessDenied without write permission."""
+        if isinstance(keys, str):
+            raise InvalidValue("delete_many takes an iterable of keys, not one str")
+        wanted = [check_key(k) for k in dict.fromkeys(keys)]
+        if not wanted:
+            return 0
+        ns, mk = self.namespace, self.config.max_keys or 0
+        return self._write(lambda cid, no: DeleteMany(cid, no, ns, mk, wanted)).count
+
+    def delete_pattern(self, pattern: str) -> int:
+        """Remove every key matching the glob ``pattern`` (``list_keys`` syntax) atomically:
+        the broker picks the keys and deletes them in one event batch, so no node ever sees a
+        part of them gone. Returns how many were removed. PatternError if malformed;
+        StorageError (nothing removed) if more than 100 000 keys match; AccessDenied without
+        write permission."""
+        compile_pattern(pattern)  # PatternError before anything is sent
+        ns, mk = self.namespace, self.config.max_keys or 0
+        return self._write(lambda cid, no: DeletePattern(cid, no, ns, mk, pattern)).count
+
+    def drop_namespace(self) -> int:
+        """Admin: delete every key of the namespace in one event batch; returns how many.
+        The namespace itself stays (its limit, and its seq, which connected nodes rely on);
+        AccessDenied without admin permission."""
+        ns = self.namespace
+        return self._write(lambda cid, no: DropNamespace(cid, no, ns)).count
+
+    def set_max_keys(self, max_keys: int) -> None:
+        """Admin: change the namespace's ``max_keys`` (0 = unlimited) for every node: it is
+        logged (it survives restarts) and enforced by the broker from the next write on.
+        StorageError (nothing changed) if the namespace holds more keys than that;
+        AccessDenied without admin permission. This handle's ``config.max_keys`` follows."""
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 0:
+            raise InvalidValue(f"max_keys must be an int >= 0 (0 = unlimited), got {max_keys!r}")
+        ns = self.namespace
+        self._write(lambda cid, no: SetMaxKeys(cid, no, ns, max_keys))
+        self.config = replace(self.config, max_keys=max_keys)
 
     def update(self, key: str, fn: Callable[[Any], Any], *, default: Any = None,
                ttl: float | timedelta | None = None, retries: int = 1000) -> Any:
@@ -539,6 +636,15 @@ class AsyncSharedMemory:
             await asyncio.to_thread(self.sync.sync_with_broker)
         return self.sync.get(key, default)
 
+    async def get_many(self, keys: Iterable[str], *, consistent: bool = False
+                       ) -> dict[str, Any]:
+        """The values of several keys at one seq (dict in the order given, absent ones left
+        out). Local and inline; see ``get`` for ``consistent``."""
+        keys = list(keys)
+        if consistent:
+            await asyncio.to_thread(self.sync.sync_with_broker)
+        return self.sync.get_many(keys)
+
     async def exists(self, key: str) -> bool:
         """Whether ``key`` is present and not expired in the local replica (inline)."""
         return self.sync.exists(key)
@@ -580,6 +686,29 @@ class AsyncSharedMemory:
         """Give ``key`` a new time to live from now (0 = never expires), keeping its value
         and version (worker thread); KeyNotFound if absent."""
         return await asyncio.to_thread(self.sync.touch, key, ttl)
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove several keys atomically (worker thread); returns how many were removed."""
+        if isinstance(keys, str):
+            raise InvalidValue("delete_many takes an iterable of keys, not one str")
+        return await asyncio.to_thread(self.sync.delete_many, list(keys))
+
+    async def delete_pattern(self, pattern: str) -> int:
+        """Remove every key matching the glob atomically (worker thread); returns how many."""
+        return await asyncio.to_thread(self.sync.delete_pattern, pattern)
+
+    async def drop_namespace(self) -> int:
+        """Admin: delete every key of the namespace in one batch (worker thread)."""
+        return await asyncio.to_thread(self.sync.drop_namespace)
+
+    async def set_max_keys(self, max_keys: int) -> None:
+        """Admin: change the namespace's ``max_keys`` for every node (worker thread)."""
+        await asyncio.to_thread(self.sync.set_max_keys, max_keys)
+        self.config = self.sync.config
+
+    async def namespace_info(self) -> NamespaceInfo:
+        """The broker's key count, seq and ``max_keys`` of this namespace (worker thread)."""
+        return await asyncio.to_thread(self.sync.namespace_info)
 
     async def update(self, key: str, fn: Callable[[Any], Any], *, default: Any = None,
                      ttl: float | timedelta | None = None, retries: int = 1000) -> Any:

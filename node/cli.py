@@ -35,15 +35,30 @@ from broker.errors import (
     error_from_kind,
 )
 from broker.pattern import compile_pattern
-from broker.protocol import Error, Head, Stats, StatsReply
+from broker.protocol import (
+    Delete,
+    DeletePattern,
+    DropNamespace,
+    Error,
+    Head,
+    Read,
+    ReadEntry,
+    ReadReply,
+    SetMaxKeys,
+    Stats,
+    StatsReply,
+    Touch,
+    WriteOk,
+)
 from broker.validation import check_key, check_namespace, encode_value
-from node.api import Metadata, SharedMemory
+from node.api import SharedMemory
 from node.config import SharedMemoryConfig, _seconds
 from node.node import Node, acquire_node, release_node
 from node.watch import INITIAL_DONE, ChangeEvent
 
 DEFAULT_BROKER = "tcp://127.0.0.1:7400"
 DEFAULT_BATCH = 1000
+DUMP_CHUNK = 1000  # keys per broker-side read of a dump
 PROGRESS_MIN_KEYS = 10_000  # below this, no progress counter even on a terminal
 
 EXIT_OK = 0
@@ -206,11 +221,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare-and-set: write only if the key is at version N "
                          "(0 = only if absent); otherwise VersionConflict, exit 4")
 
-    sp = cmd("del", "delete KEY",
-             "Delete KEY. Exit 1 if it did not exist (or had expired).")
-    sp.add_argument("key", metavar="KEY")
+    sp = cmd("del", "delete KEY (or every key matching --pattern)",
+             "Delete KEY; exit 1 if it did not exist (or had expired). With --pattern GLOB "
+             "instead: delete every key matching GLOB in one atomic batch (every node sees all "
+             "of them go at once) and print how many; at most 100000 keys per call (more is "
+             "refused whole, exit 4). Needs write permission.")
+    sp.add_argument("key", metavar="KEY", nargs="?")
+    sp.add_argument("--pattern", metavar="GLOB",
+                    help="delete the keys matching GLOB (the 'ls' syntax) instead of one KEY")
     sp.add_argument("--if-version", type=_non_negative_int, metavar="N",
                     help="delete only if the key is at version N, else VersionConflict (exit 4)")
+
+    sp = cmd("mget", "print the JSON values of several keys as one object",
+             "Print {key: value} of the KEYs that hold a value, read together at one version "
+             "(indented; one line with --json). Keys that are absent are named on stderr, "
+             "exit 1.")
+    sp.add_argument("keys", metavar="KEY", nargs="+")
+
+    sp = cmd("touch", "give KEY a new time to live",
+             "Give KEY a new TTL of SECONDS from now (0 = never expires) without rewriting its "
+             "value or version. Exit 1 if the key is absent.")
+    sp.add_argument("key", metavar="KEY")
+    sp.add_argument("ttl", metavar="SECONDS", type=_seconds_arg)
+
+    sp = cmd("drop", "delete every key of the namespace (admin)",
+             "Delete every key of the namespace (-n) in one atomic batch and print how many. "
+             "The namespace itself stays, with its max_keys and version counter (connected "
+             "nodes keep working). Needs admin permission. Exit 1 if it does not exist.")
+
+    sp = cmd("max-keys", "print or change the namespace's max_keys (admin to change)",
+             "Without N: print the namespace's max_keys (0 = unlimited). With N: change it for "
+             "every node (it is logged, so it survives restarts); refused (exit 4) when the "
+             "namespace holds more than N keys. Changing needs admin permission; creates the "
+             "namespace if missing.")
+    sp.add_argument("limit", metavar="N", nargs="?", type=_non_negative_int)
 
     sp = cmd("ls", "list the keys matching PATTERN, one per line",
              "List the keys matching the glob PATTERN (default *), sorted, one per line "
@@ -328,6 +372,38 @@ class Session:
                 raise error_from_kind(reply.kind, reply.message)
         return info
 
+    def read(self, kind: str, keys: list[str] | None = None, pattern: str = "*") -> ReadReply:
+        """A read answered from the broker's state: no replica, so a one-shot command never
+        copies the namespace. KeyNotFound (exit 1) if the namespace does not exist."""
+        reply = self.node().request(Read(self.namespace, kind, keys or [], pattern),
+                                    time.monotonic() + self.timeout)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message)
+        if not isinstance(reply, ReadReply):
+            raise StorageError(f"unexpected reply to Read: {type(reply).__name__}")
+        if not reply.found:
+            raise _missing_namespace(self)
+        if self.max_keys is not None and reply.max_keys != self.max_keys:
+            raise self._max_keys_differ(reply.max_keys)
+        return reply
+
+    def _max_keys_differ(self, actual: int) -> CliError:
+        # The API would adopt the namespace's limit with a warning; a command that names a
+        # limit explicitly is refused instead, so a script notices.
+        return CliError(EXIT_REFUSED, (
+            f"StorageError: namespace {self.namespace!r} exists with max_keys="
+            f"{actual}; --max-keys asked for max_keys={self.max_keys} "
+            "(the first opener sets the limit; leave --max-keys out to use it)"))
+
+    def write(self, build: Any) -> WriteOk:
+        """A write sent without opening a replica (``build(client_id, request_no)``)."""
+        reply = self.node().write(self.namespace, build, time.monotonic() + self.timeout)
+        if isinstance(reply, Error):
+            raise error_from_kind(reply.kind, reply.message, reply.current_version)
+        if not isinstance(reply, WriteOk):
+            raise StorageError(f"unexpected reply to a write: {type(reply).__name__}")
+        return reply
+
     def open(self, *, create: bool) -> SharedMemory | None:
         """The namespace, or None if it does not exist and ``create`` is False."""
         for attempt in range(2):
@@ -336,12 +412,7 @@ class Session:
                 return None
             if self.max_keys is not None:
                 if info is not None and info["max_keys"] != self.max_keys:
-                    # The API would adopt the namespace's limit with a warning; a command that
-                    # names a limit explicitly is refused instead, so a script notices.
-                    raise CliError(EXIT_REFUSED, (
-                        f"StorageError: namespace {self.namespace!r} exists with max_keys="
-                        f"{info['max_keys']}; --max-keys asked for max_keys={self.max_keys} "
-                        "(the first opener sets the limit; leave --max-keys out to use it)"))
+                    raise self._max_keys_differ(info["max_keys"])
                 max_keys = self.max_keys
             else:
                 max_keys = info["max_keys"] if info is not None else 0
@@ -392,12 +463,6 @@ def _iso(dt: datetime | None) -> str | None:
     return None if dt is None else dt.isoformat()
 
 
-def _remaining(meta: Metadata) -> float | None:
-    if meta.expires_at is None:
-        return None
-    return max(0.001, round((meta.expires_at - datetime.now(UTC)).total_seconds(), 3))
-
-
 class Progress:
     """A ``\\r`` counter on stderr, only when stderr is a terminal and the job is large."""
 
@@ -444,16 +509,32 @@ def _missing_namespace(s: Session) -> KeyNotFound:
 # --------------------------------------------------------------------------- commands
 
 
-def cmd_get(args: argparse.Namespace, s: Session) -> int:
-    check_key(args.key)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
-    value = shm.get(args.key)
+def _print_value(args: argparse.Namespace, value: Any) -> None:
     if args.raw:
         _out(value if isinstance(value, str) else _json_line(value))
     else:
         _out(_json_line(value) if args.json else _pretty(value))
+
+
+def cmd_get(args: argparse.Namespace, s: Session) -> int:
+    check_key(args.key)
+    entries = s.read("get", [args.key]).entries
+    if not entries:
+        raise KeyNotFound(f"key {args.key!r} not found in namespace {s.namespace!r}")
+    _print_value(args, _decode(entries[0].value))
+    return EXIT_OK
+
+
+def cmd_mget(args: argparse.Namespace, s: Session) -> int:
+    for key in args.keys:
+        check_key(key)
+    entries = s.read("get", list(args.keys)).entries
+    found = {e.key: _decode(e.value) for e in entries}
+    _out(_json_line(found) if args.json else _pretty(found))
+    missing = [k for k in dict.fromkeys(args.keys) if k not in found]
+    if missing:
+        _err(f"not found in namespace {s.namespace!r}: {', '.join(map(repr, missing))}")
+        return EXIT_NOT_FOUND
     return EXIT_OK
 
 
@@ -475,21 +556,56 @@ def cmd_set(args: argparse.Namespace, s: Session) -> int:
 
 
 def cmd_del(args: argparse.Namespace, s: Session) -> int:
-    check_key(args.key)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
-    if not shm.delete(args.key, if_version=args.if_version):
+    ns, mk = s.namespace, s.max_keys or 0
+    if args.pattern is not None:
+        if args.key is not None or args.if_version is not None:
+            raise CliError(EXIT_USAGE, "del takes either KEY (with --if-version) or --pattern")
+        pattern = args.pattern
+        compile_pattern(pattern)
+        s.read("info")  # exit 1 for a missing namespace, as for one key
+        ok = s.write(lambda cid, no: DeletePattern(cid, no, ns, mk, pattern))
+        _out(_json_line({"deleted": ok.count}) if args.json else f"deleted {ok.count} keys")
+        return EXIT_OK
+    if args.key is None:
+        raise CliError(EXIT_USAGE, "del needs a KEY or --pattern GLOB")
+    key, v = check_key(args.key), args.if_version
+    s.read("info")
+    if not s.write(lambda cid, no: Delete(cid, no, ns, mk, key, v)).changed:
         raise KeyNotFound(f"key {args.key!r} not found in namespace {s.namespace!r}")
+    return EXIT_OK
+
+
+def cmd_touch(args: argparse.Namespace, s: Session) -> int:
+    ns, mk, key = s.namespace, s.max_keys or 0, check_key(args.key)
+    ttl = args.ttl or None
+    s.read("info")
+    ok = s.write(lambda cid, no: Touch(cid, no, ns, mk, key, ttl))
+    _out(_json_line({"key": key, "seq": ok.seq}) if args.json else str(ok.seq))
+    return EXIT_OK
+
+
+def cmd_drop(args: argparse.Namespace, s: Session) -> int:
+    ns = s.namespace
+    ok = s.write(lambda cid, no: DropNamespace(cid, no, ns))
+    _out(_json_line({"deleted": ok.count, "namespace": ns}) if args.json
+         else f"deleted {ok.count} keys of namespace {ns!r}")
+    return EXIT_OK
+
+
+def cmd_max_keys(args: argparse.Namespace, s: Session) -> int:
+    ns = s.namespace
+    if args.limit is not None:
+        limit = args.limit
+        s.write(lambda cid, no: SetMaxKeys(cid, no, ns, limit))
+    info = s.read("info")
+    _out(_json_line({"namespace": ns, "max_keys": info.max_keys, "keys": info.keys_count})
+         if args.json else str(info.max_keys))
     return EXIT_OK
 
 
 def cmd_ls(args: argparse.Namespace, s: Session) -> int:
     compile_pattern(args.pattern)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
-    keys = shm.list_keys(args.pattern)
+    keys = s.read("list", pattern=args.pattern).keys
     if args.json:
         _out(_json_line(keys))
     else:
@@ -498,24 +614,29 @@ def cmd_ls(args: argparse.Namespace, s: Session) -> int:
     return EXIT_OK
 
 
-def _meta_dict(key: str, m: Metadata) -> dict[str, Any]:
+def _iso_ts(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _meta_dict(e: ReadEntry) -> dict[str, Any]:
+    expires = None if e.ttl is None else _iso_ts(time.time() + e.ttl)
     return {
-        "key": key,
-        "version": m.version,
-        "size": m.size,
-        "created_at": _iso(m.created_at),
-        "last_modified": _iso(m.last_modified),
-        "expires_at": _iso(m.expires_at),
-        "ttl": _remaining(m),
+        "key": e.key,
+        "version": e.version,
+        "size": e.size,
+        "created_at": _iso_ts(e.created_at),
+        "last_modified": _iso_ts(e.modified_at),
+        "expires_at": expires,
+        "ttl": None if e.ttl is None else max(0.001, round(e.ttl, 3)),
     }
 
 
 def cmd_meta(args: argparse.Namespace, s: Session) -> int:
     check_key(args.key)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
-    d = _meta_dict(args.key, shm.get_metadata(args.key))
+    entries = s.read("metadata", [args.key]).entries
+    if not entries:
+        raise KeyNotFound(f"key {args.key!r} not found in namespace {s.namespace!r}")
+    d = _meta_dict(entries[0])
     if args.json:
         _out(_json_line(d))
     else:
@@ -552,30 +673,22 @@ def cmd_stats(args: argparse.Namespace, s: Session) -> int:
 
 def cmd_dump(args: argparse.Namespace, s: Session) -> int:
     compile_pattern(args.pattern)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
-    keys = shm.list_keys(args.pattern)
+    # Broker-side reads, a chunk of keys at a time: the dump never holds the whole namespace.
+    # Each chunk is read at one version; a key deleted or expired after the listing is left out.
+    keys = s.read("list", pattern=args.pattern).keys
     progress = Progress("dumped", len(keys))
     out = sys.stdout.buffer
-    chunk: list[bytes] = []
     done = 0
-    for key in keys:
-        try:  # value and metadata are two reads: a key may expire or go in between
-            value = shm.get(key)
-            meta = shm.get_metadata(key)
-        except KeyNotFound:
-            continue
-        chunk.append(_encode({"key": key, "value": value, "ttl": _remaining(meta)}))
-        done += 1
-        if len(chunk) >= 1000:
-            out.write(b"\n".join(chunk) + b"\n")
-            chunk.clear()
-            progress.update(done)
-    if chunk:
-        out.write(b"\n".join(chunk) + b"\n")
+    for i in range(0, len(keys), DUMP_CHUNK):
+        entries = s.read("get", keys[i:i + DUMP_CHUNK]).entries
+        lines = [_encode({"key": e.key, "value": msgspec.Raw(e.value),
+                          "ttl": None if e.ttl is None else max(0.001, round(e.ttl, 3))})
+                 for e in entries]
+        if lines:
+            out.write(b"\n".join(lines) + b"\n")
+        done += len(lines)
+        progress.update(done)
     out.flush()
-    progress.update(done)
     progress.finish()
     return EXIT_OK
 
@@ -702,8 +815,12 @@ def _silence_stdout() -> None:
 
 COMMANDS = {
     "get": cmd_get,
+    "mget": cmd_mget,
     "set": cmd_set,
     "del": cmd_del,
+    "touch": cmd_touch,
+    "drop": cmd_drop,
+    "max-keys": cmd_max_keys,
     "ls": cmd_ls,
     "meta": cmd_meta,
     "watch": cmd_watch,

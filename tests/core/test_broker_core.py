@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.core import BrokerCore, Decision, DedupTable
+from broker.core import MAX_BATCH_ITEMS, MAX_PATTERN_DELETE, BrokerCore, Decision, DedupTable
 from broker.log import MemoryLog
 from broker.protocol import (
     Delete,
+    DeleteMany,
+    DeletePattern,
     DigestReply,
+    DropNamespace,
     Error,
     FetchReply,
     KeyDeleted,
@@ -20,13 +23,16 @@ from broker.protocol import (
     KeySet,
     Open,
     OpenReply,
+    Read,
+    ReadReply,
     Set,
     SetMany,
+    SetMaxKeys,
     Snapshot,
     WriteOk,
     WriteRequest,
 )
-from broker.records import BatchRecord
+from broker.records import BatchRecord, NamespaceRecord
 
 NS = "ns"
 EPOCH = "epoch-a"
@@ -643,3 +649,136 @@ def test_a_namespace_created_between_turns_is_logged_by_the_next_turn() -> None:
     core.rollback(turn, "disk full")  # the namespace stays, so its record waits for the next
     assert "between" in core.namespaces
     assert core.run_turn([], now=0.0, wall=1.0).records == [NamespaceRecord("between", 4)]
+
+
+# --------------------------------------------------------------------------- bulk (issue 12)
+
+
+def _fill(core: BrokerCore, c: Client, keys: list[str]) -> None:
+    shell(core, c.set_many([(k, b"1") for k in keys]))
+
+
+def test_delete_many_is_one_batch_of_consecutive_deletes_of_the_stored_keys() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    _fill(core, c, ["a", "b", "c"])
+    r = shell(core, DeleteMany(c.client_id, 100, NS, 0, ["c", "zz", "a", "c"]))
+    assert r.reply == WriteOk(EPOCH, 5, True, count=2)
+    assert r.events == [KeyDeleted(4, "c"), KeyDeleted(5, "a")]  # absent and repeated skipped
+    assert sorted(core.namespaces[NS].entries) == ["b"]
+    none = shell(core, DeleteMany(c.client_id, 101, NS, 0, ["zz"]))
+    assert none.reply == WriteOk(EPOCH, 5, False, count=0) and none.events == []
+
+
+def test_delete_many_checks_every_key_and_its_bound_before_deleting_any() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    _fill(core, c, ["a"])
+    bad = shell(core, DeleteMany(c.client_id, 100, NS, 0, ["a", ""]))
+    assert isinstance(bad.reply, Error) and bad.reply.kind == "InvalidKey"
+    big = shell(core, DeleteMany(c.client_id, 101, NS, 0, ["a"] * (MAX_BATCH_ITEMS + 1)))
+    assert isinstance(big.reply, Error) and big.reply.kind == "InvalidValue"
+    assert "a" in core.namespaces[NS].entries
+
+
+def test_delete_pattern_deletes_exactly_the_live_matches_in_one_batch() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    _fill(core, c, ["user_1", "user_2", "user_x", "userz", "admin"])
+    r = shell(core, DeletePattern(c.client_id, 100, NS, 0, "user_[0-9]"))
+    assert r.reply == WriteOk(EPOCH, 7, True, count=2)
+    assert [type(e) for e in r.events] == [KeyDeleted, KeyDeleted]
+    assert [e.seq for e in r.events] == [6, 7]
+    assert sorted(core.namespaces[NS].entries) == ["admin", "user_x", "userz"]
+    nothing = shell(core, DeletePattern(c.client_id, 101, NS, 0, "nope*"))
+    assert nothing.reply == WriteOk(EPOCH, 7, False, count=0)
+
+
+def test_delete_pattern_refuses_a_bad_pattern_and_an_oversized_match_whole() -> None:
+    core, c = BrokerCore(EPOCH), Client()
+    bad = shell(core, DeletePattern(c.client_id, 1, NS, 0, "user_[a"))
+    assert isinstance(bad.reply, Error) and bad.reply.kind == "PatternError"
+    keys = [f"k{i:06d}" for i in range(MAX_PATTERN_DELETE + 1)]
+    for i in range(0, len(keys), MAX_BATCH_ITEMS):
+        shell(core, SetMany(c.client_id, 10 + i, NS, 0, [(k, b"1") for k in
+                                                       keys[i:i + MAX_BATCH_ITEMS]]))
+    before = fingerprint(core)
+    big = shell(core, DeletePattern(c.client_id, 10**6, NS, 0, "k*"))
+    assert isinstance(big.reply, Error) and big.reply.kind == "StorageError"
+    assert str(MAX_PATTERN_DELETE) in big.reply.message
+    assert fingerprint(core) == before  # nothing deleted
+
+
+def test_drop_namespace_deletes_every_key_and_keeps_the_namespace_and_its_seq() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=7)
+    _fill(core, c, ["a", "b"])
+    r = shell(core, DropNamespace(c.client_id, 100, NS))
+    assert r.reply == WriteOk(EPOCH, 4, True, count=2)
+    state = core.namespaces[NS]
+    assert (state.entries, state.seq, state.max_keys) == ({}, 4, 7)
+    missing = shell(core, DropNamespace(c.client_id, 101, "other"))
+    assert isinstance(missing.reply, Error) and missing.reply.kind == "KeyNotFound"
+    assert "other" not in core.namespaces
+
+
+def test_set_max_keys_changes_the_limit_through_the_log_and_refuses_below_the_count() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=5)
+    _fill(core, c, ["a", "b", "c"])
+    low = shell(core, SetMaxKeys(c.client_id, 100, NS, 2))
+    assert isinstance(low.reply, Error) and low.reply.kind == "StorageError"
+    assert "holds 3 keys" in low.reply.message
+    assert core.namespaces[NS].max_keys == 5
+    turn = core.run_turn([("t", SetMaxKeys(c.client_id, 101, NS, 3))], 0.0, 1000.0)
+    assert turn.records == [NamespaceRecord(NS, 3)] and turn.publishes == []
+    core.log.append_records(turn.records, 0.0)
+    core.commit_turn(turn)
+    assert turn.replies[0].reply == WriteOk(EPOCH, 3, True)
+    assert core.namespaces[NS].max_keys == 3
+    full = shell(core, Set(c.client_id, 102, NS, 0, "d", b"1"))
+    assert isinstance(full.reply, Error) and "max_keys 3" in full.reply.message
+    same = shell(core, SetMaxKeys(c.client_id, 103, NS, 3))
+    assert same.reply == WriteOk(EPOCH, 3, False)
+
+
+def test_a_rolled_back_set_max_keys_restores_the_limit_and_logs_nothing() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=5)
+    _fill(core, c, ["a"])
+    turn = core.run_turn([("t", SetMaxKeys(c.client_id, 100, NS, 9))], 0.0, 1000.0)
+    core.rollback(turn, "disk full")
+    assert core.namespaces[NS].max_keys == 5
+    assert turn.replies[0].reply == Error("StorageError", "disk full")
+    nxt = core.run_turn([], 0.0, 1000.0)
+    assert nxt.records == []  # the refused limit is not carried into the next turn
+
+
+def test_read_answers_from_the_broker_state_without_creating_anything() -> None:
+    core, c = BrokerCore(EPOCH), Client(max_keys=50)
+    shell(core, c.set("a", b'"x"'))
+    shell(core, c.set("t", b"2", ttl=10.0), now=0.0)
+    got = core.read(Read(NS, "get", ["a", "t", "zz", "a"]), now=4.0)
+    assert isinstance(got, ReadReply)
+    assert (got.found, got.seq, got.keys_count, got.max_keys) == (True, 2, 2, 50)
+    assert [(e.key, e.value, e.version, e.size) for e in got.entries] == [
+        ("a", b'"x"', 1, 3), ("t", b"2", 2, 1)]
+    assert got.entries[1].ttl == pytest.approx(6.0)
+    meta = core.read(Read(NS, "metadata", ["a"]), now=4.0)
+    assert isinstance(meta, ReadReply) and meta.entries[0].value == b""
+    assert meta.entries[0].size == 3
+    expired = core.read(Read(NS, "exists", ["t"]), now=11.0)
+    assert isinstance(expired, ReadReply) and expired.entries == []
+    listed = core.read(Read(NS, "list", pattern="[a-s]*"), now=4.0)
+    assert isinstance(listed, ReadReply) and listed.keys == ["a"]
+    absent = core.read(Read("nope", "info"), now=0.0)
+    assert absent == ReadReply(EPOCH, "nope", False)
+    assert "nope" not in core.namespaces
+
+
+def test_read_refuses_bad_input_with_the_documented_kind() -> None:
+    core = BrokerCore(EPOCH)
+    cases = [
+        (Read(NS, "steal"), "InvalidValue"),
+        (Read(NS, "get", [""]), "InvalidKey"),
+        (Read(NS, "list", pattern="[z"), "PatternError"),
+        (Read("bad\x00ns", "info"), "InvalidNamespace"),
+        (Read(NS, "get", ["a"] * (MAX_BATCH_ITEMS + 1)), "InvalidValue"),
+    ]
+    for request, kind in cases:
+        reply = core.read(request, now=0.0)
+        assert isinstance(reply, Error) and reply.kind == kind, (request, reply)

@@ -148,12 +148,13 @@ def test_prometheus_metrics_endpoint() -> None:
 
             def ready() -> str | None:
                 text = scrape()
-                return text if 'sharedmem_namespace_keys{namespace="metrics"} 2' in text else None
+                return (text if 'sharedmem_namespace_keys{namespace="metrics"} 2.0' in text
+                        else None)
 
             text = wait_until(ready, 10, interval=0.1, message="metrics to show 2 keys")
-            assert "sharedmem_events 2" in text
-            assert "sharedmem_subscribers 1" in text
-            assert 'sharedmem_namespace_keys{namespace="metrics"} 2' in text
+            assert "sharedmem_events_total 2.0" in text
+            assert "sharedmem_subscribers 1.0" in text
+            assert 'sharedmem_namespace_keys{namespace="metrics"} 2.0' in text
     finally:
         b.stop()
 

@@ -72,7 +72,8 @@ def test_help_documents_every_command_and_the_exit_codes() -> None:
     assert r.returncode == 0, r.stderr
     for name in ["get", "set", "del", "ls", "meta", "watch", "stats", "dump", "load"]:
         assert re.search(rf"^\s+{name}\s+\S", r.stdout, re.M), f"{name} undocumented:\n{r.stdout}"
-    assert set(COMMANDS) == {"get", "set", "del", "ls", "meta", "watch", "stats", "dump", "load"}
+    assert set(COMMANDS) == {"get", "set", "del", "ls", "meta", "watch", "stats", "dump", "load",
+                             "mget", "touch", "drop", "max-keys"}
     for code in ["0  ok", "1  not found", "2  usage", "3  broker unavailable", "4  refused",
                  "5  access denied"]:
         assert code in r.stdout

@@ -4,6 +4,7 @@ with a clear error, and the project carries a license."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import zmq
@@ -43,3 +44,28 @@ def test_license_and_metadata() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == {"text": "MIT"}
     assert "License :: OSI Approved :: MIT License" in project["classifiers"]
+
+
+def test_the_sample_systemd_unit_verifies(tmp_path: Path) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed here")
+    text = (ROOT / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```ini\n(.*?)```", text, re.S)
+    unit = next(b for b in blocks if "sharedmem-broker.service" in b)
+    assert "ExecStart=/opt/sharedmem/.venv/bin/sharedmem-broker" in unit
+    # The unit names the install path of the docs; verify it against this checkout's binary.
+    binary = ROOT / ".venv" / "bin" / "sharedmem-broker"
+    assert binary.exists(), binary
+    path = tmp_path / "sharedmem-broker.service"
+    path.write_text(unit.replace("/opt/sharedmem/.venv/bin/sharedmem-broker", str(binary)))
+    r = subprocess.run([tool, "verify", "--man=no", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    # Lines about units of the host system (not ours) are noise of the container; ours: none.
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if path.name in line]
+    assert r.returncode == 0 or not ours, r.stdout + r.stderr
+    assert not ours, ours

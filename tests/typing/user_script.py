@@ -19,6 +19,7 @@ from node import (
     InvalidValue,
     KeyNotFound,
     Metadata,
+    NamespaceInfo,
     PatternError,
     Registry,
     SharedMemory,
@@ -42,6 +43,11 @@ def sync_use(config: SharedMemoryConfig) -> None:
         shm.touch("k", timedelta(hours=1))
         shm.update("n", lambda n: (n or 0) + 1, ttl=timedelta(seconds=1))
         deleted: bool = shm.delete("x", if_version=version)
+        values: dict[str, object] = shm.get_many(["k", "k2"], consistent=True)
+        removed: int = shm.delete_many(["k2"]) + shm.delete_pattern("tmp_*")
+        shm.set_max_keys(100)
+        info: NamespaceInfo = shm.namespace_info()
+        print(values, removed, info.keys, info.seq, info.max_keys, shm.drop_namespace())
         keys: list[str] = shm.list_keys("k*")
         meta: Metadata = shm.get_metadata("k")
         when: datetime = meta.last_modified
@@ -70,6 +76,11 @@ async def async_use(config: SharedMemoryConfig) -> None:
         await shm.set_many({"a": 1}, ttl=2.0)
         await shm.touch("k", timedelta(seconds=3))
         await shm.update("n", lambda n: (n or 0) + 1)
+        many: dict[str, object] = await shm.get_many(("k", "n"))
+        gone: int = await shm.delete_many(["n"]) + await shm.delete_pattern("a*")
+        await shm.set_max_keys(0)
+        ns_info: NamespaceInfo = await shm.namespace_info()
+        print(many, gone, ns_info, await shm.drop_namespace())
         value: object = await shm.get("k", None, consistent=True)
         keys: list[str] = await shm.list_keys("*", consistent=True)
         print(value, keys, await shm.exists("k"), await shm.get_metadata("k"),
