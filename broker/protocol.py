@@ -264,6 +264,15 @@ class WriteOk(msgspec.Struct, tag=True, frozen=True):
     changed: bool = True
 
 
+class HeadReply(msgspec.Struct, tag=True, frozen=True):
+    """The answer to ``Head``: the broker's epoch and the namespace's head seq (0 for a
+    namespace the broker does not know; ``Head`` creates nothing)."""
+
+    epoch: str
+    namespace: str
+    seq: int
+
+
 class StatsReply(msgspec.Struct, tag=True, frozen=True):
     epoch: str
     namespaces: dict[str, dict[str, int]]
@@ -287,8 +296,8 @@ class Error(msgspec.Struct, tag=True, frozen=True):
 
 
 Reply = (
-    HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | StatsReply | DigestReply
-    | Error
+    HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | HeadReply | StatsReply
+    | DigestReply | Error
 )
 
 

@@ -39,11 +39,11 @@ from broker.protocol import (
     Error,
     Fetch,
     Head,
+    HeadReply,
     Heartbeat,
     Hello,
     HelloReply,
     Open,
-    OpenReply,
     Reply,
     Set,
     SetMany,
@@ -601,8 +601,7 @@ class Broker:
                 ))
             elif t is Head:
                 st = self.core.namespaces.get(request.namespace)
-                self._send_reply(envelope, OpenReply(self.epoch, request.namespace,
-                                                     st.max_keys if st else 0,
+                self._send_reply(envelope, HeadReply(self.epoch, request.namespace,
                                                      st.seq if st else 0))
             elif t is Stats:
                 stats = self.stats()

@@ -20,17 +20,12 @@ from typing import Any
 import msgspec
 import zmq
 
-from broker.errors import KeyNotFound, StorageError, VersionConflict, error_from_kind
+from broker.errors import KeyNotFound, StorageError, VersionConflict
 from broker.pattern import compile_pattern
 from broker.protocol import (
     Delete,
-    Digest,
-    DigestReply,
-    Error,
     Fetch,
     FetchReply,
-    Head,
-    OpenReply,
     Set,
     SetMany,
     Touch,
@@ -38,10 +33,12 @@ from broker.protocol import (
 )
 from broker.state import Entry, NamespaceState
 from broker.validation import check_key, check_ttl_bound, check_version, encode_value
+from node import admin
 from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, _seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
 from node.probe import DEFAULT_LOCAL_BROKER, refused
+from node.replies import expect
 from node.watch import INITIAL_DONE, CallbackHandle, ChangeEvent, Watcher, change_from_event
 
 log = logging.getLogger("sharedmem.node")
@@ -160,6 +157,12 @@ class SharedMemory:
     # ------------------------------------------------------------------ lifecycle
 
     @property
+    def node(self) -> Node:
+        """The process-shared ``Node`` behind this handle: for the admin calls of
+        node/admin.py (stats, head, digest) and benchmarks; ordinary use never needs it."""
+        return self._node
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -208,13 +211,8 @@ class SharedMemory:
         This is what ``consistent=True`` does before a read: one round trip, then a local wait.
         """
         deadline = time.monotonic() + self.config.request_timeout
-        reply = self._node.request(Head(self.namespace), deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, OpenReply):
-            raise StorageError(f"unexpected reply to Head: {type(reply).__name__}")
-        self._node.wait_visible(self.namespace, WriteOk(reply.epoch, reply.seq), deadline,
-                                strict=True)
+        reply = admin.head(self._node, self.namespace, deadline)
+        self._node.wait_visible(self.namespace, reply, deadline, strict=True)
         return reply.seq
 
     def get(self, key: str, default: Any = _MISSING, *, consistent: bool = False) -> Any:
@@ -277,11 +275,7 @@ class SharedMemory:
     def broker_digest(self) -> tuple[int, str]:
         """(seq, digest) of the broker's copy of this namespace, asked over the network."""
         deadline = time.monotonic() + self.config.request_timeout
-        reply = self._node.request(Digest(self.namespace), deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, DigestReply):
-            raise StorageError(f"unexpected reply to Digest: {type(reply).__name__}")
+        reply = admin.digest(self._node, self.namespace, deadline)
         return reply.seq, reply.digest
 
     def local_digest(self) -> tuple[int, str]:
@@ -322,12 +316,7 @@ class SharedMemory:
         if self._closed:
             raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
         deadline = time.monotonic() + self.config.request_timeout
-        reply = self._node.write(self.namespace, build, deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message, reply.current_version)
-        if not isinstance(reply, WriteOk):
-            raise StorageError(f"unexpected reply to a write: {type(reply).__name__}")
-        return reply
+        return expect(self._node.write(self.namespace, build, deadline), WriteOk, "a write")
 
     def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None,
             if_version: int | None = None) -> int:

@@ -32,11 +32,11 @@ from broker.errors import (
     PatternError,
     SharedMemoryError,
     StorageError,
-    error_from_kind,
 )
 from broker.pattern import compile_pattern
-from broker.protocol import Error, Head, Stats, StatsReply
+from broker.protocol import StatsReply
 from broker.validation import check_key, check_namespace, encode_value
+from node import admin
 from node.api import Metadata, SharedMemory
 from node.config import SharedMemoryConfig, _seconds
 from node.node import Node, acquire_node, release_node
@@ -291,11 +291,7 @@ class Session:
         self.curve: Any = None
         if key_file or broker_key:
             self.base.update(curve_key_file=key_file, broker_key_file=broker_key)
-            try:
-                config = SharedMemoryConfig(**self.base)
-            except TypeError:
-                raise CliError(EXIT_USAGE, "this version of sharedmem has no CURVE support "
-                                           "(--curve-key-file/--broker-key-file)") from None
+            config = SharedMemoryConfig(**self.base)
             self.curve = config.curve_keys()  # ValueError (exit 2) if a key is unreadable
         self._node: Node | None = None
         self.shm: SharedMemory | None = None
@@ -309,12 +305,7 @@ class Session:
         return self._node
 
     def stats(self) -> StatsReply:
-        reply = self.node().request(Stats(), time.monotonic() + self.timeout)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, StatsReply):
-            raise StorageError(f"unexpected reply to Stats: {type(reply).__name__}")
-        return reply
+        return admin.stats(self.node(), time.monotonic() + self.timeout)
 
     def namespace_info(self) -> dict[str, int] | None:
         """The namespace's entry in Stats, or None if it does not exist.
@@ -323,9 +314,7 @@ class Session:
         Head request then tells "absent" from "not yours" (AccessDenied), creating nothing."""
         info = self.stats().namespaces.get(self.namespace)
         if info is None:
-            reply = self.node().request(Head(self.namespace), time.monotonic() + self.timeout)
-            if isinstance(reply, Error):
-                raise error_from_kind(reply.kind, reply.message)
+            admin.head(self.node(), self.namespace, time.monotonic() + self.timeout)
         return info
 
     def open(self, *, create: bool) -> SharedMemory | None:

@@ -26,12 +26,13 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from broker.errors import BrokerUnavailable, ProtocolError, error_from_kind
+from broker.errors import BrokerUnavailable, ProtocolError
 from broker.protocol import (
     Error,
     EventBatch,
     Fetch,
     FetchReply,
+    HeadReply,
     Heartbeat,
     Hello,
     HelloReply,
@@ -47,6 +48,7 @@ from broker.protocol import (
 )
 from node.probe import refused
 from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
+from node.replies import expect, raise_if_error
 from node.requests import ChannelPool, CurveKeys, RequestChannel, apply_curve
 from node.watch import Watcher, change_from_event
 
@@ -145,11 +147,10 @@ class Node:
             first.close()
         if isinstance(hello, Error):  # e.g. another protocol version: say what the broker said
             self._pool.close()
-            raise error_from_kind(hello.kind, hello.message)
+            raise_if_error(hello)
         if not isinstance(hello, HelloReply):
             self._pool.close()
             raise BrokerUnavailable(f"broker at {address} answered Hello with {hello!r}")
-        self.hello = hello
         self.pub_endpoint = pick_pub_endpoint(address, hello.pub_endpoints)
         self.max_value_bytes = hello.max_value_bytes
         self._pool.max_request_bytes = hello.max_message_bytes  # refused before sending
@@ -168,6 +169,11 @@ class Node:
 
     def request(self, build: object, deadline: float, *, is_write: bool = False) -> object:
         return self._pool.call(build, deadline, is_write=is_write)
+
+    @property
+    def pool(self) -> ChannelPool:
+        """The request channels (the benchmark wraps their send to time a write's reply)."""
+        return self._pool
 
     def write(self, namespace: str, build: object, deadline: float) -> object:
         """Send a write; on WriteOk make it visible here (read-your-writes) before returning.
@@ -191,11 +197,8 @@ class Node:
                        *, adopt: bool = False) -> Replica:
         """Open (create or check) a namespace and wait until its replica is live. ``adopt``:
         an existing namespace is opened with its own ``max_keys`` (the replica's)."""
-        reply = self.request(Open(namespace, max_keys, adopt), deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, OpenReply):
-            raise ProtocolError(f"unexpected reply to Open: {type(reply).__name__}")
+        reply = expect(self.request(Open(namespace, max_keys, adopt), deadline), OpenReply,
+                       "Open", unexpected=ProtocolError)
         with self.lock:
             self._refs[namespace] = self._refs.get(namespace, 0) + 1
             replica = self.replicas.get(namespace)
@@ -235,7 +238,7 @@ class Node:
                     )
                 self.changed.wait(remaining)
 
-    def wait_visible(self, namespace: str, ok: WriteOk, deadline: float,
+    def wait_visible(self, namespace: str, ok: WriteOk | HeadReply, deadline: float,
                      *, strict: bool = False) -> None:
         """Wait until the replica shows the write acknowledged by ``ok`` (read-your-writes).
 

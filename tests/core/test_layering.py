@@ -28,6 +28,7 @@ KERNEL = [
     "broker.core",
     "broker.turn",
     "node.replica",
+    "node.replies",
     "node.watch",
 ]
 
@@ -120,11 +121,6 @@ ALLOWED: set[tuple[str, str]] = {
     # (one TTL <-> deadline helper) gives it a public home.
     ("node/api.py", "_seconds"),
     ("node/cli.py", "_seconds"),
-    # The benchmark's write-path split wraps the node's private channel pool (every such
-    # reach-in of the bench sits in this one module); issue 13 item 3 (admin calls in one node
-    # module that the CLI and the benchmark share) retires these.
-    ("scripts/benchkit/internals.py", "_node"),
-    ("scripts/benchkit/internals.py", "_pool"),
 }
 
 
