@@ -24,10 +24,11 @@ from broker.errors import (
 )
 
 if TYPE_CHECKING:
+    from broker.config import BrokerConfig
     from broker.core import BrokerCore
-    from broker.server import Broker, BrokerConfig
+    from broker.server import Broker
 
-_LAZY = {"Broker": "broker.server", "BrokerConfig": "broker.server", "BrokerCore": "broker.core"}
+_LAZY = {"Broker": "broker.server", "BrokerConfig": "broker.config", "BrokerCore": "broker.core"}
 
 
 def __getattr__(name: str) -> Any:

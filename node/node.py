@@ -46,6 +46,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
+from broker.zmtp import set_heartbeats
 from node.probe import refused
 from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
 from node.replies import expect, raise_if_error
@@ -301,8 +302,7 @@ class Node:
             apply_curve(s, self.curve)
         sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
         for s in (sub, dealer):
-            s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-            s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            set_heartbeats(s)
             s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sub.connect(self.pub_endpoint)
         dealer.connect(self.address)
