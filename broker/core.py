@@ -67,6 +67,7 @@ from broker.records import (
     SnapshotFile,
 )
 from broker.state import Entry, NamespaceState
+from broker.ttl import ttl_left
 from broker.turn import Outgoing, Turn, TurnRequest, merge_publishes
 from broker.validation import (
     DEFAULT_MAX_VALUE_BYTES,
@@ -123,7 +124,7 @@ class SnapshotJob:
         self.position += len(part)
         rows = [
             SnapEntry(k, e.value, e.version, e.created_at, e.modified_at,
-                      None if e.deadline is None else max(0.0, e.deadline - now))
+                      ttl_left(e.deadline, now))
             for k, e in part
         ]
         reply = SnapshotReply(self.snap_id, self.namespace, self.epoch, self.seq,

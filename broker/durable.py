@@ -321,20 +321,7 @@ class DurableLog(MemoryLog):
         ops = self.ops
         tmp = path.with_name(path.name + ".tmp")
         header = SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n)
-        fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            try:
-                written = 0
-                while written < len(header):
-                    written += ops.write(fd, header[written:])
-                ops.fsync(fd)
-            finally:
-                ops.close(fd)
-            ops.replace(tmp, path)
-        except OSError:
-            _unlink_quietly(ops, tmp)
-            raise
-        fsync_dir(self.data_dir, ops)
+        write_atomically(ops, self.data_dir, path, tmp, header)
 
     @property
     def segment(self) -> int:
@@ -599,20 +586,16 @@ def _unlink_quietly(ops: FileOps, path: Path) -> None:
         pass
 
 
-def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = None) -> Path:
-    """Atomically write a snapshot: temp file, fsync, rename, fsync the directory."""
-    ops = ops or FileOps()
-    payload = msgspec.msgpack.encode(view)
-    final = snap_path(data_dir, view.segment)
-    tmp = final.with_suffix(".snap.tmp")
-    data = SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)) + payload
+def write_atomically(ops: FileOps, data_dir: Path, final: Path, tmp: Path, data: bytes) -> None:
+    """``data`` at ``final`` or nothing there: write ``tmp`` in full, fsync it, rename it over
+    ``final``, fsync the directory. On an OSError the temp file is removed and it re-raises."""
     fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         try:
-            view_ = memoryview(data)
+            view = memoryview(data)
             written = 0
             while written < len(data):
-                written += ops.write(fd, view_[written:])
+                written += ops.write(fd, view[written:])
             ops.fsync(fd)
         finally:
             ops.close(fd)
@@ -621,6 +604,16 @@ def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = Non
         _unlink_quietly(ops, tmp)
         raise
     fsync_dir(data_dir, ops)
+
+
+def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = None) -> Path:
+    """Atomically write a snapshot: temp file, fsync, rename, fsync the directory."""
+    ops = ops or FileOps()
+    payload = msgspec.msgpack.encode(view)
+    final = snap_path(data_dir, view.segment)
+    tmp = final.with_suffix(".snap.tmp")
+    data = SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)) + payload
+    write_atomically(ops, data_dir, final, tmp, data)
     return final
 
 

@@ -18,6 +18,7 @@ import msgspec
 
 from broker.protocol import Event, KeySet, KeyTouched
 from broker.records import LogRecord, NamespaceRecord, SnapshotFile
+from broker.ttl import deadline_after, ttl_left
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
@@ -101,7 +102,7 @@ class MemoryLog:
         for ev in events:
             t = type(ev)
             ttl = ev.ttl if t is KeySet or t is KeyTouched else None
-            deadline = None if ttl is None else now + ttl
+            deadline = deadline_after(ttl, now)
             q.append((ev, deadline))
 
     def flush(self) -> None:
@@ -175,6 +176,6 @@ class MemoryLog:
         for i in range(start, min(len(q), start + limit)):
             ev, deadline = q[i]
             if deadline is not None:
-                ev = msgspec.structs.replace(ev, ttl=max(0.0, deadline - now))
+                ev = msgspec.structs.replace(ev, ttl=ttl_left(deadline, now))
             out.append(ev)
         return out

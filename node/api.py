@@ -34,7 +34,7 @@ from broker.protocol import (
 from broker.state import Entry, NamespaceState
 from broker.validation import check_key, check_ttl_bound, check_version, encode_value
 from node import admin
-from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, _seconds
+from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, to_seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
 from node.probe import DEFAULT_LOCAL_BROKER, refused
@@ -303,7 +303,7 @@ class SharedMemory:
             value = self.config.ttl
         else:
             try:
-                value = _seconds("ttl", ttl)
+                value = to_seconds("ttl", ttl)
             except ValueError as exc:
                 from broker.errors import InvalidValue
 
@@ -385,17 +385,14 @@ class SharedMemory:
         raise VersionConflict(f"update of key {key!r} lost the race {retries + 1} times")
 
     def _wait_for_key_version(self, key: str, version: int, deadline: float) -> None:
+        def shown() -> bool:
+            state = self._state()
+            e = state.entries.get(key)
+            return (e.version if e is not None else 0) >= version or state.seq >= version
+
         with self._node.changed:
-            while True:
-                state = self._state()
-                e = state.entries.get(key)
-                if (e.version if e is not None else 0) >= version or state.seq >= version:
-                    return
-                remaining = min(deadline, time.monotonic() + self.config.request_timeout) \
-                    - time.monotonic()
-                if remaining <= 0:
-                    return
-                self._node.changed.wait(remaining)
+            self._node.wait_until(
+                shown, min(deadline, time.monotonic() + self.config.request_timeout))
 
     # ------------------------------------------------------------------ watching
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import msgspec
 import zmq
@@ -35,10 +35,10 @@ from broker.errors import (
 )
 from broker.pattern import compile_pattern
 from broker.protocol import StatsReply
-from broker.validation import check_key, check_namespace, encode_value
+from broker.validation import check_key, check_namespace, encode_value, has_scheme, scheme_hint
 from node import admin
 from node.api import Metadata, SharedMemory
-from node.config import SharedMemoryConfig, _seconds
+from node.config import SharedMemoryConfig, to_seconds
 from node.node import Node, acquire_node, release_node
 from node.watch import INITIAL_DONE, ChangeEvent
 
@@ -108,17 +108,23 @@ def _non_negative_int(text: str) -> int:
     return n
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _not_zero(value: _N, message: str) -> _N:
+    if value == 0:
+        raise argparse.ArgumentTypeError(message)
+    return value
+
+
 def _positive_int(text: str) -> int:
-    n = _non_negative_int(text)
-    if n == 0:
-        raise argparse.ArgumentTypeError("expected an integer > 0, got 0")
-    return n
+    return _not_zero(_non_negative_int(text), "expected an integer > 0, got 0")
 
 
 def _seconds_arg(text: str) -> float:
     """Seconds from the command line, checked by the same rule as SharedMemoryConfig."""
     try:
-        v = _seconds("seconds", float(text))
+        v = to_seconds("seconds", float(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got "
                                          f"{text!r}" if "could not convert" in str(exc)
@@ -128,10 +134,7 @@ def _seconds_arg(text: str) -> float:
 
 
 def _timeout_arg(text: str) -> float:
-    v = _seconds_arg(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError("timeout must be > 0")
-    return v
+    return _not_zero(_seconds_arg(text), "timeout must be > 0")
 
 
 def _add_global_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -267,13 +270,11 @@ class Session:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.address: str = args.broker or os.environ.get("SHAREDMEM_BROKER") or DEFAULT_BROKER
-        if not self.address.startswith(("tcp://", "ipc://")):
-            hint = ""
+        if not has_scheme(self.address, ("tcp://", "ipc://")):
+            hint = scheme_hint(self.address)
             if self.address == "embedded":
                 hint = (" ('embedded' is a process's in-process broker, which no other "
                         "process can reach)")
-            elif "://" not in self.address and ":" in self.address:
-                hint = f" (the scheme is needed: did you mean 'tcp://{self.address}'?)"
             raise CliError(EXIT_USAGE,
                            f"--broker must be 'tcp://HOST:PORT' (or ipc://PATH), got "
                            f"{self.address!r}{hint}")
@@ -425,6 +426,14 @@ def _parse_json(text: str | bytes, what: str, *, hint: bool = False) -> Any:
         raise CliError(EXIT_USAGE, f"{what} is not valid JSON: {exc}{extra}") from None
 
 
+def _existing(s: Session) -> SharedMemory:
+    """The command's namespace, which must exist (KeyNotFound, exit 1, if it does not)."""
+    shm = s.open(create=False)
+    if shm is None:
+        raise _missing_namespace(s)
+    return shm
+
+
 def _missing_namespace(s: Session) -> KeyNotFound:
     return KeyNotFound(f"namespace {s.namespace!r} does not exist (a write creates it; "
                        "'sharedmem stats' lists the namespaces)")
@@ -435,9 +444,7 @@ def _missing_namespace(s: Session) -> KeyNotFound:
 
 def cmd_get(args: argparse.Namespace, s: Session) -> int:
     check_key(args.key)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
+    shm = _existing(s)
     value = shm.get(args.key)
     if args.raw:
         _out(value if isinstance(value, str) else _json_line(value))
@@ -465,9 +472,7 @@ def cmd_set(args: argparse.Namespace, s: Session) -> int:
 
 def cmd_del(args: argparse.Namespace, s: Session) -> int:
     check_key(args.key)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
+    shm = _existing(s)
     if not shm.delete(args.key, if_version=args.if_version):
         raise KeyNotFound(f"key {args.key!r} not found in namespace {s.namespace!r}")
     return EXIT_OK
@@ -475,9 +480,7 @@ def cmd_del(args: argparse.Namespace, s: Session) -> int:
 
 def cmd_ls(args: argparse.Namespace, s: Session) -> int:
     compile_pattern(args.pattern)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
+    shm = _existing(s)
     keys = shm.list_keys(args.pattern)
     if args.json:
         _out(_json_line(keys))
@@ -501,9 +504,7 @@ def _meta_dict(key: str, m: Metadata) -> dict[str, Any]:
 
 def cmd_meta(args: argparse.Namespace, s: Session) -> int:
     check_key(args.key)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
+    shm = _existing(s)
     d = _meta_dict(args.key, shm.get_metadata(args.key))
     if args.json:
         _out(_json_line(d))
@@ -541,9 +542,7 @@ def cmd_stats(args: argparse.Namespace, s: Session) -> int:
 
 def cmd_dump(args: argparse.Namespace, s: Session) -> int:
     compile_pattern(args.pattern)
-    shm = s.open(create=False)
-    if shm is None:
-        raise _missing_namespace(s)
+    shm = _existing(s)
     keys = shm.list_keys(args.pattern)
     progress = Progress("dumped", len(keys))
     out = sys.stdout.buffer

@@ -20,6 +20,7 @@ import socket as pysocket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
 from urllib.parse import urlsplit
@@ -225,47 +226,50 @@ class Node:
             replica = self.replicas.pop(namespace, None)
             self._command("leave", namespace, replica.close() if replica is not None else [])
 
+    def wait_until(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """With ``changed`` held: wait until ``ready()`` (re-checked after every apply) or the
+        monotonic ``deadline``; returns ``ready()``. The one deadline wait of the node and
+        the API (a replica live, a write visible, a key's version reached)."""
+        return self.changed.wait_for(ready, max(0.0, deadline - time.monotonic()))
+
     def wait_live(self, namespace: str, deadline: float) -> None:
+        def live() -> bool:
+            r = self.replicas.get(namespace)
+            return r is not None and r.state is not None
+
         with self.changed:
-            while True:
-                r = self.replicas.get(namespace)
-                if r is not None and r.state is not None:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BrokerUnavailable(
-                        f"namespace {namespace!r}: no snapshot from broker at {self.address} "
-                        "in time"
-                    )
-                self.changed.wait(remaining)
+            if not self.wait_until(live, deadline):
+                raise BrokerUnavailable(
+                    f"namespace {namespace!r}: no snapshot from broker at {self.address} "
+                    "in time"
+                )
 
     def wait_visible(self, namespace: str, ok: WriteOk | HeadReply, deadline: float,
                      *, strict: bool = False) -> None:
         """Wait until the replica shows the write acknowledged by ``ok`` (read-your-writes).
 
         ``strict``: raise BrokerUnavailable instead of returning when the deadline passes."""
+        def visible() -> bool:
+            r = self.replicas.get(namespace)
+            if r is None:
+                return True  # namespace closed meanwhile
+            return r.state is not None and r.epoch == ok.epoch and r.state.seq >= ok.seq
+
         with self.changed:
-            while True:
-                r = self.replicas.get(namespace)
-                if r is None:
-                    return  # namespace closed meanwhile
-                if r.state is not None and r.epoch == ok.epoch and r.state.seq >= ok.seq:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and strict:
-                    raise BrokerUnavailable(
-                        f"namespace {namespace!r}: this node's replica did not reach seq "
-                        f"{ok.seq} of epoch {ok.epoch} in time (at seq {r.seq}, {r.sync.value})")
-                if remaining <= 0:
-                    # The write *was* applied (we hold its acknowledgement); only our replica
-                    # has not shown it yet -- or the broker incarnation that applied it is gone
-                    # (in-memory restart). Reporting it as refused would be a lie.
-                    log.warning(
-                        "namespace %r: write acknowledged at seq %d (epoch %s) not yet visible; "
-                        "replica at seq %d (epoch %s, %s)", namespace, ok.seq, ok.epoch, r.seq,
-                        r.epoch, r.sync.value)
-                    return
-                self.changed.wait(remaining)
+            if self.wait_until(visible, deadline):
+                return
+            r = self.replicas[namespace]
+            if strict:
+                raise BrokerUnavailable(
+                    f"namespace {namespace!r}: this node's replica did not reach seq "
+                    f"{ok.seq} of epoch {ok.epoch} in time (at seq {r.seq}, {r.sync.value})")
+            # The write *was* applied (we hold its acknowledgement); only our replica has not
+            # shown it yet -- or the broker incarnation that applied it is gone (in-memory
+            # restart). Reporting it as refused would be a lie.
+            log.warning(
+                "namespace %r: write acknowledged at seq %d (epoch %s) not yet visible; "
+                "replica at seq %d (epoch %s, %s)", namespace, ok.seq, ok.epoch, r.seq,
+                r.epoch, r.sync.value)
 
     def status(self, namespace: str, now: float) -> NamespaceStatus:
         with self.lock:

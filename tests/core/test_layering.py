@@ -123,10 +123,6 @@ SCANNED = ["broker", "node", "scripts"]
 # Reads of another module's underscore names that remain, each with its reason. An entry is
 # (file, name); the test fails if an entry is no longer needed, so the list only shrinks.
 ALLOWED: set[tuple[str, str]] = {
-    # The duration parser of node/config.py, shared by the API and the CLI; issue 13 item 6
-    # (one TTL <-> deadline helper) gives it a public home.
-    ("node/api.py", "_seconds"),
-    ("node/cli.py", "_seconds"),
 }
 
 
