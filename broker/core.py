@@ -4,8 +4,9 @@
 runs the expiry that is due, decides each request (``decide`` reads the state and returns a
 ``Decision``), applies it (``commit``, recording undo information) and returns a ``Turn``
 (broker/turn.py): the log records, then the replies and publishes. The shell appends the
-records and flushes, and only then sends -- the write order of ARCHITECTURE.md: decide ->
-append (durable) -> apply -> reply -> publish -- or, if the flush failed, calls ``rollback``.
+records and flushes, and only then sends -- the write order of docs/architecture.md
+section 2: decide -> append (durable) -> apply -> reply -> publish -- or, if the flush failed,
+calls ``rollback``.
 A refused request produces no events and changes nothing.
 
 Exactly-once: each write carries ``(client_id, request_no)``. The last reply per client is kept
@@ -80,7 +81,7 @@ from broker.validation import (
 
 MAX_BATCH_ITEMS = 10_000
 
-log = logging.getLogger("sharedmem.broker.core")
+logger = logging.getLogger("sharedmem.broker.core")
 
 
 def new_epoch() -> str:
@@ -438,7 +439,7 @@ class BrokerCore:
                     decision = self.decide(request, now, wall)
                     self._apply(turn, decision, batches)
                 except Exception as exc:  # noqa: BLE001 - one bad request never ends a turn
-                    log.exception("internal error handling %s", type(request).__name__)
+                    logger.exception("internal error handling %s", type(request).__name__)
                     turn.replies.append(
                         Outgoing(tag, Error("StorageError", f"internal broker error: {exc!r}")))
                     continue
@@ -553,15 +554,15 @@ class BrokerCore:
         return SnapshotJob(request.snap_id, name, self.epoch, state.seq, state.max_keys,
                            list(state.entries.items()))
 
-    def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, snap_id: int,
+    def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, request_id: int,
               now: float) -> FetchReply:
         self.counters["fetches"] += 1
         events = None
         if epoch == self.epoch and 0 < limit:
             events = self.log.read(namespace, from_seq, min(limit, 100_000), now)
         if events is None:
-            return FetchReply(snap_id, namespace, self.epoch, False)
-        return FetchReply(snap_id, namespace, self.epoch, True, events)
+            return FetchReply(request_id, namespace, self.epoch, False)
+        return FetchReply(request_id, namespace, self.epoch, True, events)
 
     def digest(self, namespace: str) -> Reply:
         state = self.namespaces.get(namespace)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from broker.core import BrokerCore
     from broker.recovery import RecoveryReport
 
-log = logging.getLogger("sharedmem.broker.durable")
+logger = logging.getLogger("sharedmem.broker.durable")
 
 SEG_MAGIC = b"SHMLOG1\x00"
 SNAP_MAGIC = b"SHMSNAP1"
@@ -308,7 +308,7 @@ class DurableLog(MemoryLog):
             try:
                 self.ops.close(self._fd)
             except OSError as exc:  # fsynced before any rotation: nothing is lost with it
-                log.warning("closing segment %d failed: %s", self._segment, exc)
+                logger.warning("closing segment %d failed: %s", self._segment, exc)
         self._fd = fd
         self._segment = n
         self._seg_size = seg_size
@@ -406,7 +406,7 @@ class DurableLog(MemoryLog):
             try:
                 self._do_fsync()
             except OSError as exc:
-                log.error("background fsync failed: %s", exc)
+                logger.error("background fsync failed: %s", exc)
 
     def _abort_turn(self, start: int) -> None:
         self._buf.clear()
@@ -419,12 +419,8 @@ class DurableLog(MemoryLog):
         except OSError as exc:
             # Retried before the next append; until it succeeds every flush is refused.
             self._truncate_to = start
-            log.error("could not truncate %s back to %d: %s",
+            logger.error("could not truncate %s back to %d: %s",
                       seg_path(self.data_dir, self._segment), start, exc)
-
-    def discard_turn(self) -> None:
-        """Forget the unflushed records of this turn (the caller rolled its state back)."""
-        self._abort_turn(self._seg_size)
 
     def close(self) -> None:
         """Close the segment (``close_segment``), then release the directory's lock."""
@@ -482,7 +478,7 @@ class DurableLog(MemoryLog):
         except OSError as exc:
             self._compaction_retry_at = time.monotonic() + self.compaction_retry
             self.compaction_failures += 1
-            log.error("could not start segment %d (%s); appending to segment %d meanwhile, "
+            logger.error("could not start segment %d (%s); appending to segment %d meanwhile, "
                       "retrying in %.0f s", self._segment + 1, exc.strerror or exc,
                       self._segment, self.compaction_retry)
             return False
@@ -512,7 +508,7 @@ class DurableLog(MemoryLog):
             return
         self._compaction = None
         if self._compaction_error is not None:
-            log.error("compaction failed, old segments kept: %s", self._compaction_error)
+            logger.error("compaction failed, old segments kept: %s", self._compaction_error)
             self._compaction_error = None
             self.compaction_failures += 1
             return
@@ -530,11 +526,11 @@ class DurableLog(MemoryLog):
             fsync_dir(self.data_dir, self.ops)
         except OSError as exc:
             self.compaction_failures += 1
-            log.error("snapshot %s is durable, but removing older files failed (%s); the next "
+            logger.error("snapshot %s is durable, but removing older files failed (%s); the next "
                       "compaction removes them", snap_path(self.data_dir, n), exc)
             return
         self.compactions += 1
-        log.info("compaction done: snapshot %s, older segments removed",
+        logger.info("compaction done: snapshot %s, older segments removed",
                  snap_path(self.data_dir, n))
 
     # ------------------------------------------------------------------ the Log protocol's hooks
@@ -564,7 +560,7 @@ class DurableLog(MemoryLog):
             if clean:
                 mark_clean(self)
         except OSError as exc:
-            log.error("could not close %s cleanly (%s); the next start recovers it as after a "
+            logger.error("could not close %s cleanly (%s); the next start recovers it as after a "
                       "crash", self.data_dir, exc)
         finally:
             self.unlock()

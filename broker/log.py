@@ -116,9 +116,6 @@ class MemoryLog:
             assert q is not None
             q.pop()
 
-    def discard_turn(self) -> None:
-        """Forget what was appended since the last flush (nothing is ever pending here)."""
-
     def recover(self, core: BrokerCore) -> RecoveryReport | None:
         """Fill ``core`` from what the log holds at start-up, writing nothing yet (memory holds
         nothing: None)."""

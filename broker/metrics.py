@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from broker.protocol import StatsReply
 
-log = logging.getLogger("sharedmem.broker.metrics")
+logger = logging.getLogger("sharedmem.broker.metrics")
 
 
 def render(stats: StatsReply) -> str:
@@ -51,7 +51,7 @@ class MetricsServer:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
-                log.debug(format, *args)
+                logger.debug(format, *args)
 
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self.port = self._httpd.server_address[1]

@@ -128,7 +128,9 @@ class Fetch(msgspec.Struct, tag=True, frozen=True):
     namespace: str
     epoch: str
     from_seq: int
-    snap_id: int
+    # Pairs the reply with its request (the node's request id; snapshots share the counter).
+    # Called snap_id on the wire, as before issue 13: only the Python name changed.
+    request_id: int = msgspec.field(name="snap_id")
     limit: int = 10000
 
 
@@ -249,7 +251,7 @@ class FetchReply(msgspec.Struct, tag=True, frozen=True):
     """Events ``from_seq..`` (possibly fewer than asked); ``available`` False: the log no longer
     has them (or the epoch changed), so the node must take a snapshot instead."""
 
-    snap_id: int
+    request_id: int = msgspec.field(name="snap_id")  # the Fetch's; snap_id on the wire
     namespace: str
     epoch: str
     available: bool

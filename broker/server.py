@@ -202,7 +202,7 @@ class Broker(BrokerLifecycle):
             elif t is Fetch:
                 self._send_reply(envelope, self.core.fetch(
                     request.namespace, request.epoch, request.from_seq, request.limit,
-                    request.snap_id, now))
+                    request.request_id, now))
             elif t is Head:
                 st = self.core.namespaces.get(request.namespace)
                 self._send_reply(envelope, HeadReply(self.epoch, request.namespace,

@@ -41,7 +41,7 @@ from node.probe import DEFAULT_LOCAL_BROKER, refused
 from node.replies import expect
 from node.watch import INITIAL_DONE, CallbackHandle, ChangeEvent, Watcher, change_from_event
 
-log = logging.getLogger("sharedmem.node")
+logger = logging.getLogger("sharedmem.node")
 
 _MISSING: Any = object()
 _json_decode = msgspec.json.decode
@@ -78,7 +78,7 @@ _default_address: str | None = None  # the process's choice when no broker is co
 
 
 def _broker_address(config: SharedMemoryConfig) -> str:
-    """The address a handle connects to (ARCHITECTURE.md section 4, plus no silent fallback).
+    """The address a handle connects to (docs/api.md section 1; no silent fallback).
 
     With nothing configured the local default broker is used if one listens, else the embedded
     broker with one WARNING: two processes that each fell back share nothing, which must not go
@@ -94,7 +94,7 @@ def _broker_address(config: SharedMemoryConfig) -> str:
             if not refused(DEFAULT_LOCAL_BROKER, timeout=0.5):
                 _default_address = DEFAULT_LOCAL_BROKER
             else:
-                log.warning(
+                logger.warning(
                     "no broker configured and none listens at %s: using this process's embedded "
                     "broker; other processes will NOT see its writes. Start a shared one "
                     "(scripts/broker) or choose with SharedMemoryConfig(broker='tcp://HOST:PORT') "
@@ -141,7 +141,7 @@ class SharedMemory:
         if self._replica.max_keys != asked:
             # Settings belong to the namespace: this handle uses the namespace's limit.
             if asked is not None:
-                log.warning(
+                logger.warning(
                     "namespace %r exists with max_keys=%d; this handle asked for max_keys=%d and "
                     "uses the namespace's %d: the first opener of a namespace sets its limit (pass "
                     "max_keys=None to adopt it silently; for another limit use another "

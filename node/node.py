@@ -54,7 +54,7 @@ from node.replies import expect, raise_if_error
 from node.requests import ChannelPool, CurveKeys, RequestChannel, apply_curve
 from node.watch import Watcher, change_from_event
 
-log = logging.getLogger("sharedmem.node")
+logger = logging.getLogger("sharedmem.node")
 
 TICK = 0.1  # seconds between housekeeping passes of the I/O thread
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per call
@@ -63,7 +63,7 @@ _POLLIN = int(zmq.POLLIN)
 SUB_HWM = 1_000_000
 
 
-SyncState = Literal["joining", "live", "repairing", "resyncing"]  # the values of replica.Sync
+SyncState = Literal["joining", "live", "repairing", "resyncing"]  # the values of replica.Phase
 
 
 @dataclass(frozen=True)
@@ -262,21 +262,21 @@ class Node:
             if strict:
                 raise BrokerUnavailable(
                     f"namespace {namespace!r}: this node's replica did not reach seq "
-                    f"{ok.seq} of epoch {ok.epoch} in time (at seq {r.seq}, {r.sync.value})")
+                    f"{ok.seq} of epoch {ok.epoch} in time (at seq {r.seq}, {r.phase.value})")
             # The write *was* applied (we hold its acknowledgement); only our replica has not
             # shown it yet -- or the broker incarnation that applied it is gone (in-memory
             # restart). Reporting it as refused would be a lie.
-            log.warning(
+            logger.warning(
                 "namespace %r: write acknowledged at seq %d (epoch %s) not yet visible; "
                 "replica at seq %d (epoch %s, %s)", namespace, ok.seq, ok.epoch, r.seq,
-                r.epoch, r.sync.value)
+                r.epoch, r.phase.value)
 
     def status(self, namespace: str, now: float) -> NamespaceStatus:
         with self.lock:
             r = self.replicas[namespace]
             age = None if r.last_heard is None else now - r.last_heard
             head = max(r.head_seq, r.seq)
-            return NamespaceStatus(namespace, cast(SyncState, r.sync.value), r.seq, head,
+            return NamespaceStatus(namespace, cast(SyncState, r.phase.value), r.seq, head,
                                    head - r.seq, age, r.resyncs, r.repairs)
 
     def close(self) -> None:
@@ -347,7 +347,7 @@ class Node:
                     self._tick(now)
                     next_tick = now + TICK
         except Exception:  # pragma: no cover - logged; readers then see the node as stale
-            log.exception("node I/O thread failed")
+            logger.exception("node I/O thread failed")
         finally:
             sub.close(linger=0)
             dealer.close(linger=0)
@@ -383,12 +383,12 @@ class Node:
                 except zmq.Again:
                     break
                 except ValueError:
-                    log.warning("dropping event-stream message with wrong frame count")
+                    logger.warning("dropping event-stream message with wrong frame count")
                     continue
                 try:
                     msg = self._published.decode(body)
                 except ProtocolError as exc:
-                    log.warning("dropping bad event-stream message: %s", exc)
+                    logger.warning("dropping bad event-stream message: %s", exc)
                     continue
                 r = self.replicas.get(msg.namespace)
                 if r is None or topic != topic_for(msg.namespace):
@@ -411,12 +411,12 @@ class Node:
             except zmq.Again:
                 break
             if len(frames) != 2 or frames[0] != b"":
-                log.warning("dropping malformed snapshot-channel reply")
+                logger.warning("dropping malformed snapshot-channel reply")
                 continue
             try:
                 reply = self._replies.decode(frames[1])
             except ProtocolError as exc:
-                log.warning("dropping bad snapshot-channel reply: %s", exc)
+                logger.warning("dropping bad snapshot-channel reply: %s", exc)
                 continue
             with self.changed:
                 if isinstance(reply, SnapshotReply):
@@ -427,7 +427,7 @@ class Node:
                         if old is not None and old_epoch is not None and r.epoch != old_epoch:
                             # A new broker history (e.g. an in-memory broker restarted): say
                             # what this node's replica lost, not just "broker is back".
-                            log.warning(
+                            logger.warning(
                                 "namespace %r was reset: the broker has a new history (epoch "
                                 "%s, was %s); %d keys at seq %d replaced by %d keys at seq %d",
                                 r.namespace, r.epoch, old_epoch, len(old.entries), old.seq,
@@ -441,7 +441,8 @@ class Node:
                     if r is not None:
                         actions += r.on_probe(reply.epoch, reply.seq, time.monotonic())
                 elif isinstance(reply, Error):
-                    log.warning("broker refused a sync request: %s: %s", reply.kind, reply.message)
+                    logger.warning("broker refused a snapshot or fetch request: %s: %s", reply.kind,
+                                   reply.message)
                 for r in self.replicas.values():
                     if r.changes:
                         self._dispatch(r)
@@ -483,7 +484,7 @@ class Node:
             was = self.connected
             self.connected = not heard or now - max(heard) <= self.heartbeat_timeout
             if was != self.connected:
-                log.warning("broker at %s %s", self.address,
+                logger.warning("broker at %s %s", self.address,
                             "is back" if self.connected else "went silent")
             for r in self.replicas.values():
                 actions += r.on_tick(now)
@@ -503,7 +504,7 @@ class Node:
             elif type(a) is DropBarrier:
                 self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(a.namespace) + a.nonce)
             elif type(a) is RequestFetch:
-                self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.snap_id))
+                self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.request_id))
             elif type(a) is RequestProbe:
                 self._send_dealer(Open(a.namespace, a.max_keys, adopt=True))
 
@@ -511,7 +512,7 @@ class Node:
         try:
             self._dealer.send_multipart([b"", self._requests.encode(req)], zmq.NOBLOCK)
         except zmq.Again:
-            log.info("snapshot channel busy; the request will be retried")
+            logger.info("snapshot channel busy; the request will be retried")
 
 
 # ---------------------------------------------------------------------- sharing per process
@@ -531,7 +532,7 @@ def acquire_node(address: str, ctx: zmq.Context, *, connect_timeout: float,
         if item is not None and not item[0]._closed:
             node = item[0]
             if (node.retry_interval, node.receive_hwm) != (retry_interval, receive_hwm):
-                log.warning(
+                logger.warning(
                     "broker %s: this process already has a node for it with retry_interval=%s "
                     "receive_hwm=%s; the new handle's retry_interval=%s receive_hwm=%s are "
                     "ignored (the first handle's settings apply)", address, node.retry_interval,

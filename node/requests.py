@@ -31,7 +31,7 @@ from broker.protocol import (
     request_codec,
 )
 
-log = logging.getLogger("sharedmem.node")
+logger = logging.getLogger("sharedmem.node")
 
 CurveKeys = tuple[bytes, bytes, bytes]  # (our public, our secret, the broker's public), z85
 
@@ -172,8 +172,8 @@ class RequestChannel:
                             self.last_batch = batch
                     return reply
                 except ProtocolError:
-                    log.warning("undecodable reply from %s; retrying", self.endpoint)
-            log.debug("no reply from %s after %.2fs (attempt %d); reopening",
+                    logger.warning("undecodable reply from %s; retrying", self.endpoint)
+            logger.debug("no reply from %s after %.2fs (attempt %d); reopening",
                       self.endpoint, wait, attempt)
             self._reset()
 
