@@ -7,7 +7,7 @@ zmq, threads, http.server) is imported on first use of those names, so a pure mo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.errors import (
     AccessDenied,
@@ -22,24 +22,17 @@ from broker.errors import (
     StorageError,
     VersionConflict,
 )
+from broker.lazy import lazy_getattr
 
 if TYPE_CHECKING:
+    from broker.config import BrokerConfig
     from broker.core import BrokerCore
-    from broker.server import Broker, BrokerConfig
+    from broker.server import Broker
 
-_LAZY = {"Broker": "broker.server", "BrokerConfig": "broker.server", "BrokerCore": "broker.core"}
+_LAZY = {"Broker": "broker.server", "BrokerConfig": "broker.config", "BrokerCore": "broker.core"}
 
 
-def __getattr__(name: str) -> Any:
-    """Import the shell (or the core) on first use of its name."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'broker' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), "broker", _LAZY)  # the shell on first use
 
 
 __all__ = [

@@ -14,6 +14,7 @@ import sys
 import threading
 
 from broker.server import Broker, BrokerConfig
+from broker.validation import scheme_hint
 
 SUBCOMMANDS_HELP = """\
 other commands:
@@ -42,9 +43,8 @@ def version() -> str:
 def _endpoint(text: str) -> str:
     """An endpoint with its scheme; a bare ``host:port`` gets a hint instead of EINVAL."""
     if "://" not in text:
-        hint = f" (did you mean 'tcp://{text}'?)" if ":" in text else ""
-        raise argparse.ArgumentTypeError(
-            f"{text!r} has no scheme: an endpoint is tcp://HOST:PORT (or ipc://PATH){hint}")
+        raise argparse.ArgumentTypeError(f"{text!r} has no scheme: an endpoint is "
+                                         f"tcp://HOST:PORT (or ipc://PATH){scheme_hint(text)}")
     return text
 
 

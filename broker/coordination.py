@@ -1,4 +1,4 @@
-"""etcd coordination for broker groups (CLUSTER.md sections 1, 3 and 5; docs/groups.md).
+"""etcd coordination for broker groups (docs/groups.md).
 
 Owns: the ``Coordinator`` interface (leases, compare-and-swap transactions, watches), the etcd
 key layout of a group (``GroupKeys``), the values stored there (``GroupConfig``,
@@ -9,7 +9,7 @@ Rules:
 - Nothing on the single-broker path imports this module, and etcd3gw is imported inside
   ``EtcdCoordinator`` only: the kernel stays importable without the ``group`` extra.
 - It decides nothing about roles. Election, fencing and the commit rule are built on top of it
-  and keep their safety without etcd (CLUSTER.md section 3): this module only has to report
+  and keep their safety without etcd (docs/groups.md): this module only has to report
   honestly what etcd answered, or that nobody answered (``CoordinationUnavailable``).
 - An interface small enough that ZooKeeper (kazoo) could implement it too: lease, transaction
   of compares and puts, get, watch. No etcd type leaks out of ``EtcdCoordinator``.
@@ -34,7 +34,7 @@ import msgspec
 if TYPE_CHECKING:
     import requests
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 KEY_ROOT = "/sharedmem/"
 # Group and member names become path segments of etcd keys: no "/" and nothing invisible.
@@ -81,7 +81,7 @@ def check_name(kind: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class GroupKeys:
-    """The etcd keys of one group, exactly as CLUSTER.md section 1 names them, so that every
+    """The etcd keys of one group, exactly as docs/groups.md ("Keys") names them, so that every
     part of the code (and every operator's ``etcdctl get``) agrees on them."""
 
     group: str
@@ -274,7 +274,7 @@ class WatchHandle(Protocol):
 
 
 class Coordinator(Protocol):
-    """What a broker group needs from a consensus store (CLUSTER.md sections 1 and 3).
+    """What a broker group needs from a consensus store (docs/groups.md).
 
     Every call either returns etcd's answer, raises ``LeaseLost`` (the lease named is gone),
     ``CoordinationError`` (refused) or ``CoordinationUnavailable`` (nobody answered in time;
@@ -561,7 +561,7 @@ class EtcdCoordinator:
                 found = _key_value(kv)
                 current[found.key] = found
         if retried and puts and all(_holds(current.get(p.key), p) for p in puts):
-            log.info("transaction retried after an unanswered attempt: its puts are in "
+            logger.info("transaction retried after an unanswered attempt: its puts are in "
                      "place, so the first attempt applied")
             return TxnResult(True, revision)
         return TxnResult(False, revision, current)
@@ -679,7 +679,7 @@ class _EtcdWatch:
                 self._stream(url)
             except Exception as exc:  # any broken stream: reopen on the next endpoint
                 self.last_error = f"{url}: {type(exc).__name__}: {exc}"
-                log.debug("etcd watch %s broke: %s", self._key, self.last_error)
+                logger.debug("etcd watch %s broke: %s", self._key, self.last_error)
             index += 1
             self._cancelled.wait(self._owner._retry_interval)  # back off before reopening
 
@@ -724,7 +724,7 @@ class _EtcdWatch:
         if result.get("canceled"):
             compacted = int(result.get("compact_revision", 0))
             if compacted:
-                log.warning("etcd watch %s: revisions before %d were compacted; resuming there",
+                logger.warning("etcd watch %s: revisions before %d were compacted; resuming there",
                             self._key, compacted)
                 self.next_revision = compacted
             self.last_error = str(result.get("cancel_reason", "watch canceled by etcd"))
@@ -738,7 +738,7 @@ class _EtcdWatch:
             try:
                 self._callback(WatchEvent(kind, kv.key, kv.value, kv.mod_revision))
             except Exception:  # a callback's bug must not end the watch for everyone
-                log.exception("etcd watch %s: callback failed", self._key)
+                logger.exception("etcd watch %s: callback failed", self._key)
         return True
 
 

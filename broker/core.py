@@ -4,8 +4,9 @@
 runs the expiry that is due, decides each request (``decide`` reads the state and returns a
 ``Decision``), applies it (``commit``, recording undo information) and returns a ``Turn``
 (broker/turn.py): the log records, then the replies and publishes. The shell appends the
-records and flushes, and only then sends -- the write order of ARCHITECTURE.md: decide ->
-append (durable) -> apply -> reply -> publish -- or, if the flush failed, calls ``rollback``.
+records and flushes, and only then sends -- the write order of docs/architecture.md
+section 2: decide -> append (durable) -> apply -> reply -> publish -- or, if the flush failed,
+calls ``rollback``.
 A refused request produces no events and changes nothing.
 
 Exactly-once: each write carries ``(client_id, request_no)``. The last reply per client is kept
@@ -78,6 +79,7 @@ from broker.records import (
     SnapshotFile,
 )
 from broker.state import Entry, NamespaceState
+from broker.ttl import ttl_left
 from broker.turn import Outgoing, Turn, TurnRequest, merge_publishes
 from broker.validation import (
     DEFAULT_MAX_VALUE_BYTES,
@@ -94,7 +96,7 @@ MAX_BATCH_ITEMS = 10_000  # items of one set_many / keys of one delete_many / ge
 # matches more is refused whole (StorageError, nothing deleted): narrow it, or delete in parts.
 MAX_PATTERN_DELETE = 100_000
 
-log = logging.getLogger("sharedmem.broker.core")
+logger = logging.getLogger("sharedmem.broker.core")
 
 
 def new_epoch() -> str:
@@ -139,7 +141,7 @@ class SnapshotJob:
         self.position += len(part)
         rows = [
             SnapEntry(k, e.value, e.version, e.created_at, e.modified_at,
-                      None if e.deadline is None else max(0.0, e.deadline - now))
+                      ttl_left(e.deadline, now))
             for k, e in part
         ]
         reply = SnapshotReply(self.snap_id, self.namespace, self.epoch, self.seq,
@@ -508,7 +510,7 @@ class BrokerCore:
                     decision = self.decide(request, now, wall)
                     self._apply(turn, decision, batches)
                 except Exception as exc:  # noqa: BLE001 - one bad request never ends a turn
-                    log.exception("internal error handling %s", type(request).__name__)
+                    logger.exception("internal error handling %s", type(request).__name__)
                     turn.replies.append(
                         Outgoing(tag, Error("StorageError", f"internal broker error: {exc!r}")))
                     continue
@@ -627,15 +629,15 @@ class BrokerCore:
         return SnapshotJob(request.snap_id, name, self.epoch, state.seq, state.max_keys,
                            list(state.entries.items()))
 
-    def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, snap_id: int,
+    def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, request_id: int,
               now: float) -> FetchReply:
         self.counters["fetches"] += 1
         events = None
         if epoch == self.epoch and 0 < limit:
             events = self.log.read(namespace, from_seq, min(limit, 100_000), now)
         if events is None:
-            return FetchReply(snap_id, namespace, self.epoch, False)
-        return FetchReply(snap_id, namespace, self.epoch, True, events)
+            return FetchReply(request_id, namespace, self.epoch, False)
+        return FetchReply(request_id, namespace, self.epoch, True, events)
 
     def read(self, request: Read, now: float) -> Reply:
         """Answer a Read from the broker's state (what a node without a replica asks for: the

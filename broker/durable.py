@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from broker.core import BrokerCore
     from broker.recovery import RecoveryReport
 
-log = logging.getLogger("sharedmem.broker.durable")
+logger = logging.getLogger("sharedmem.broker.durable")
 
 SEG_MAGIC = b"SHMLOG1\x00"
 SNAP_MAGIC = b"SHMSNAP1"
@@ -308,7 +308,7 @@ class DurableLog(MemoryLog):
             try:
                 self.ops.close(self._fd)
             except OSError as exc:  # fsynced before any rotation: nothing is lost with it
-                log.warning("closing segment %d failed: %s", self._segment, exc)
+                logger.warning("closing segment %d failed: %s", self._segment, exc)
         self._fd = fd
         self._segment = n
         self._seg_size = seg_size
@@ -321,20 +321,7 @@ class DurableLog(MemoryLog):
         ops = self.ops
         tmp = path.with_name(path.name + ".tmp")
         header = SEG_HEADER.pack(SEG_MAGIC, epoch.encode("ascii"), n)
-        fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            try:
-                written = 0
-                while written < len(header):
-                    written += ops.write(fd, header[written:])
-                ops.fsync(fd)
-            finally:
-                ops.close(fd)
-            ops.replace(tmp, path)
-        except OSError:
-            _unlink_quietly(ops, tmp)
-            raise
-        fsync_dir(self.data_dir, ops)
+        write_atomically(ops, self.data_dir, path, tmp, header)
 
     @property
     def segment(self) -> int:
@@ -419,7 +406,7 @@ class DurableLog(MemoryLog):
             try:
                 self._do_fsync()
             except OSError as exc:
-                log.error("background fsync failed: %s", exc)
+                logger.error("background fsync failed: %s", exc)
 
     def _abort_turn(self, start: int) -> None:
         self._buf.clear()
@@ -432,12 +419,8 @@ class DurableLog(MemoryLog):
         except OSError as exc:
             # Retried before the next append; until it succeeds every flush is refused.
             self._truncate_to = start
-            log.error("could not truncate %s back to %d: %s",
+            logger.error("could not truncate %s back to %d: %s",
                       seg_path(self.data_dir, self._segment), start, exc)
-
-    def discard_turn(self) -> None:
-        """Forget the unflushed records of this turn (the caller rolled its state back)."""
-        self._abort_turn(self._seg_size)
 
     def close(self) -> None:
         """Close the segment (``close_segment``), then release the directory's lock."""
@@ -495,7 +478,7 @@ class DurableLog(MemoryLog):
         except OSError as exc:
             self._compaction_retry_at = time.monotonic() + self.compaction_retry
             self.compaction_failures += 1
-            log.error("could not start segment %d (%s); appending to segment %d meanwhile, "
+            logger.error("could not start segment %d (%s); appending to segment %d meanwhile, "
                       "retrying in %.0f s", self._segment + 1, exc.strerror or exc,
                       self._segment, self.compaction_retry)
             return False
@@ -525,7 +508,7 @@ class DurableLog(MemoryLog):
             return
         self._compaction = None
         if self._compaction_error is not None:
-            log.error("compaction failed, old segments kept: %s", self._compaction_error)
+            logger.error("compaction failed, old segments kept: %s", self._compaction_error)
             self._compaction_error = None
             self.compaction_failures += 1
             return
@@ -543,11 +526,11 @@ class DurableLog(MemoryLog):
             fsync_dir(self.data_dir, self.ops)
         except OSError as exc:
             self.compaction_failures += 1
-            log.error("snapshot %s is durable, but removing older files failed (%s); the next "
+            logger.error("snapshot %s is durable, but removing older files failed (%s); the next "
                       "compaction removes them", snap_path(self.data_dir, n), exc)
             return
         self.compactions += 1
-        log.info("compaction done: snapshot %s, older segments removed",
+        logger.info("compaction done: snapshot %s, older segments removed",
                  snap_path(self.data_dir, n))
 
     # ------------------------------------------------------------------ the Log protocol's hooks
@@ -577,7 +560,7 @@ class DurableLog(MemoryLog):
             if clean:
                 mark_clean(self)
         except OSError as exc:
-            log.error("could not close %s cleanly (%s); the next start recovers it as after a "
+            logger.error("could not close %s cleanly (%s); the next start recovers it as after a "
                       "crash", self.data_dir, exc)
         finally:
             self.unlock()
@@ -599,20 +582,16 @@ def _unlink_quietly(ops: FileOps, path: Path) -> None:
         pass
 
 
-def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = None) -> Path:
-    """Atomically write a snapshot: temp file, fsync, rename, fsync the directory."""
-    ops = ops or FileOps()
-    payload = msgspec.msgpack.encode(view)
-    final = snap_path(data_dir, view.segment)
-    tmp = final.with_suffix(".snap.tmp")
-    data = SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)) + payload
+def write_atomically(ops: FileOps, data_dir: Path, final: Path, tmp: Path, data: bytes) -> None:
+    """``data`` at ``final`` or nothing there: write ``tmp`` in full, fsync it, rename it over
+    ``final``, fsync the directory. On an OSError the temp file is removed and it re-raises."""
     fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         try:
-            view_ = memoryview(data)
+            view = memoryview(data)
             written = 0
             while written < len(data):
-                written += ops.write(fd, view_[written:])
+                written += ops.write(fd, view[written:])
             ops.fsync(fd)
         finally:
             ops.close(fd)
@@ -621,6 +600,16 @@ def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = Non
         _unlink_quietly(ops, tmp)
         raise
     fsync_dir(data_dir, ops)
+
+
+def write_snapshot(data_dir: Path, view: SnapshotFile, ops: FileOps | None = None) -> Path:
+    """Atomically write a snapshot: temp file, fsync, rename, fsync the directory."""
+    ops = ops or FileOps()
+    payload = msgspec.msgpack.encode(view)
+    final = snap_path(data_dir, view.segment)
+    tmp = final.with_suffix(".snap.tmp")
+    data = SNAP_HEADER.pack(SNAP_MAGIC, len(payload), zlib.crc32(payload)) + payload
+    write_atomically(ops, data_dir, final, tmp, data)
     return final
 
 

@@ -97,8 +97,10 @@ class AccessDenied(SharedMemoryError):
     kind = "AccessDenied"
 
 
-class ProtocolError(StorageError):
-    """Raised when a peer sent bytes that are not a valid message of our protocol."""
+class ProtocolError(SharedMemoryError):
+    """Raised when a peer sent bytes that are not a valid message of our protocol (or a
+    Hello of another protocol version). Not a ``StorageError``: a garbled message is not a
+    refusal of a valid request, and nothing about the store is implied."""
 
     kind = "ProtocolError"
 

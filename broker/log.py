@@ -18,6 +18,7 @@ import msgspec
 
 from broker.protocol import Event, KeySet, KeyTouched
 from broker.records import LogRecord, NamespaceRecord, SnapshotFile
+from broker.ttl import deadline_after, ttl_left
 
 if TYPE_CHECKING:
     from broker.core import BrokerCore
@@ -101,7 +102,7 @@ class MemoryLog:
         for ev in events:
             t = type(ev)
             ttl = ev.ttl if t is KeySet or t is KeyTouched else None
-            deadline = None if ttl is None else now + ttl
+            deadline = deadline_after(ttl, now)
             q.append((ev, deadline))
 
     def flush(self) -> None:
@@ -114,9 +115,6 @@ class MemoryLog:
         for _ in range(min(count, len(q) if q else 0)):
             assert q is not None
             q.pop()
-
-    def discard_turn(self) -> None:
-        """Forget what was appended since the last flush (nothing is ever pending here)."""
 
     def recover(self, core: BrokerCore) -> RecoveryReport | None:
         """Fill ``core`` from what the log holds at start-up, writing nothing yet (memory holds
@@ -175,6 +173,6 @@ class MemoryLog:
         for i in range(start, min(len(q), start + limit)):
             ev, deadline = q[i]
             if deadline is not None:
-                ev = msgspec.structs.replace(ev, ttl=max(0.0, deadline - now))
+                ev = msgspec.structs.replace(ev, ttl=ttl_left(deadline, now))
             out.append(ev)
         return out

@@ -23,7 +23,7 @@ from typing import Any
 
 from broker.protocol import StatsReply
 
-log = logging.getLogger("sharedmem.broker.metrics")
+logger = logging.getLogger("sharedmem.broker.metrics")
 
 # counter name in StatsReply.counters -> (metric name without _total, help)
 COUNTERS: dict[str, tuple[str, str]] = {
@@ -156,7 +156,7 @@ class MetricsServer:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
-                log.debug(format, *args)
+                logger.debug(format, *args)
 
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self.port = self._httpd.server_address[1]

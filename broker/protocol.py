@@ -130,7 +130,9 @@ class Fetch(msgspec.Struct, tag=True, frozen=True):
     namespace: str
     epoch: str
     from_seq: int
-    snap_id: int
+    # Pairs the reply with its request (the node's request id; snapshots share the counter).
+    # Called snap_id on the wire, as before issue 13: only the Python name changed.
+    request_id: int = msgspec.field(name="snap_id")
     limit: int = 10000
 
 
@@ -323,7 +325,7 @@ class FetchReply(msgspec.Struct, tag=True, frozen=True):
     """Events ``from_seq..`` (possibly fewer than asked); ``available`` False: the log no longer
     has them (or the epoch changed), so the node must take a snapshot instead."""
 
-    snap_id: int
+    request_id: int = msgspec.field(name="snap_id")  # the Fetch's; snap_id on the wire
     namespace: str
     epoch: str
     available: bool
@@ -340,6 +342,15 @@ class WriteOk(msgspec.Struct, tag=True, frozen=True):
     # Events the write logged (delete_many/delete_pattern/drop report it as keys deleted);
     # 0 = not stated (an older broker, or a resent reply rebuilt from a compacted snapshot).
     count: int = 0
+
+
+class HeadReply(msgspec.Struct, tag=True, frozen=True):
+    """The answer to ``Head``: the broker's epoch and the namespace's head seq (0 for a
+    namespace the broker does not know; ``Head`` creates nothing)."""
+
+    epoch: str
+    namespace: str
+    seq: int
 
 
 class StatsReply(msgspec.Struct, tag=True, frozen=True):
@@ -401,8 +412,8 @@ class NotPrimary(msgspec.Struct, tag=True, frozen=True):
 
 
 Reply = (
-    HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | StatsReply | DigestReply
-    | ReadReply | Error | NotPrimary
+    HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | HeadReply | StatsReply
+    | DigestReply | ReadReply | Error | NotPrimary
 )
 
 

@@ -42,7 +42,7 @@ from broker.durable import (
 from broker.protocol import WriteOk
 from broker.state import NamespaceState, SnapEntry
 
-log = logging.getLogger("sharedmem.broker.recovery")
+logger = logging.getLogger("sharedmem.broker.recovery")
 
 EPOCH_FILE = "EPOCH"
 CLEAN_FILE = "CLEAN"
@@ -149,7 +149,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
             snapshot_path = path
             break
         except CorruptLog as exc:
-            log.error("skipping unreadable snapshot: %s", exc)
+            logger.error("skipping unreadable snapshot: %s", exc)
     segments = list_numbered(data_dir, SEG_RE)
     start = snapshot.segment if snapshot is not None else (segments[0] if segments else 1)
     replay = [n for n in segments if n >= start]
@@ -164,7 +164,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         # Created but never given its header (a crash, or a full disk, mid-rotation): no
         # record can be in it, since records are written only after the header is durable.
         headerless = seg_path(data_dir, replay.pop())
-        log.warning("%s has no complete header: it holds no record and will be replaced",
+        logger.warning("%s has no complete header: it holds no record and will be replaced",
                     headerless)
     if snapshot is not None:
         epoch = epoch or snapshot.epoch
@@ -190,7 +190,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         if res.error is not None:
             if i == len(replay) - 1 and res.torn:
                 torn = res.size - res.good_end
-                log.warning("%s: dropping a torn tail of %d bytes at offset %d (%s); only "
+                logger.warning("%s: dropping a torn tail of %d bytes at offset %d (%s); only "
                             "unacknowledged writes can be there", path, torn, res.good_end,
                             res.error)
                 torn_path, torn_at = path, res.good_end
@@ -206,7 +206,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         changed_epoch = True
         # Remembered replies name the epoch their writes now live in.
         core.dedup.rename_epoch(epoch)
-        log.warning("unclean shutdown under fsync=%s: new epoch %s replaces %s; nodes will "
+        logger.warning("unclean shutdown under fsync=%s: new epoch %s replaces %s; nodes will "
                     "resync", written_under, epoch, old)
     return RecoveryReport(epoch, snapshot_path, len(replay), records, torn,
                           changed_epoch or fresh, last, torn_path, torn_at, headerless)

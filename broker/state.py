@@ -24,6 +24,7 @@ from sortedcontainers import SortedList
 
 from broker.pattern import Pattern, compile_pattern
 from broker.protocol import Event, KeyDeleted, KeyExpired, KeySet, KeyTouched, SnapEntry
+from broker.ttl import deadline_after, ttl_left
 
 
 class SeqGap(Exception):
@@ -73,7 +74,7 @@ class NamespaceState:
     def _apply(self, event: Event, now: float) -> None:
         entries = self.entries
         if type(event) is KeySet:
-            deadline = None if event.ttl is None else now + event.ttl
+            deadline = deadline_after(event.ttl, now)
             if event.key not in entries:
                 self.index.add(event.key)
             c, m = event.created_at, event.modified_at
@@ -84,7 +85,7 @@ class NamespaceState:
         elif type(event) is KeyTouched:
             old = entries.get(event.key)
             if old is not None:
-                deadline = None if event.ttl is None else now + event.ttl
+                deadline = deadline_after(event.ttl, now)
                 entries[event.key] = Entry(old.value, old.version, old.created_at,
                                            old.modified_at, deadline)
                 if deadline is not None:
@@ -192,7 +193,7 @@ class NamespaceState:
         out = []
         for key in self.index:
             e = entries[key]
-            ttl = None if e.deadline is None else max(0.0, e.deadline - now)
+            ttl = ttl_left(e.deadline, now)
             out.append(SnapEntry(key, e.value, e.version, e.created_at, e.modified_at, ttl))
         return out
 
@@ -205,7 +206,7 @@ class NamespaceState:
         table = state.entries
         heap = state._deadlines
         for s in entries:
-            deadline = None if s.ttl is None else now + s.ttl
+            deadline = deadline_after(s.ttl, now)
             c, m = s.created_at, s.modified_at
             table[s.key] = Entry(s.value, s.version, c, c if m == c else m, deadline)
             if deadline is not None:

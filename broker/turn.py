@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from broker.core import BrokerCore
     from broker.log import Log
 
-log = logging.getLogger("sharedmem.broker")
+logger = logging.getLogger("sharedmem.broker")
 
 # The requests a turn decides: those that may change the state or create a namespace.
 TurnRequest = (Set | SetMany | Delete | Touch | DeleteMany | DeletePattern | DropNamespace
@@ -85,7 +85,7 @@ def persist(core: BrokerCore, event_log: Log, turn: Turn) -> bool:
         event_log.append_records(turn.records, turn.now)
         event_log.flush()
     except StorageError as exc:
-        log.error("%s", exc)
+        logger.error("%s", exc)
         core.rollback(turn, str(exc))
         return False
     core.commit_turn(turn)

@@ -31,6 +31,23 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 _json_encoder = msgspec.json.Encoder()
 
 
+ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+def has_scheme(endpoint: object, schemes: tuple[str, ...] = ENDPOINT_SCHEMES) -> bool:
+    """True if ``endpoint`` is a string starting with one of ``schemes``. The one endpoint
+    scheme check of the config, the CLI and ``python -m broker``."""
+    return isinstance(endpoint, str) and endpoint.startswith(schemes)
+
+
+def scheme_hint(endpoint: object) -> str:
+    """`` (did you mean 'tcp://HOST:PORT'?)`` for the common slip of a bare ``host:port``,
+    else ``""``: appended to the message of a refused endpoint."""
+    if isinstance(endpoint, str) and "://" not in endpoint and ":" in endpoint:
+        return f" (did you mean 'tcp://{endpoint}'?)"
+    return ""
+
+
 def check_namespace(namespace: object) -> str:
     """Return ``namespace`` if it is ``[A-Za-z0-9_.-]{1,128}``, else raise InvalidNamespace."""
     if not isinstance(namespace, str):

@@ -7,7 +7,7 @@ are imported on first use, so that the pure parts of this package (``node.replic
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.errors import (
     AccessDenied,
@@ -21,6 +21,7 @@ from broker.errors import (
     StorageError,
     VersionConflict,
 )
+from broker.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from node.api import (
@@ -50,16 +51,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the public API on first use of one of its names."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'node' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), "node", _LAZY)  # the API on first use
 
 
 __all__ = [

@@ -32,14 +32,10 @@ from broker.protocol import (
     Delete,
     DeleteMany,
     DeletePattern,
-    Digest,
-    DigestReply,
     DropNamespace,
     Error,
     Fetch,
     FetchReply,
-    Head,
-    OpenReply,
     Read,
     ReadReply,
     Set,
@@ -50,13 +46,15 @@ from broker.protocol import (
 )
 from broker.state import Entry, NamespaceState
 from broker.validation import check_key, check_ttl_bound, check_version, encode_value
-from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, _seconds
+from node import admin
+from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, to_seconds
 from node.embedded import embedded_address
 from node.node import NamespaceStatus, Node, acquire_node, release_node
 from node.probe import DEFAULT_LOCAL_BROKER, refused
+from node.replies import expect
 from node.watch import INITIAL_DONE, CallbackHandle, ChangeEvent, Watcher, change_from_event
 
-log = logging.getLogger("sharedmem.node")
+logger = logging.getLogger("sharedmem.node")
 
 _MISSING: Any = object()
 _json_decode = msgspec.json.decode
@@ -109,7 +107,7 @@ _default_address: str | None = None  # the process's choice when no broker is co
 
 
 def _broker_address(config: SharedMemoryConfig) -> str:
-    """The address a handle connects to (ARCHITECTURE.md section 4, plus no silent fallback).
+    """The address a handle connects to (docs/api.md section 1; no silent fallback).
 
     With nothing configured the local default broker is used if one listens, else the embedded
     broker with one WARNING: two processes that each fell back share nothing, which must not go
@@ -125,7 +123,7 @@ def _broker_address(config: SharedMemoryConfig) -> str:
             if not refused(DEFAULT_LOCAL_BROKER, timeout=0.5):
                 _default_address = DEFAULT_LOCAL_BROKER
             else:
-                log.warning(
+                logger.warning(
                     "no broker configured and none listens at %s: using this process's embedded "
                     "broker; other processes will NOT see its writes. Start a shared one "
                     "(scripts/broker) or choose with SharedMemoryConfig(broker='tcp://HOST:PORT') "
@@ -172,7 +170,7 @@ class SharedMemory:
         if self._replica.max_keys != asked:
             # Settings belong to the namespace: this handle uses the namespace's limit.
             if asked is not None:
-                log.warning(
+                logger.warning(
                     "namespace %r exists with max_keys=%d; this handle asked for max_keys=%d and "
                     "uses the namespace's %d: the first opener of a namespace sets its limit (pass "
                     "max_keys=None to adopt it silently; for another limit use another "
@@ -186,6 +184,12 @@ class SharedMemory:
         self._close_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def node(self) -> Node:
+        """The process-shared ``Node`` behind this handle: for the admin calls of
+        node/admin.py (stats, head, digest) and benchmarks; ordinary use never needs it."""
+        return self._node
 
     @property
     def closed(self) -> bool:
@@ -236,13 +240,8 @@ class SharedMemory:
         This is what ``consistent=True`` does before a read: one round trip, then a local wait.
         """
         deadline = time.monotonic() + self.config.request_timeout
-        reply = self._node.request(Head(self.namespace), deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, OpenReply):
-            raise StorageError(f"unexpected reply to Head: {type(reply).__name__}")
-        self._node.wait_visible(self.namespace, WriteOk(reply.epoch, reply.seq), deadline,
-                                strict=True)
+        reply = admin.head(self._node, self.namespace, deadline)
+        self._node.wait_visible(self.namespace, reply, deadline, strict=True)
         return reply.seq
 
     def get(self, key: str, default: Any = _MISSING, *, consistent: bool = False) -> Any:
@@ -324,11 +323,7 @@ class SharedMemory:
     def broker_digest(self) -> tuple[int, str]:
         """(seq, digest) of the broker's copy of this namespace, asked over the network."""
         deadline = time.monotonic() + self.config.request_timeout
-        reply = self._node.request(Digest(self.namespace), deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, DigestReply):
-            raise StorageError(f"unexpected reply to Digest: {type(reply).__name__}")
+        reply = admin.digest(self._node, self.namespace, deadline)
         return reply.seq, reply.digest
 
     def namespace_info(self) -> NamespaceInfo:
@@ -371,7 +366,7 @@ class SharedMemory:
             value = self.config.ttl
         else:
             try:
-                value = _seconds("ttl", ttl)
+                value = to_seconds("ttl", ttl)
             except ValueError as exc:
                 from broker.errors import InvalidValue
 
@@ -384,12 +379,7 @@ class SharedMemory:
         if self._closed:
             raise StorageError(f"shared memory for namespace {self.namespace!r} is closed")
         deadline = time.monotonic() + self.config.request_timeout
-        reply = self._node.write(self.namespace, build, deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message, reply.current_version)
-        if not isinstance(reply, WriteOk):
-            raise StorageError(f"unexpected reply to a write: {type(reply).__name__}")
-        return reply
+        return expect(self._node.write(self.namespace, build, deadline), WriteOk, "a write")
 
     def set(self, key: str, value: Any, *, ttl: float | timedelta | None = None,
             if_version: int | None = None) -> int:
@@ -499,17 +489,14 @@ class SharedMemory:
         raise VersionConflict(f"update of key {key!r} lost the race {retries + 1} times")
 
     def _wait_for_key_version(self, key: str, version: int, deadline: float) -> None:
+        def shown() -> bool:
+            state = self._state()
+            e = state.entries.get(key)
+            return (e.version if e is not None else 0) >= version or state.seq >= version
+
         with self._node.changed:
-            while True:
-                state = self._state()
-                e = state.entries.get(key)
-                if (e.version if e is not None else 0) >= version or state.seq >= version:
-                    return
-                remaining = min(deadline, time.monotonic() + self.config.request_timeout) \
-                    - time.monotonic()
-                if remaining <= 0:
-                    return
-                self._node.changed.wait(remaining)
+            self._node.wait_until(
+                shown, min(deadline, time.monotonic() + self.config.request_timeout))
 
     # ------------------------------------------------------------------ watching
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import msgspec
 import zmq
@@ -40,19 +40,18 @@ from broker.protocol import (
     DeletePattern,
     DropNamespace,
     Error,
-    Head,
     Read,
     ReadEntry,
     ReadReply,
     SetMaxKeys,
-    Stats,
     StatsReply,
     Touch,
     WriteOk,
 )
-from broker.validation import check_key, check_namespace, encode_value
+from broker.validation import check_key, check_namespace, encode_value, has_scheme, scheme_hint
+from node import admin
 from node.api import SharedMemory
-from node.config import SharedMemoryConfig, _seconds
+from node.config import SharedMemoryConfig, to_seconds
 from node.node import Node, acquire_node, release_node
 from node.watch import INITIAL_DONE, ChangeEvent
 
@@ -123,17 +122,23 @@ def _non_negative_int(text: str) -> int:
     return n
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _not_zero(value: _N, message: str) -> _N:
+    if value == 0:
+        raise argparse.ArgumentTypeError(message)
+    return value
+
+
 def _positive_int(text: str) -> int:
-    n = _non_negative_int(text)
-    if n == 0:
-        raise argparse.ArgumentTypeError("expected an integer > 0, got 0")
-    return n
+    return _not_zero(_non_negative_int(text), "expected an integer > 0, got 0")
 
 
 def _seconds_arg(text: str) -> float:
     """Seconds from the command line, checked by the same rule as SharedMemoryConfig."""
     try:
-        v = _seconds("seconds", float(text))
+        v = to_seconds("seconds", float(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got "
                                          f"{text!r}" if "could not convert" in str(exc)
@@ -143,10 +148,7 @@ def _seconds_arg(text: str) -> float:
 
 
 def _timeout_arg(text: str) -> float:
-    v = _seconds_arg(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError("timeout must be > 0")
-    return v
+    return _not_zero(_seconds_arg(text), "timeout must be > 0")
 
 
 def _add_global_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -311,13 +313,11 @@ class Session:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.address: str = args.broker or os.environ.get("SHAREDMEM_BROKER") or DEFAULT_BROKER
-        if not self.address.startswith(("tcp://", "ipc://")):
-            hint = ""
+        if not has_scheme(self.address, ("tcp://", "ipc://")):
+            hint = scheme_hint(self.address)
             if self.address == "embedded":
                 hint = (" ('embedded' is a process's in-process broker, which no other "
                         "process can reach)")
-            elif "://" not in self.address and ":" in self.address:
-                hint = f" (the scheme is needed: did you mean 'tcp://{self.address}'?)"
             raise CliError(EXIT_USAGE,
                            f"--broker must be 'tcp://HOST:PORT' (or ipc://PATH), got "
                            f"{self.address!r}{hint}")
@@ -335,11 +335,7 @@ class Session:
         self.curve: Any = None
         if key_file or broker_key:
             self.base.update(curve_key_file=key_file, broker_key_file=broker_key)
-            try:
-                config = SharedMemoryConfig(**self.base)
-            except TypeError:
-                raise CliError(EXIT_USAGE, "this version of sharedmem has no CURVE support "
-                                           "(--curve-key-file/--broker-key-file)") from None
+            config = SharedMemoryConfig(**self.base)
             self.curve = config.curve_keys()  # ValueError (exit 2) if a key is unreadable
         self._node: Node | None = None
         self.shm: SharedMemory | None = None
@@ -353,12 +349,7 @@ class Session:
         return self._node
 
     def stats(self) -> StatsReply:
-        reply = self.node().request(Stats(), time.monotonic() + self.timeout)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, StatsReply):
-            raise StorageError(f"unexpected reply to Stats: {type(reply).__name__}")
-        return reply
+        return admin.stats(self.node(), time.monotonic() + self.timeout)
 
     def namespace_info(self) -> dict[str, int] | None:
         """The namespace's entry in Stats, or None if it does not exist.
@@ -367,9 +358,7 @@ class Session:
         Head request then tells "absent" from "not yours" (AccessDenied), creating nothing."""
         info = self.stats().namespaces.get(self.namespace)
         if info is None:
-            reply = self.node().request(Head(self.namespace), time.monotonic() + self.timeout)
-            if isinstance(reply, Error):
-                raise error_from_kind(reply.kind, reply.message)
+            admin.head(self.node(), self.namespace, time.monotonic() + self.timeout)
         return info
 
     def read(self, kind: str, keys: list[str] | None = None, pattern: str = "*") -> ReadReply:
@@ -499,6 +488,14 @@ def _parse_json(text: str | bytes, what: str, *, hint: bool = False) -> Any:
             quoted = json.dumps(word, ensure_ascii=False).replace("'", "'\\''")
             extra = f"; a string needs JSON quotes: did you mean '{quoted}'?"
         raise CliError(EXIT_USAGE, f"{what} is not valid JSON: {exc}{extra}") from None
+
+
+def _existing(s: Session) -> SharedMemory:
+    """The command's namespace, which must exist (KeyNotFound, exit 1, if it does not)."""
+    shm = s.open(create=False)
+    if shm is None:
+        raise _missing_namespace(s)
+    return shm
 
 
 def _missing_namespace(s: Session) -> KeyNotFound:

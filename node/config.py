@@ -12,18 +12,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from broker.errors import InvalidNamespace
-from broker.validation import MAX_TTL_SECONDS, check_namespace
+from broker.validation import MAX_TTL_SECONDS, check_namespace, has_scheme, scheme_hint
 
 EMBEDDED = "embedded"
 DEFAULT_MAX_KEYS = 10000  # what max_keys=None creates a namespace with
-_SCHEMES = ("tcp://", "ipc://", "inproc://")
-
-
-def _scheme_hint(value: object) -> str:
-    """A hint for the common slip of a bare ``host:port``."""
-    if isinstance(value, str) and "://" not in value and ":" in value:
-        return f" (an address needs its scheme: did you mean 'tcp://{value}'?)"
-    return ""
 
 
 def seed_list(value: str | Sequence[str], *, source: str = "broker") -> tuple[str, ...]:
@@ -55,16 +47,19 @@ def seed_list(value: str | Sequence[str], *, source: str = "broker") -> tuple[st
                              "a seed list (give it alone)")
         if not entry:
             raise ValueError(f"{where} is empty (a stray comma?)")
-        if not entry.startswith(_SCHEMES) or entry in _SCHEMES:
+        if not has_scheme(entry) or entry.endswith("://"):
             raise ValueError(
                 f"{where} must be 'tcp://HOST:PORT' (or ipc:// / inproc://, or 'embedded' "
-                f"alone), got {entry!r}" + _scheme_hint(entry))
+                f"alone), got {entry!r}" + scheme_hint(entry))
         if entry not in out:
             out.append(entry)
     return tuple(out)
 
 
-def _seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
+def to_seconds(name: str, value: object, *, allow_none: bool = False) -> float | None:
+    """A duration given as int, float or ``timedelta`` -> float seconds (ValueError naming
+    ``name`` if negative, not finite or not a number). Shared by the config, the API's ``ttl``
+    arguments and the CLI; the wire's TTL <-> deadline conversion is broker/ttl.py."""
     if value is None and allow_none:
         return None
     if isinstance(value, timedelta):
@@ -74,6 +69,16 @@ def _seconds(name: str, value: object, *, allow_none: bool = False) -> float | N
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
+
+
+def _load_certificate(name: str, path: str) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a zmq certificate file; ValueError naming the field."""
+    import zmq.auth
+
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{name}: cannot load {path}: {exc}") from None
 
 
 def _as_bytes(key: str | bytes) -> bytes:
@@ -132,7 +137,7 @@ class SharedMemoryConfig:
                                           or self.max_keys < 0):
             raise ValueError(f"max_keys must be an int >= 0 (0 = unlimited) or None, got "
                              f"{self.max_keys!r}")
-        ttl = _seconds("ttl", self.ttl)
+        ttl = to_seconds("ttl", self.ttl)
         if ttl is not None and ttl > MAX_TTL_SECONDS:
             raise ValueError(f"ttl must be at most {MAX_TTL_SECONDS} seconds (10 years), "
                              f"got {self.ttl!r}")
@@ -146,13 +151,13 @@ class SharedMemoryConfig:
             if not isinstance(self.broker, str):  # a list: kept as a tuple, so still hashable
                 object.__setattr__(self, "broker", seeds)
         for name in ("request_timeout", "connect_timeout", "retry_interval"):
-            v = _seconds(name, getattr(self, name))
+            v = to_seconds(name, getattr(self, name))
             if not v:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
             object.__setattr__(self, name, v)
 
         if self.max_staleness is not None:
-            v = _seconds("max_staleness", self.max_staleness)
+            v = to_seconds("max_staleness", self.max_staleness)
             if not v:
                 raise ValueError(f"max_staleness must be > 0 or None, got {self.max_staleness!r}")
             object.__setattr__(self, "max_staleness", v)
@@ -175,14 +180,8 @@ class SharedMemoryConfig:
         if self.curve_key_file is None and self.curve_public_key is None \
                 and self.curve_secret_key is None:
             return None
-        import zmq.auth
-
         if self.curve_key_file is not None:
-            try:
-                public, secret = zmq.auth.load_certificate(self.curve_key_file)
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"curve_key_file: cannot load {self.curve_key_file}: {exc}"
-                                 ) from None
+            public, secret = _load_certificate("curve_key_file", self.curve_key_file)
             if secret is None:
                 raise ValueError(f"curve_key_file: {self.curve_key_file} holds no secret key")
         else:
@@ -190,11 +189,7 @@ class SharedMemoryConfig:
                 raise ValueError("curve_public_key and curve_secret_key go together")
             public, secret = _as_bytes(self.curve_public_key), _as_bytes(self.curve_secret_key)
         if self.broker_key_file is not None:
-            try:
-                server, _ = zmq.auth.load_certificate(self.broker_key_file)
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"broker_key_file: cannot load {self.broker_key_file}: {exc}"
-                                 ) from None
+            server, _ = _load_certificate("broker_key_file", self.broker_key_file)
         else:
             assert self.broker_public_key is not None
             server = _as_bytes(self.broker_public_key)

@@ -32,8 +32,3 @@ def embedded_address() -> str:
             _broker = Broker(BrokerConfig(bind=[endpoint]), context=zmq.Context.instance())
             _broker.start()
         return _broker.endpoints[0]
-
-
-def embedded_broker() -> Broker | None:
-    """The embedded broker if it was started (tests compare its state with replicas)."""
-    return _broker

@@ -27,19 +27,20 @@ import socket as pysocket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
 import zmq
 
-from broker.errors import BrokerUnavailable, ProtocolError, error_from_kind
+from broker.errors import BrokerUnavailable, ProtocolError
 from broker.protocol import (
     Error,
     EventBatch,
     Fetch,
     FetchReply,
+    HeadReply,
     Heartbeat,
     Hello,
     HelloReply,
@@ -54,14 +55,16 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
+from broker.zmtp import set_heartbeats
 from node.config import seed_list
 from node.probe import refused
 from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
+from node.replies import expect, raise_if_error
 from node.requests import ChannelPool, CurveKeys, RequestChannel, SharedRoute, apply_curve
 from node.routing import derived_pub_endpoint
 from node.watch import Watcher, change_from_event
 
-log = logging.getLogger("sharedmem.node")
+logger = logging.getLogger("sharedmem.node")
 
 TICK = 0.1  # seconds between housekeeping passes of the I/O thread
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per call
@@ -70,7 +73,7 @@ _POLLIN = int(zmq.POLLIN)
 SUB_HWM = 1_000_000
 
 
-SyncState = Literal["joining", "live", "repairing", "resyncing"]  # the values of replica.Sync
+SyncState = Literal["joining", "live", "repairing", "resyncing"]  # the values of replica.Phase
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,6 @@ class Node:
         except BaseException:
             self._pool.close()
             raise
-        self.hello = hello
         self.route.on_hello(answered, hello.term, hello.primary, hello.members)
         # Event endpoint per member: what its own Hello offers (it knows its binds, wildcards
         # included); the group's layout (port + 1) for a member that cannot be asked now.
@@ -194,11 +196,11 @@ class Node:
             finally:
                 first.close()
             if isinstance(hello, Error):  # e.g. another protocol version: say what it said
-                raise error_from_kind(hello.kind, hello.message)
+                raise_if_error(hello)
             if not isinstance(hello, HelloReply):
                 raise BrokerUnavailable(f"broker at {seed} answered Hello with {hello!r}")
             if len(seeds) > 1:
-                log.info("seed %s answered (term %d, primary %r, members %s)", seed, hello.term,
+                logger.info("seed %s answered (term %d, primary %r, members %s)", seed, hello.term,
                          hello.primary, hello.members)
             return seed, hello
         if len(seeds) == 1:
@@ -228,7 +230,7 @@ class Node:
             finally:
                 channel.close()
         derived = derived_pub_endpoint(member)
-        log.info("member %s did not answer Hello; its events are expected at %s", member,
+        logger.info("member %s did not answer Hello; its events are expected at %s", member,
                  derived)
         return derived
 
@@ -236,6 +238,11 @@ class Node:
 
     def request(self, build: object, deadline: float, *, is_write: bool = False) -> object:
         return self._pool.call(build, deadline, is_write=is_write)
+
+    @property
+    def pool(self) -> ChannelPool:
+        """The request channels (the benchmark wraps their send to time a write's reply)."""
+        return self._pool
 
     def write(self, namespace: str, build: object, deadline: float) -> object:
         """Send a write; on WriteOk make it visible here (read-your-writes) before returning.
@@ -259,11 +266,8 @@ class Node:
                        *, adopt: bool = False) -> Replica:
         """Open (create or check) a namespace and wait until its replica is live. ``adopt``:
         an existing namespace is opened with its own ``max_keys`` (the replica's)."""
-        reply = self.request(Open(namespace, max_keys, adopt), deadline)
-        if isinstance(reply, Error):
-            raise error_from_kind(reply.kind, reply.message)
-        if not isinstance(reply, OpenReply):
-            raise ProtocolError(f"unexpected reply to Open: {type(reply).__name__}")
+        reply = expect(self.request(Open(namespace, max_keys, adopt), deadline), OpenReply,
+                       "Open", unexpected=ProtocolError)
         with self.lock:
             self._refs[namespace] = self._refs.get(namespace, 0) + 1
             replica = self.replicas.get(namespace)
@@ -289,54 +293,57 @@ class Node:
             replica = self.replicas.pop(namespace, None)
             self._command("leave", namespace, replica.close() if replica is not None else [])
 
-    def wait_live(self, namespace: str, deadline: float) -> None:
-        with self.changed:
-            while True:
-                r = self.replicas.get(namespace)
-                if r is not None and r.state is not None:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BrokerUnavailable(
-                        f"namespace {namespace!r}: no snapshot from broker at {self.address} "
-                        "in time"
-                    )
-                self.changed.wait(remaining)
+    def wait_until(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """With ``changed`` held: wait until ``ready()`` (re-checked after every apply) or the
+        monotonic ``deadline``; returns ``ready()``. The one deadline wait of the node and
+        the API (a replica live, a write visible, a key's version reached)."""
+        return self.changed.wait_for(ready, max(0.0, deadline - time.monotonic()))
 
-    def wait_visible(self, namespace: str, ok: WriteOk, deadline: float,
+    def wait_live(self, namespace: str, deadline: float) -> None:
+        def live() -> bool:
+            r = self.replicas.get(namespace)
+            return r is not None and r.state is not None
+
+        with self.changed:
+            if not self.wait_until(live, deadline):
+                raise BrokerUnavailable(
+                    f"namespace {namespace!r}: no snapshot from broker at {self.address} "
+                    "in time"
+                )
+
+    def wait_visible(self, namespace: str, ok: WriteOk | HeadReply, deadline: float,
                      *, strict: bool = False) -> None:
         """Wait until the replica shows the write acknowledged by ``ok`` (read-your-writes).
 
         ``strict``: raise BrokerUnavailable instead of returning when the deadline passes."""
+        def visible() -> bool:
+            r = self.replicas.get(namespace)
+            if r is None:
+                return True  # namespace closed meanwhile
+            return r.state is not None and r.epoch == ok.epoch and r.state.seq >= ok.seq
+
         with self.changed:
-            while True:
-                r = self.replicas.get(namespace)
-                if r is None:
-                    return  # namespace closed meanwhile
-                if r.state is not None and r.epoch == ok.epoch and r.state.seq >= ok.seq:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and strict:
-                    raise BrokerUnavailable(
-                        f"namespace {namespace!r}: this node's replica did not reach seq "
-                        f"{ok.seq} of epoch {ok.epoch} in time (at seq {r.seq}, {r.sync.value})")
-                if remaining <= 0:
-                    # The write *was* applied (we hold its acknowledgement); only our replica
-                    # has not shown it yet -- or the broker incarnation that applied it is gone
-                    # (in-memory restart). Reporting it as refused would be a lie.
-                    log.warning(
-                        "namespace %r: write acknowledged at seq %d (epoch %s) not yet visible; "
-                        "replica at seq %d (epoch %s, %s)", namespace, ok.seq, ok.epoch, r.seq,
-                        r.epoch, r.sync.value)
-                    return
-                self.changed.wait(remaining)
+            if self.wait_until(visible, deadline):
+                return
+            r = self.replicas[namespace]
+            if strict:
+                raise BrokerUnavailable(
+                    f"namespace {namespace!r}: this node's replica did not reach seq "
+                    f"{ok.seq} of epoch {ok.epoch} in time (at seq {r.seq}, {r.phase.value})")
+            # The write *was* applied (we hold its acknowledgement); only our replica has not
+            # shown it yet -- or the broker incarnation that applied it is gone (in-memory
+            # restart). Reporting it as refused would be a lie.
+            logger.warning(
+                "namespace %r: write acknowledged at seq %d (epoch %s) not yet visible; "
+                "replica at seq %d (epoch %s, %s)", namespace, ok.seq, ok.epoch, r.seq,
+                r.epoch, r.phase.value)
 
     def status(self, namespace: str, now: float) -> NamespaceStatus:
         with self.lock:
             r = self.replicas[namespace]
             age = None if r.last_heard is None else now - r.last_heard
             head = max(r.head_seq, r.seq)
-            return NamespaceStatus(namespace, cast(SyncState, r.sync.value), r.seq, head,
+            return NamespaceStatus(namespace, cast(SyncState, r.phase.value), r.seq, head,
                                    head - r.seq, age, r.resyncs, r.repairs, r.term)
 
     def close(self) -> None:
@@ -366,8 +373,7 @@ class Node:
             apply_curve(s, self.curve)
         sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
         for s in (sub, dealer):
-            s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-            s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            set_heartbeats(s)
             s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         for endpoint in dict.fromkeys(self._pubs.values()):
             sub.connect(endpoint)
@@ -412,7 +418,7 @@ class Node:
                     self._tick(now)
                     next_tick = now + TICK
         except Exception:  # pragma: no cover - logged; readers then see the node as stale
-            log.exception("node I/O thread failed")
+            logger.exception("node I/O thread failed")
         finally:
             sub.close(linger=0)
             dealer.close(linger=0)
@@ -448,12 +454,12 @@ class Node:
                 except zmq.Again:
                     break
                 except ValueError:
-                    log.warning("dropping event-stream message with wrong frame count")
+                    logger.warning("dropping event-stream message with wrong frame count")
                     continue
                 try:
                     msg = self._published.decode(body)
                 except ProtocolError as exc:
-                    log.warning("dropping bad event-stream message: %s", exc)
+                    logger.warning("dropping bad event-stream message: %s", exc)
                     continue
                 r = self.replicas.get(msg.namespace)
                 if r is None or topic != topic_for(msg.namespace):
@@ -478,12 +484,12 @@ class Node:
             except zmq.Again:
                 break
             if len(frames) != 2 or frames[0] != b"":
-                log.warning("dropping malformed snapshot-channel reply")
+                logger.warning("dropping malformed snapshot-channel reply")
                 continue
             try:
                 reply = self._replies.decode(frames[1])
             except ProtocolError as exc:
-                log.warning("dropping bad snapshot-channel reply: %s", exc)
+                logger.warning("dropping bad snapshot-channel reply: %s", exc)
                 continue
             if isinstance(reply, (HelloReply, NotPrimary)):
                 actions += self._on_route_reply(reply)
@@ -497,7 +503,7 @@ class Node:
                         if old is not None and old_epoch is not None and r.epoch != old_epoch:
                             # A new broker history (e.g. an in-memory broker restarted): say
                             # what this node's replica lost, not just "broker is back".
-                            log.warning(
+                            logger.warning(
                                 "namespace %r was reset: the broker has a new history (epoch "
                                 "%s, was %s); %d keys at seq %d replaced by %d keys at seq %d",
                                 r.namespace, r.epoch, old_epoch, len(old.entries), old.seq,
@@ -511,7 +517,8 @@ class Node:
                     if r is not None:
                         actions += r.on_probe(reply.epoch, reply.seq, time.monotonic())
                 elif isinstance(reply, Error):
-                    log.warning("broker refused a sync request: %s: %s", reply.kind, reply.message)
+                    logger.warning("broker refused a snapshot or fetch request: %s: %s", reply.kind,
+                                   reply.message)
                 for r in self.replicas.values():
                     if r.changes:
                         self._dispatch(r)
@@ -536,13 +543,13 @@ class Node:
         for member in members:
             if member not in self._pubs:
                 self._pubs[member] = endpoint = derived_pub_endpoint(member)
-                log.info("new group member %s: subscribing to its events at %s", member,
+                logger.info("new group member %s: subscribing to its events at %s", member,
                          endpoint)
                 self._sub.connect(endpoint)
         target = self.route.target()
         if target == self._dealer_target:
             return []
-        log.info("snapshot/fetch channel moves from %s to %s", self._dealer_target, target)
+        logger.info("snapshot/fetch channel moves from %s to %s", self._dealer_target, target)
         try:
             self._dealer.disconnect(self._dealer_target)
         except zmq.ZMQError:
@@ -609,7 +616,7 @@ class Node:
             was = self.connected
             self.connected = not heard or now - max(heard) <= self.heartbeat_timeout
             if was != self.connected:
-                log.warning("broker at %s %s", self.address,
+                logger.warning("broker at %s %s", self.address,
                             "is back" if self.connected else "went silent")
             for r in self.replicas.values():
                 actions += r.on_tick(now)
@@ -631,7 +638,7 @@ class Node:
             elif type(a) is DropBarrier:
                 self._sub.setsockopt(zmq.UNSUBSCRIBE, topic_for(a.namespace) + a.nonce)
             elif type(a) is RequestFetch:
-                self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.snap_id))
+                self._send_dealer(Fetch(a.namespace, a.epoch, a.from_seq, a.request_id))
             elif type(a) is RequestProbe:
                 self._send_dealer(Open(a.namespace, a.max_keys, adopt=True))
 
@@ -639,7 +646,7 @@ class Node:
         try:
             self._dealer.send_multipart([b"", self._requests.encode(req)], zmq.NOBLOCK)
         except zmq.Again:
-            log.info("snapshot channel busy; the request will be retried")
+            logger.info("snapshot channel busy; the request will be retried")
 
 
 # ---------------------------------------------------------------------- sharing per process
@@ -661,7 +668,7 @@ def acquire_node(address: str | Sequence[str], ctx: zmq.Context, *, connect_time
         if item is not None and not item[0]._closed:
             node = item[0]
             if (node.retry_interval, node.receive_hwm) != (retry_interval, receive_hwm):
-                log.warning(
+                logger.warning(
                     "broker %s: this process already has a node for it with retry_interval=%s "
                     "receive_hwm=%s; the new handle's retry_interval=%s receive_hwm=%s are "
                     "ignored (the first handle's settings apply)", address, node.retry_interval,

@@ -1,4 +1,4 @@
-"""The replica's sync state machine for one namespace: pure, no sockets, no clock.
+"""The replica's state machine (its ``Phase``) for one namespace: pure, no sockets, no clock.
 
 Inputs are messages from the event stream and replies to the replica's own requests, each with
 the caller's ``now``; outputs are ``Action`` values the shell carries out (ask for a snapshot,
@@ -50,7 +50,7 @@ from broker.protocol import (
 )
 from broker.state import NamespaceState, SeqGap
 
-log = logging.getLogger("sharedmem.node")
+logger = logging.getLogger("sharedmem.node")
 
 
 def random_nonce() -> bytes:
@@ -71,7 +71,11 @@ def diff_events(old: NamespaceState, new: NamespaceState) -> list[Event]:
     return out
 
 
-class Sync(enum.Enum):
+class Phase(enum.Enum):
+    """Where a replica is in following the broker. ("sync" names other things: the public
+    ``NamespaceStatus.sync`` reports this value; ``sync_with_broker()`` is a catch-up; the
+    ``AsyncSharedMemory.sync`` handle is the blocking API; fsync is the disk's.)"""
+
     JOINING = "joining"
     LIVE = "live"
     REPAIRING = "repairing"
@@ -97,12 +101,12 @@ class DropBarrier:
 
 @dataclass(frozen=True, slots=True)
 class RequestFetch:
-    """Send ``Fetch(namespace, epoch, from_seq, snap_id)``."""
+    """Send ``Fetch(namespace, epoch, from_seq, request_id)``."""
 
     namespace: str
     epoch: str
     from_seq: int
-    snap_id: int
+    request_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +121,16 @@ class RequestProbe:
 Action = RequestSnapshot | RequestFetch | RequestProbe | DropBarrier
 
 # Which inputs each state reacts to; a reply a state does not list is ignored (state unchanged).
-TRANSITIONS: dict[Sync, frozenset[str]] = {
-    Sync.JOINING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
-    Sync.LIVE: frozenset({"batch", "heartbeat", "probe", "timeout"}),
-    Sync.REPAIRING: frozenset({"batch", "heartbeat", "fetch", "timeout"}),
-    Sync.RESYNCING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
+TRANSITIONS: dict[Phase, frozenset[str]] = {
+    Phase.JOINING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
+    Phase.LIVE: frozenset({"batch", "heartbeat", "probe", "timeout"}),
+    Phase.REPAIRING: frozenset({"batch", "heartbeat", "fetch", "timeout"}),
+    Phase.RESYNCING: frozenset({"batch", "heartbeat", "snapshot", "timeout"}),
 }
 
 
 class Replica:
-    """One namespace's replica and its sync state.
+    """One namespace's replica and its phase.
 
     ``state`` is None until the first snapshot is installed. ``request_timeout``: how long a
     snapshot/fetch may stay unanswered before it is asked again (with a new id).
@@ -137,7 +141,7 @@ class Replica:
                  nonce_source: Callable[[], bytes] = random_nonce) -> None:
         self.namespace = namespace
         self.max_keys = max_keys
-        self.sync = Sync.JOINING
+        self.phase = Phase.JOINING
         self.state: NamespaceState | None = None
         self.epoch: str | None = None
         self.request_timeout = request_timeout
@@ -200,7 +204,7 @@ class Replica:
         for batch, arrived in buffered:
             if batch.events:
                 self.head_seq = max(self.head_seq, batch.events[-1].seq)
-            if self.sync is Sync.LIVE:
+            if self.phase is Phase.LIVE:
                 actions += self._apply_live(batch.events, arrived)
             else:
                 actions += self._buffer_batch(batch, arrived)
@@ -208,14 +212,14 @@ class Replica:
 
     def _ask_fetch(self, now: float) -> list[Action]:
         assert self.epoch is not None
-        self.sync = Sync.REPAIRING
+        self.phase = Phase.REPAIRING
         self.repairs += 1
         return [RequestFetch(self.namespace, self.epoch, self.seq + 1, self._new_id(now))]
 
     def _resync(self, now: float) -> list[Action]:
-        if self.sync is not Sync.JOINING:
+        if self.phase is not Phase.JOINING:
             self.resyncs += 1
-        self.sync = Sync.RESYNCING if self.state is not None else Sync.JOINING
+        self.phase = Phase.RESYNCING if self.state is not None else Phase.JOINING
         return self._ask_snapshot(now)
 
     def _buffer_batch(self, batch: EventBatch, now: float) -> list[Action]:
@@ -229,7 +233,7 @@ class Replica:
         return []
 
     def _accepts(self, kind: str) -> bool:
-        return kind in TRANSITIONS[self.sync]
+        return kind in TRANSITIONS[self.phase]
 
     def _old_term(self, term: int) -> bool:
         """True (and counted) for a term below the highest seen; else that term is noted."""
@@ -249,7 +253,7 @@ class Replica:
         if self._old_term(batch.term):
             return []  # a deposed primary's batch: never applied, never buffered
         self.last_heard = now
-        if self.sync is not Sync.LIVE:
+        if self.phase is not Phase.LIVE:
             if batch.events and (self.epoch is None or batch.epoch == self.epoch):
                 self.head_seq = max(self.head_seq, batch.events[-1].seq)
             return self._buffer_batch(batch, now)
@@ -281,7 +285,7 @@ class Replica:
         if they are exactly the next ones of a live replica of the same epoch; True if applied.
         The same batch arriving later on the stream is then dropped as a duplicate."""
         events = batch.events
-        if self.sync is not Sync.LIVE or batch.epoch != self.epoch or not events \
+        if self.phase is not Phase.LIVE or batch.epoch != self.epoch or not events \
                 or self.state is None or events[0].seq != self.state.seq + 1 \
                 or batch.term < self.term:
             return False
@@ -294,14 +298,14 @@ class Replica:
         if self._old_term(hb.term):
             return []  # a deposed primary's heartbeat says nothing about the group's head
         self.last_heard = now
-        if self.sync is Sync.JOINING:
+        if self.phase is Phase.JOINING:
             return []
         if hb.epoch != self.epoch:
-            if self.sync is Sync.RESYNCING:
+            if self.phase is Phase.RESYNCING:
                 return []
             return self._resync(now)
         self.head_seq = max(self.head_seq, hb.seq)
-        if self.sync is Sync.LIVE and hb.seq > self.seq:
+        if self.phase is Phase.LIVE and hb.seq > self.seq:
             # Events are published before the heartbeat on the same stream: a heartbeat ahead
             # of us means events were dropped (HWM) -- repair.
             return self._ask_fetch(now)
@@ -324,7 +328,8 @@ class Replica:
             self._chunks = []
         elif self._chunks is None or len(self._chunks) != chunk.chunk:
             self._chunks = None
-            log.warning("snapshot %d: chunk %d out of order; dropped", chunk.snap_id, chunk.chunk)
+            logger.warning("snapshot %d: chunk %d out of order; dropped", chunk.snap_id,
+                           chunk.chunk)
             return actions
         self._chunks.append(chunk.entries)
         # A chunk arrived: the request is not lost, do not ask again yet.
@@ -354,11 +359,11 @@ class Replica:
         self.epoch = reply.epoch
         self.max_keys = reply.max_keys
         self.head_seq = reply.seq
-        self.sync = Sync.LIVE
+        self.phase = Phase.LIVE
         return self._replay([(b, t) for b, t in buffered if b.epoch == reply.epoch])
 
     def on_fetch(self, reply: FetchReply, now: float) -> list[Action]:
-        if reply.snap_id != self._pending_id or not self._accepts("fetch"):
+        if reply.request_id != self._pending_id or not self._accepts("fetch"):
             return []
         self._pending_id = None
         self.last_heard = now
@@ -371,14 +376,14 @@ class Replica:
         except SeqGap:
             return self._resync(now)
         buffered, self._buffer, self._buffered = self._buffer, [], 0
-        self.sync = Sync.LIVE
+        self.phase = Phase.LIVE
         if any(b.epoch != self.epoch for b, _ in buffered):
             # A newer history showed up while we repaired: take a snapshot of it.
             self._buffer = [(b, t) for b, t in buffered if b.epoch != self.epoch]
             self._buffered = sum(len(b.events) for b, _ in self._buffer)
             return self._resync(now)
         actions = self._replay(buffered)
-        if self.sync is Sync.LIVE and self.head_seq > self.state.seq and not actions:
+        if self.phase is Phase.LIVE and self.head_seq > self.state.seq and not actions:
             actions = self._ask_fetch(now)  # the log gave us less than the head: ask for more
         return actions
 
@@ -419,7 +424,7 @@ class Replica:
 
     def _on_tick(self, now: float) -> list[Action]:
         if self._pending_id is None:
-            if self.sync is Sync.LIVE and (
+            if self.phase is Phase.LIVE and (
                 self.last_heard is None or now - self.last_heard > self.silence_timeout
             ) and now - self._last_probe > self.silence_timeout:
                 self._last_probe = now
@@ -427,8 +432,8 @@ class Replica:
             return []
         if now - self._pending_since < self.request_timeout:
             return []
-        if self.sync is Sync.REPAIRING:
+        if self.phase is Phase.REPAIRING:
             return self._ask_fetch(now)
-        if self.sync in (Sync.JOINING, Sync.RESYNCING):
+        if self.phase in (Phase.JOINING, Phase.RESYNCING):
             return self._ask_snapshot(now)
         return []

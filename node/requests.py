@@ -40,7 +40,7 @@ from broker.protocol import (
 )
 from node.routing import Route, rotation_delay
 
-log = logging.getLogger("sharedmem.node")
+logger = logging.getLogger("sharedmem.node")
 
 CurveKeys = tuple[bytes, bytes, bytes]  # (our public, our secret, the broker's public), z85
 
@@ -92,7 +92,7 @@ class SharedRoute:
     def on_not_primary(self, asked: str, term: int, primary: str) -> str:
         with self._lock:
             nxt = self._route.on_not_primary(asked, term, primary)
-        log.info("%s is not the primary (term %d); next: %s", asked, term, nxt)
+        logger.info("%s is not the primary (term %d); next: %s", asked, term, nxt)
         return nxt
 
     def on_timeout(self, asked: str) -> str:
@@ -253,9 +253,9 @@ class RequestChannel:
                             self.last_batch = batch
                     return reply
                 except ProtocolError:
-                    log.warning("undecodable reply from %s; retrying", self.endpoint)
+                    logger.warning("undecodable reply from %s; retrying", self.endpoint)
             unanswered += 1  # no reply, or one we could not read: the outcome is unknown
-            log.debug("no reply from %s after %.2fs (attempt %d); reopening",
+            logger.debug("no reply from %s after %.2fs (attempt %d); reopening",
                       self.endpoint, wait, attempt)
             asked = self.endpoint
             self._reset()

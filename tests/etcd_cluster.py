@@ -1,4 +1,4 @@
-"""A real 3-member etcd cluster on loopback for the broker-group tests (CLUSTER.md section 5).
+"""A real 3-member etcd cluster on loopback for the broker-group tests (docs/groups.md).
 
 Each member is an ``etcd`` child process with its own temp data dir and free loopback ports,
 short raft timers (heartbeat 50 ms, election 500 ms, so a 1 s lease is possible and a lost

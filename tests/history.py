@@ -1,4 +1,4 @@
-"""A history checker for the guarantees of ARCHITECTURE.md section 2 (pure: no sockets).
+"""A history checker for the guarantees of docs/consistency.md (pure: no sockets).
 
 Tests record what clients did and saw, then check it against the broker's complete ordered event
 log of the namespace:

@@ -1,9 +1,10 @@
-"""The benchmark's ONLY contact with names of node/ and broker/ that are not public API.
+"""The benchmark's ONLY contact with node/ and broker/ beyond the user API.
 
-Why it exists: two workloads measure what no public call shows (where an acknowledged set's
-time goes; how long compaction stalls the broker's loop). Every such reach-in lives here, so
-that when the public replacements land (one node admin module for stats/head/digest instead
-of ``shm._node`` and its ``_pool``) they are swapped in this one file and nowhere else.
+Why it exists: two workloads measure what no user call shows (where an acknowledged set's
+time goes; how long compaction stalls the broker's loop). They use public but inner names:
+the handle's ``Node`` (``SharedMemory.node``), its channel pool (``Node.pool``), the admin
+calls of node/admin.py, and the broker core's Turn API. All of them live here, so a change of
+those names is met in this one file and nowhere else.
 Rule: if a name here is gone, say so and skip the split rows (never fake them); the smoke
 test (tests/integration/test_bench_smoke.py) then fails on the missing rows, which points here.
 """
@@ -21,24 +22,23 @@ from node import SharedMemory
 
 
 def head_round_trip(shm: SharedMemory, namespace: str) -> Callable[[int], object]:
-    """An op for ``timed``: one broker round trip that writes nothing (a ``Head`` request).
-    Moves to the node admin module's ``head`` once it exists."""
-    from broker.protocol import Head
+    """An op for ``timed``: one broker round trip that writes nothing (a ``Head`` request)."""
+    from node import admin
 
-    node = shm._node  # private: the handle's Node
-    return lambda i: node.request(Head(namespace), time.monotonic() + 10)
+    node = shm.node
+    return lambda i: admin.head(node, namespace, time.monotonic() + 10)
 
 
 class SetSplit:
-    """Splits ``set()`` at the reply: wraps the node's channel-pool send (``_pool.call`` or
+    """Splits ``set()`` at the reply: wraps the node's channel-pool send (``pool.call`` or
     ``call_with_events``) to record how long until the reply was in (``parts["send"]``), and
     ``wait_visible`` to count how often this node waited for the event stream
     (``parts["waits"]``; ``parts["blocked"]`` when it took > 20 us). ``supported`` is False
     when node/ no longer has those names."""
 
     def __init__(self, shm: SharedMemory) -> None:
-        self.node = shm._node  # private: the handle's Node
-        self.pool = getattr(self.node, "_pool", None)  # private: its channel pool
+        self.node = shm.node
+        self.pool = getattr(self.node, "pool", None)
         self.send = next((name for name in ("call_with_events", "call")
                           if hasattr(self.pool, name)), None)
         self.supported = self.send is not None and hasattr(self.node, "wait_visible")
@@ -96,7 +96,7 @@ def apply_own_writes(shm: SharedMemory, own: bool | None) -> Iterator[None]:
     if own is None:
         yield
         return
-    node = shm._node  # private: the handle's Node
+    node = shm.node
     before = node.apply_own_writes
     node.apply_own_writes = own
     try:

@@ -18,10 +18,10 @@ from broker.protocol import (
 from node.replica import (
     TRANSITIONS,
     DropBarrier,
+    Phase,
     Replica,
     RequestFetch,
     RequestSnapshot,
-    Sync,
 )
 
 NS = "ns"
@@ -55,7 +55,7 @@ def values(r: Replica) -> dict[str, bytes]:
 def observe(r: Replica) -> tuple:
     """Everything the state machine owns, for 'unchanged' assertions."""
     return (
-        r.sync,
+        r.phase,
         r.seq,
         None if r.state is None else r.state.digest(),
         r.epoch,
@@ -73,7 +73,7 @@ def live_replica(epoch: str = A, seq: int = 3, entries: dict[str, bytes] | None 
     (ask,) = r.start(now)
     entries = {"a": b"1", "b": b"2"} if entries is None else entries
     assert r.on_snapshot(snap(ask.snap_id, epoch, seq, entries), now) == []
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     return r
 
 
@@ -81,7 +81,7 @@ def repairing_replica(now: float = 0.0) -> tuple[Replica, RequestFetch]:
     r = live_replica(now=now)
     (ask,) = r.on_batch(batch(A, ks(5, "e")), now)  # seq 4 missing
     assert isinstance(ask, RequestFetch)
-    assert r.sync is Sync.REPAIRING
+    assert r.phase is Phase.REPAIRING
     return r, ask
 
 
@@ -89,7 +89,7 @@ def resyncing_replica(now: float = 0.0) -> tuple[Replica, RequestSnapshot]:
     r = live_replica(now=now)
     (ask,) = r.on_heartbeat(Heartbeat(NS, B, 7), now)
     assert isinstance(ask, RequestSnapshot)
-    assert r.sync is Sync.RESYNCING
+    assert r.phase is Phase.RESYNCING
     return r, ask
 
 
@@ -99,7 +99,7 @@ def resyncing_replica(now: float = 0.0) -> tuple[Replica, RequestSnapshot]:
 def test_start_asks_for_a_snapshot() -> None:
     r = Replica(NS, 5)
     assert r.start(0.0) == [RequestSnapshot(NS, 1)]
-    assert r.sync is Sync.JOINING
+    assert r.phase is Phase.JOINING
     assert r.state is None and r.seq == 0
     assert r.pending_id == 1
 
@@ -111,12 +111,12 @@ def test_joining_buffers_events_until_the_snapshot() -> None:
     assert r.on_batch(batch(A, ks(3, "a", b'"stale-3"'), ks(4, "b", b'"four"')), 0.2) == []
     assert r.on_heartbeat(Heartbeat(NS, A, 4), 0.3) == []
     assert r.on_batch(batch(A, ks(5, "c", b'"five"')), 0.4) == []
-    assert r.state is None and r.sync is Sync.JOINING
+    assert r.state is None and r.phase is Phase.JOINING
     assert r.head_seq == 5
     # The snapshot reflects seq 3: events <= 3 are dropped, later ones applied in order.
     actions = r.on_snapshot(snap(ask.snap_id, A, 3, {"a": b'"snap"', "z": b"0"}), 1.0)
     assert actions == []
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     assert r.seq == 5
     assert values(r) == {"a": b'"snap"', "z": b"0", "b": b'"four"', "c": b'"five"'}
     assert r.epoch == A
@@ -139,7 +139,7 @@ def test_buffered_gap_after_the_snapshot_asks_for_a_fetch() -> None:
     r.on_batch(batch(A, ks(6, "x")), 0.0)  # 4 and 5 never arrived
     actions = r.on_snapshot(snap(ask.snap_id, A, 3, {}), 0.0)
     assert actions == [RequestFetch(NS, A, 4, r.pending_id)]
-    assert r.sync is Sync.REPAIRING
+    assert r.phase is Phase.REPAIRING
     assert r.seq == 3
 
 
@@ -149,7 +149,7 @@ def test_buffer_overflow_restarts_the_join() -> None:
     r.on_batch(batch(A, ks(1, "a"), ks(2, "b")), 0.0)
     actions = r.on_batch(batch(A, ks(3, "c"), ks(4, "d")), 0.0)
     assert actions == [RequestSnapshot(NS, first.snap_id + 1)]
-    assert r.sync is Sync.JOINING
+    assert r.phase is Phase.JOINING
     assert r.on_snapshot(snap(first.snap_id, A, 0, {}), 0.0) == []  # old id: stale
     assert r.state is None
     r.on_snapshot(snap(first.snap_id + 1, A, 1, {"a": b"1"}), 0.0)
@@ -168,7 +168,7 @@ def test_live_applies_contiguous_batches_and_drops_duplicates() -> None:
     assert r.on_batch(batch(A, ks(4, "c", b"changed")), 1.1) == []  # duplicate
     assert r.on_batch(batch(A, ks(2, "a", b"old"), ks(3, "b", b"old")), 1.2) == []
     assert r.state.digest() == digest
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     # A batch overlapping what we have applies only its new tail.
     assert r.on_batch(batch(A, ks(4, "c", b"dup"), ks(5, "d", b"5")), 1.3) == []
     assert r.seq == 5
@@ -187,14 +187,14 @@ def test_gap_asks_for_the_missing_range_and_repairs() -> None:
     before = r.state.digest()
     actions = r.on_batch(batch(A, ks(6, "f")), 1.0)
     assert actions == [RequestFetch(NS, A, 4, r.pending_id)]
-    assert r.sync is Sync.REPAIRING
+    assert r.phase is Phase.REPAIRING
     assert r.repairs == 1
     assert r.seq == 3 and r.state.digest() == before  # nothing guessed, nothing skipped
     assert r.on_batch(batch(A, ks(7, "g")), 1.1) == []  # buffered while repairing
     assert r.on_heartbeat(Heartbeat(NS, A, 7), 1.2) == []  # no second fetch
-    reply = FetchReply(actions[0].snap_id, NS, A, True, [ks(4, "d"), ks(5, "e"), ks(6, "f")])
+    reply = FetchReply(actions[0].request_id, NS, A, True, [ks(4, "d"), ks(5, "e"), ks(6, "f")])
     assert r.on_fetch(reply, 1.5) == []
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     assert r.seq == 7
     assert set(values(r)) == {"a", "b", "d", "e", "f", "g"}
     assert r.pending_id is None
@@ -203,31 +203,31 @@ def test_gap_asks_for_the_missing_range_and_repairs() -> None:
 def test_a_fetch_shorter_than_the_known_head_asks_for_more() -> None:
     r, ask = repairing_replica()
     r.on_heartbeat(Heartbeat(NS, A, 9), 0.0)
-    actions = r.on_fetch(FetchReply(ask.snap_id, NS, A, True, [ks(4, "d")]), 0.0)
+    actions = r.on_fetch(FetchReply(ask.request_id, NS, A, True, [ks(4, "d")]), 0.0)
     assert r.seq == 5  # 4 from the log, then the buffered 5
     assert actions == [RequestFetch(NS, A, 6, r.pending_id)]
-    assert r.sync is Sync.REPAIRING
+    assert r.phase is Phase.REPAIRING
 
 
 def test_fetch_not_available_falls_back_to_a_snapshot() -> None:
     r, ask = repairing_replica()
     before = r.state.digest()
-    actions = r.on_fetch(FetchReply(ask.snap_id, NS, A, False), 2.0)
+    actions = r.on_fetch(FetchReply(ask.request_id, NS, A, False), 2.0)
     assert actions == [RequestSnapshot(NS, r.pending_id)]
-    assert r.pending_id != ask.snap_id
-    assert r.sync is Sync.RESYNCING
+    assert r.pending_id != ask.request_id
+    assert r.phase is Phase.RESYNCING
     assert r.resyncs == 1
     assert r.state.digest() == before  # the old state is still served meanwhile
     r.on_snapshot(snap(r.pending_id, A, 10, {"only": b"x"}), 2.5)
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     assert (r.seq, values(r)) == (10, {"only": b"x"})
 
 
 def test_fetch_whose_events_do_not_continue_the_state_resyncs() -> None:
     r, ask = repairing_replica()
-    actions = r.on_fetch(FetchReply(ask.snap_id, NS, A, True, [ks(6, "x")]), 0.0)
+    actions = r.on_fetch(FetchReply(ask.request_id, NS, A, True, [ks(6, "x")]), 0.0)
     assert actions == [RequestSnapshot(NS, r.pending_id)]
-    assert r.sync is Sync.RESYNCING
+    assert r.phase is Phase.RESYNCING
     assert r.seq == 3
 
 
@@ -235,10 +235,10 @@ def test_heartbeat_ahead_in_live_triggers_a_fetch() -> None:
     r = live_replica(seq=3)
     assert r.on_heartbeat(Heartbeat(NS, A, 3), 1.0) == []
     assert r.on_heartbeat(Heartbeat(NS, A, 2), 1.0) == []  # behind: late heartbeat
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     actions = r.on_heartbeat(Heartbeat(NS, A, 5), 2.0)
     assert actions == [RequestFetch(NS, A, 4, r.pending_id)]
-    assert r.sync is Sync.REPAIRING
+    assert r.phase is Phase.REPAIRING
     assert r.head_seq == 5
     assert r.last_heard == 2.0
 
@@ -251,12 +251,12 @@ def test_epoch_change_in_heartbeat_resyncs_from_a_fresh_snapshot() -> None:
     old_state = r.state
     actions = r.on_heartbeat(Heartbeat(NS, B, 1), 1.0)
     assert actions == [RequestSnapshot(NS, r.pending_id)]
-    assert r.sync is Sync.RESYNCING
+    assert r.phase is Phase.RESYNCING
     assert r.resyncs == 1
     assert values(r) == {"x": b"1", "y": b"2"}  # still served until the new one is ready
     assert r.on_heartbeat(Heartbeat(NS, B, 1), 1.1) == []  # no second request
     r.on_snapshot(snap(r.pending_id, B, 1, {"z": b"3"}), 2.0)
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     assert r.epoch == B
     assert r.seq == 1  # a new history: seq may restart
     assert values(r) == {"z": b"3"}  # x and y are gone: built fresh, never merged
@@ -268,11 +268,11 @@ def test_epoch_change_in_batch_resyncs_and_keeps_that_batch() -> None:
     r = live_replica(A, seq=7, entries={"x": b"1"})
     actions = r.on_batch(batch(B, ks(2, "n", b"new")), 1.0)
     assert actions == [RequestSnapshot(NS, r.pending_id)]
-    assert r.sync is Sync.RESYNCING
+    assert r.phase is Phase.RESYNCING
     assert values(r) == {"x": b"1"}  # the other history was not applied
     r.on_batch(batch(B, ks(3, "m", b"new")), 1.1)
     r.on_snapshot(snap(r.pending_id, B, 1, {"k": b"0"}), 2.0)
-    assert r.sync is Sync.LIVE
+    assert r.phase is Phase.LIVE
     assert r.seq == 3
     assert values(r) == {"k": b"0", "n": b"new", "m": b"new"}
 
@@ -281,16 +281,16 @@ def test_epoch_change_while_repairing_resyncs() -> None:
     r, ask = repairing_replica()
     actions = r.on_heartbeat(Heartbeat(NS, B, 1), 1.0)
     assert actions == [RequestSnapshot(NS, r.pending_id)]
-    assert r.sync is Sync.RESYNCING
+    assert r.phase is Phase.RESYNCING
     # The answer to the abandoned fetch is stale now.
-    assert r.on_fetch(FetchReply(ask.snap_id, NS, A, True, [ks(4, "d")]), 1.1) == []
+    assert r.on_fetch(FetchReply(ask.request_id, NS, A, True, [ks(4, "d")]), 1.1) == []
     assert r.seq == 3
 
 
 def test_fetch_reply_does_not_replay_batches_of_another_epoch() -> None:
     r, ask = repairing_replica()  # epoch A at seq 3, fetching 4.., batch 5 buffered
     r.on_batch(batch(B, ks(6, "from-epoch-b")), 0.1)  # another history, buffered
-    r.on_fetch(FetchReply(ask.snap_id, NS, A, True, [ks(4, "d")]), 0.2)
+    r.on_fetch(FetchReply(ask.request_id, NS, A, True, [ks(4, "d")]), 0.2)
     assert "from-epoch-b" not in values(r)
 
 
@@ -325,27 +325,27 @@ def test_stale_snapshot_while_resyncing_leaves_the_served_state() -> None:
 def test_stale_fetch_replies_are_ignored() -> None:
     r, first = repairing_replica(now=0.0)
     (second,) = tick(r, 10.0)
-    assert isinstance(second, RequestFetch) and second.snap_id != first.snap_id
+    assert isinstance(second, RequestFetch) and second.request_id != first.request_id
     assert second.from_seq == first.from_seq
     before = observe(r)
-    assert r.on_fetch(FetchReply(first.snap_id, NS, A, True, [ks(4, "d")]), 10.1) == []
-    assert r.on_fetch(FetchReply(first.snap_id, NS, A, False), 10.1) == []
+    assert r.on_fetch(FetchReply(first.request_id, NS, A, True, [ks(4, "d")]), 10.1) == []
+    assert r.on_fetch(FetchReply(first.request_id, NS, A, False), 10.1) == []
     assert observe(r) == before
-    assert r.on_fetch(FetchReply(second.snap_id, NS, A, True, [ks(4, "d")]), 10.2) == []
-    assert r.seq == 5 and r.sync is Sync.LIVE
+    assert r.on_fetch(FetchReply(second.request_id, NS, A, True, [ks(4, "d")]), 10.2) == []
+    assert r.seq == 5 and r.phase is Phase.LIVE
 
 
 # --------------------------------------------------------------------------- the table
 
 
-def _in_state(sync: Sync) -> Replica:
-    if sync is Sync.JOINING:
+def _in_state(sync: Phase) -> Replica:
+    if sync is Phase.JOINING:
         r = Replica(NS, 0)
         r.start(0.0)
         return r
-    if sync is Sync.LIVE:
+    if sync is Phase.LIVE:
         return live_replica()
-    if sync is Sync.REPAIRING:
+    if sync is Phase.REPAIRING:
         return repairing_replica()[0]
     return resyncing_replica()[0]
 
@@ -368,36 +368,36 @@ _DELIVER: dict[str, Callable[[Replica], list]] = {
 _ALL_INPUTS = frozenset().union(*TRANSITIONS.values())
 _REFUSED = [
     (sync, kind)
-    for sync in Sync
+    for sync in Phase
     for kind in sorted(_ALL_INPUTS - TRANSITIONS[sync])
     if kind in _DELIVER
 ]
 
 
 def test_every_state_has_a_row_and_refuses_something() -> None:
-    assert set(TRANSITIONS) == set(Sync)
+    assert set(TRANSITIONS) == set(Phase)
     assert {"snapshot", "fetch"} <= _ALL_INPUTS
-    assert {sync for sync, _ in _REFUSED} == set(Sync)
+    assert {sync for sync, _ in _REFUSED} == set(Phase)
 
 
 @pytest.mark.parametrize(("sync", "kind"), _REFUSED, ids=[f"{s.name}-{k}" for s, k in _REFUSED])
-def test_inputs_not_in_the_table_are_ignored_and_change_nothing(sync: Sync, kind: str) -> None:
+def test_inputs_not_in_the_table_are_ignored_and_change_nothing(sync: Phase, kind: str) -> None:
     r = _in_state(sync)
-    assert r.sync is sync
+    assert r.phase is sync
     before = observe(r)
     state_before = r.state
     assert _DELIVER[kind](r) == []
     assert observe(r) == before
     assert r.state is state_before
-    assert r.sync is sync
+    assert r.phase is sync
 
 
-@pytest.mark.parametrize("sync", [Sync.JOINING, Sync.RESYNCING])
-def test_snapshot_is_in_the_table_where_it_is_accepted(sync: Sync) -> None:
+@pytest.mark.parametrize("sync", [Phase.JOINING, Phase.RESYNCING])
+def test_snapshot_is_in_the_table_where_it_is_accepted(sync: Phase) -> None:
     assert "snapshot" in TRANSITIONS[sync]
     r = _in_state(sync)
     _DELIVER["snapshot"](r)
-    assert r.sync is Sync.LIVE and r.seq == 42
+    assert r.phase is Phase.LIVE and r.seq == 42
 
 
 # --------------------------------------------------------------------------- timers
@@ -414,26 +414,26 @@ def test_on_tick_re_asks_a_snapshot_with_a_new_id_after_the_timeout() -> None:
     assert tick(r, 15.0) == []  # the timeout restarted with the new request
     (third,) = tick(r, 16.0)
     assert third.snap_id == second.snap_id + 1
-    assert r.sync is Sync.JOINING
+    assert r.phase is Phase.JOINING
 
 
 def test_on_tick_re_asks_a_fetch_and_a_resync_snapshot() -> None:
     r, ask = repairing_replica(now=0.0)
     assert tick(r, 2.0) == []
     (again,) = tick(r, 3.0)
-    assert again == RequestFetch(NS, A, 4, ask.snap_id + 1)
-    assert r.sync is Sync.REPAIRING
+    assert again == RequestFetch(NS, A, 4, ask.request_id + 1)
+    assert r.phase is Phase.REPAIRING
     r2, ask2 = resyncing_replica(now=0.0)
     (again2,) = tick(r2, 3.0)
     assert again2 == RequestSnapshot(NS, ask2.snap_id + 1)
-    assert r2.sync is Sync.RESYNCING
+    assert r2.phase is Phase.RESYNCING
 
 
 def test_on_tick_in_live_does_not_re_ask() -> None:
     r = live_replica(now=0.0)
     r.on_heartbeat(Heartbeat(NS, A, r.seq), 100.0)
     assert tick(r, 100.5) == []
-    assert r.sync is Sync.LIVE and r.pending_id is None
+    assert r.phase is Phase.LIVE and r.pending_id is None
 
 
 # --------------------------------------------------------------------------- probes
@@ -454,7 +454,7 @@ def test_silence_in_live_sends_a_probe_and_its_answer_is_acted_on() -> None:
     r2 = live_replica(now=0.0)
     (resync,) = r2.on_probe(B, 0, 1.0)
     assert isinstance(resync, RequestSnapshot)
-    assert r2.sync is Sync.RESYNCING
+    assert r2.phase is Phase.RESYNCING
 
 
 def test_a_batch_of_another_epoch_while_repairing_leads_to_a_snapshot_not_a_merge() -> None:
@@ -466,11 +466,11 @@ def test_a_batch_of_another_epoch_while_repairing_leads_to_a_snapshot_not_a_merg
     reply = FetchReply(r.pending_id, NS, B, True, [ks(4, "d"), ks(5, "x")])
     actions = r.on_fetch(reply, 0.2)
     assert [type(a) for a in actions] == [RequestSnapshot]
-    assert r.sync is Sync.RESYNCING
+    assert r.phase is Phase.RESYNCING
     assert "stale" not in r.state.entries
     snap = SnapshotReply(r.pending_id, NS, B, 5, 0, [])
     r.on_snapshot(snap, 0.3)
-    assert r.sync is Sync.LIVE and r.epoch == B and r.seq == 5
+    assert r.phase is Phase.LIVE and r.epoch == B and r.seq == 5
     assert "stale" not in r.state.entries
     assert r.pending_id is None
 
@@ -495,10 +495,10 @@ def test_a_chunked_snapshot_is_installed_whole_at_its_last_chunk() -> None:
     assert len(parts) == 3
     assert r.on_snapshot_chunk(parts[0], 1.0) == []
     assert r.on_snapshot_chunk(parts[1], 2.0) == []
-    assert r.state is None and r.sync is Sync.JOINING  # nothing half-installed
+    assert r.state is None and r.phase is Phase.JOINING  # nothing half-installed
     assert tick(r, 4.5) == []  # each chunk refreshed the request's timeout
     assert r.on_snapshot_chunk(parts[2], 5.0) == [DropBarrier(NS, b"n1")]
-    assert r.sync is Sync.LIVE and r.seq == 5
+    assert r.phase is Phase.LIVE and r.seq == 5
     assert sorted(r.state.entries) == [f"k{i}" for i in range(7)]
 
 
@@ -567,7 +567,7 @@ def test_a_higher_term_continues_the_same_epoch_without_a_resync() -> None:
     r.on_batch(tbatch(1, ks(4, "a", b"x")), 1.0)
     assert r.on_batch(tbatch(2, ks(5, "b", b"y")), 2.0) == []
     assert r.on_heartbeat(Heartbeat(NS, A, 5, 2), 3.0) == []
-    assert (r.seq, r.term, r.resyncs, r.repairs, r.sync) == (5, 2, 0, 0, Sync.LIVE)
+    assert (r.seq, r.term, r.resyncs, r.repairs, r.phase) == (5, 2, 0, 0, Phase.LIVE)
     assert values(r) == {"a": b"x", "b": b"y"}
 
 
@@ -599,6 +599,6 @@ def test_own_write_of_a_lower_term_is_not_applied_from_the_reply() -> None:
 def test_reask_re_sends_the_pending_request_at_once_with_a_new_id() -> None:
     r, fetch = repairing_replica()
     (again,) = [a for a in r.reask(0.1) if not isinstance(a, DropBarrier)]
-    assert isinstance(again, RequestFetch) and again.snap_id != fetch.snap_id
-    assert again.from_seq == fetch.from_seq and r.pending_id == again.snap_id
+    assert isinstance(again, RequestFetch) and again.request_id != fetch.request_id
+    assert again.from_seq == fetch.from_seq and r.pending_id == again.request_id
     assert live_replica().reask(0.1) == []  # nothing pending: nothing to ask

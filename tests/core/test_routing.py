@@ -144,7 +144,7 @@ def test_seed_list_from_a_string_a_list_and_one_address() -> None:
 
 
 @pytest.mark.parametrize(("value", "says"), [
-    (f"{H1},127.0.0.1:7410", "entry 2 .* did you mean 'tcp://127.0.0.1:7410'"),
+    (f"{H1},127.0.0.1:7410", "entry 2 .*did you mean 'tcp://127.0.0.1:7410'"),
     (f"{H1},,{H2}", "entry 2 .* empty"),
     (f"{H1},", "entry 2 .* empty"),
     (f"{H1},embedded", "entry 2 .* 'embedded'"),

@@ -46,7 +46,7 @@ from broker.protocol import (
 from broker.records import BatchRecord
 from broker.state import NamespaceState
 from broker.turn import Turn, persist
-from node.replica import DropBarrier, Replica, RequestFetch, RequestSnapshot, Sync
+from node.replica import DropBarrier, Phase, Replica, RequestFetch, RequestSnapshot
 
 NS = "sim"
 SNAPSHOT_CHUNK = 3  # entries per chunk: most snapshots of the run come in several
@@ -299,7 +299,8 @@ class Sim:
             self.jobs.append(job)
         elif isinstance(action, RequestFetch):
             self.to_replica.send(self.core.fetch(
-                action.namespace, action.epoch, action.from_seq, 10_000, action.snap_id, self.now,
+                action.namespace, action.epoch, action.from_seq, 10_000, action.request_id,
+                self.now,
             ))
         elif type(action).__name__ == "RequestProbe":  # answered by Open (epoch, seq)
             reply = self.core.open(Open(action.namespace, action.max_keys))
@@ -353,7 +354,7 @@ class Sim:
         """The replica is exactly the log up to its seq, and never goes back in an epoch."""
         r = self.replica
         if r.state is None:
-            assert r.sync is Sync.JOINING
+            assert r.phase is Phase.JOINING
             return
         self.prefix_checks += 1
         history = self.history[r.epoch]
@@ -398,13 +399,13 @@ class Sim:
                 moved = True
             r = self.replica
             if (
-                not moved and r.sync is Sync.LIVE and r.pending_id is None
+                not moved and r.phase is Phase.LIVE and r.pending_id is None
                 and r.epoch == self.core.epoch and r.seq == self.broker_state.seq
             ):
                 return rounds
             if not moved:
                 self.tick(r.request_timeout)
-        raise AssertionError(f"no convergence: {self.replica.sync} at seq {self.replica.seq}")
+        raise AssertionError(f"no convergence: {self.replica.phase} at seq {self.replica.seq}")
 
     def assert_converged(self) -> None:
         self.tick(0.0)  # barriers of answered or abandoned requests are dropped at a tick

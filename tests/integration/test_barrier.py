@@ -1,5 +1,6 @@
 """The subscription barrier, checked on the wire: a snapshot is answered only once the asking
-node's ``<ns>\\0<nonce>`` subscription has reached the broker's XPUB (ZMQ_NOTES.md)."""
+node's ``<ns>\\0<nonce>`` subscription has reached the broker's XPUB (docs/protocol.md
+section 12)."""
 
 from __future__ import annotations
 

@@ -198,8 +198,9 @@ def test_create_if_absent_exactly_one_of_two_concurrent_contenders_wins(
 
 def test_campaign_transaction_leader_absent_and_config_unchanged(coord: EtcdCoordinator,
                                                                  other: EtcdCoordinator) -> None:
-    """CLUSTER.md section 3: put leader and config{term+1} only if the leader is absent and
-    the config is what the campaigner read. A second campaigner on the same read loses."""
+    """The campaign transaction (docs/groups.md): put leader and config{term+1} only if the
+    leader is absent and the config is what the campaigner read. A second campaigner on the
+    same read loses."""
     keys = new_keys()
     first = GroupConfig(term=1, primary="b0", sync_set=("b1", "b2"), epoch="e")
     assert coord.compare_and_swap(keys.config, first.encode(), 0).succeeded

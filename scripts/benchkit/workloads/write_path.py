@@ -53,7 +53,7 @@ def echo_floor(n: int) -> Row:
 def set_split(shm: SharedMemory, n: int) -> list[Row]:
     with SetSplit(shm) as split:
         if not split.supported:
-            progress("write path: node/ changed (no _pool.call / wait_visible); split skipped")
+            progress("write path: node/ changed (no pool.call / wait_visible); split skipped")
             return [timed_row(WORKLOAD, "set(): total", n,
                               lambda i: shm.set(f"k{i % 1000}", {"i": i}))]
         rows = []

@@ -1,0 +1,108 @@
+"""Access rules at the broker's sockets: the ZAP/CURVE glue (who may connect at all) and the
+permission decision per request and per subscription (what a connected client may do).
+
+Why a module of its own: the loop (broker/server.py) and the subscriptions
+(broker/subscriptions.py) both ask it, and with no ``Security`` configured every answer is
+"allowed" here, so neither needs an ``if security`` of its own beyond the hot path's.
+The rules themselves (the TOML grants) live in broker/security.py; docs/security.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Container
+
+import zmq
+
+from broker.protocol import PERMISSION_NEEDED, Error, Open, StatsReply
+from broker.security import Security
+
+ZAP_DOMAIN = "sharedmem"
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP-authenticated identity (z85 public key) on a message, if any."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:  # EINVAL: no such property (inproc, or a disconnect's unsubscribe)
+        return None
+
+
+class _KnownKeys:
+    """ZAP credentials provider: only listed public keys complete the CURVE handshake."""
+
+    def __init__(self, sec: Security) -> None:
+        self._sec = sec
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self._sec.is_known_key(key)
+
+
+class Access:
+    """The permission decisions of one broker (``security`` None: everything is allowed)."""
+
+    def __init__(self, security: Security | None) -> None:
+        self.security = security
+        self._auth: object | None = None
+
+    def who(self, user: str | None) -> str:
+        c = self.security.client(user) if self.security is not None else None
+        return f"client {c.name!r}" if c is not None else "an unauthenticated peer"
+
+    # ------------------------------------------------------------------ CURVE / ZAP
+
+    def start(self, ctx: zmq.Context) -> None:
+        """Start the ZAP handler on ``ctx`` -- before any socket binds: a CURVE server with no
+        handler running accepts anyone."""
+        if self.security is None:
+            return
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("sharedmem.broker.zap"))
+        auth.start()
+        auth.configure_curve_callback(domain=ZAP_DOMAIN,
+                                      credentials_provider=_KnownKeys(self.security))
+        self._auth = auth
+
+    def secure(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server in the ZAP domain (nothing without security)."""
+        sec = self.security
+        if sec is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = sec.secret_key
+            sock.curve_publickey = sec.public_key
+            sock.zap_domain = ZAP_DOMAIN.encode()
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()  # type: ignore[attr-defined]
+            self._auth = None
+
+    # ------------------------------------------------------------------ permissions
+
+    def may_read(self, user: str | None, namespace: str) -> bool:
+        return self.security is None or self.security.allowed(user, namespace, "read")
+
+    def check(self, request: object, user: str | None, known: Container[str]) -> Error | None:
+        """``Error("AccessDenied")`` for a request the client may not make, else None.
+        ``known``: the namespaces that exist (an ``Open`` of a new one creates it: a write)."""
+        sec = self.security
+        if sec is None:
+            return None
+        namespace = getattr(request, "namespace", None)
+        if namespace is None:
+            return None  # Hello, Stats (filtered per namespace)
+        t = type(request)
+        need = PERMISSION_NEEDED.get(t, "read")
+        if t is Open and namespace not in known:
+            need = "write"  # opening a namespace that does not exist creates it
+        if sec.allowed(user, namespace, need):
+            return None
+        return Error("AccessDenied", f"{self.who(user)} may not {need} namespace {namespace!r}")
+
+    def filter_stats(self, stats: StatsReply, user: str | None) -> StatsReply:
+        """``stats`` with only the namespaces ``user`` may read."""
+        if self.security is None:
+            return stats
+        return StatsReply(stats.epoch, {k: v for k, v in stats.namespaces.items()
+                                        if self.may_read(user, k)}, stats.counters)
