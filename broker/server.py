@@ -385,6 +385,7 @@ class Broker:
                 self._close_sockets()
             except Exception:  # noqa: BLE001
                 log.exception("closing the sockets failed")
+            self.core.finish_freezes()  # a compaction thread may be waiting for its view
             self.core.log.shut_down(clean=clean)
         finally:
             self._stopped.set()
@@ -409,7 +410,7 @@ class Broker:
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             if log_.compacting:
                 timeout_ms = min(timeout_ms, 50)
-            if self._snapshot_jobs or self._ready_snapshots:
+            if self._snapshot_jobs or self._ready_snapshots or self.core.frozen:
                 timeout_ms = 0
             ready = dict(poller.poll(min(timeout_ms, 1000)))
             if self._ctl in ready:
@@ -423,6 +424,8 @@ class Broker:
                 self._start_snapshots()
             if self._snapshot_jobs:
                 self._pump_snapshots()
+            if self.core.frozen:
+                self.core.advance_freezes()  # a compaction's view: one chunk per turn
             log_.tick()
             if log_.compacting:
                 log_.finish_compaction()

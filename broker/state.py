@@ -18,12 +18,16 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 from sortedcontainers import SortedList
 
 from broker.pattern import Pattern, compile_pattern
 from broker.protocol import Event, KeyDeleted, KeyExpired, KeySet, KeyTouched, SnapEntry
+
+if TYPE_CHECKING:
+    from broker.freeze import Freeze
 
 
 class SeqGap(Exception):
@@ -48,7 +52,7 @@ class Entry(msgspec.Struct, gc=False):
 class NamespaceState:
     """Entries of one namespace, their ordered key index and TTL deadlines, at ``seq``."""
 
-    __slots__ = ("name", "max_keys", "seq", "entries", "index", "_deadlines")
+    __slots__ = ("name", "max_keys", "seq", "entries", "index", "_deadlines", "freezes")
 
     def __init__(self, name: str, max_keys: int = 0, seq: int = 0) -> None:
         self.name = name
@@ -58,6 +62,9 @@ class NamespaceState:
         self.index: SortedList = SortedList()
         # Heap of (deadline, key, version); stale items are skipped lazily.
         self._deadlines: list[tuple[float, str, int]] = []
+        # Open frozen views (broker/freeze.py): each is told before a key changes, so it can
+        # keep that key's entry as of its freeze (copy-on-write). Empty on nodes.
+        self.freezes: list[Freeze] = []
 
     # ------------------------------------------------------------------ applying events
 
@@ -72,6 +79,9 @@ class NamespaceState:
 
     def _apply(self, event: Event, now: float) -> None:
         entries = self.entries
+        if self.freezes:
+            for freeze in self.freezes:
+                freeze.note(event.key)
         if type(event) is KeySet:
             deadline = None if event.ttl is None else now + event.ttl
             if event.key not in entries:
@@ -101,6 +111,8 @@ class NamespaceState:
     def restore(self, key: str, old: Entry | None) -> None:
         """Put back ``key`` as it was before a rolled-back event (``old`` None: absent)."""
         entries = self.entries
+        for freeze in self.freezes:
+            freeze.note(key)
         if old is None:
             if entries.pop(key, None) is not None:
                 self.index.remove(key)
