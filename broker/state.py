@@ -214,17 +214,29 @@ class NamespaceState:
     ) -> NamespaceState:
         """A fresh state equal to the snapshot (never merged into an old one)."""
         state = cls(name, max_keys, seq)
-        table = state.entries
-        heap = state._deadlines
+        state.add_snapshot_entries(entries, now)
+        state.seal_snapshot()
+        return state
+
+    def add_snapshot_entries(self, entries: Iterable[SnapEntry], now: float) -> None:
+        """Part of building a fresh state from a snapshot's chunks (``from_snapshot`` does it
+        all at once): store ``entries``, TTLs counted from ``now``. The caller then calls
+        ``seal_snapshot`` once; until then the key index and deadline heap are incomplete,
+        so the state must not be read. Storing each chunk as it arrives lets its decoded
+        structs be freed at once instead of all living until the last chunk."""
+        table = self.entries
+        heap = self._deadlines
         for s in entries:
             deadline = None if s.ttl is None else now + s.ttl
             c, m = s.created_at, s.modified_at
             table[s.key] = Entry(s.value, s.version, c, c if m == c else m, deadline)
             if deadline is not None:
                 heap.append((deadline, s.key, s.version))
-        heapq.heapify(heap)
-        state.index = SortedList(table)
-        return state
+
+    def seal_snapshot(self) -> None:
+        """Finish a state built by ``add_snapshot_entries``: the key index and the heap."""
+        heapq.heapify(self._deadlines)
+        self.index = SortedList(self.entries)
 
     def digest(self) -> str:
         """Hash of (key, version, value) over all entries in key order; equal states, equal digests.
