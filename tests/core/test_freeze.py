@@ -142,3 +142,27 @@ def test_frozen_states_copy_every_namespace_at_one_moment_in_steps() -> None:
     for (_, _, _, ks, vs), exp in zip(view.copies, expected, strict=True):
         assert dict(zip(ks, vs, strict=True)) == exp and len(ks) == len(exp)
     assert all(s.freezes == [] for s in states)
+
+
+@pytest.mark.parametrize("total", [0, 3, 15, 16, 10_000, 10_001, 70_000])
+def test_a_compaction_view_encodes_to_the_rows_of_the_state_at_the_freeze(total: int) -> None:
+    """The snapshot file's rows (encoded a slice at a time) decode to the frozen state."""
+    import msgspec
+
+    from broker.records import SnapshotFile
+
+    core = BrokerCore("e" * 16)
+    for start in range(0, total, 5000):
+        items = [(f"k{i:06d}", b"%d" % i) for i in range(start, min(total, start + 5000))]
+        core.run_turn([(None, SetMany(b"c" * 12, start + 1, "ns", 0, items))], 0.0, 1.0)
+    core.run_turn([(None, SetMany(b"d" * 12, 1, "other", 0, [("x", b"1")]))], 0.0, 1.0)
+    expected = {name: {k: (e.value, e.version) for k, e in s.entries.items()}
+                for name, s in core.namespaces.items()}
+    build = core.frozen_view(2, 0.0, 100.0)
+    core.run_turn([(None, SetMany(b"c" * 12, 10**6, "ns", 0, [("k000001", b"new")]))], 0.0, 1.0)
+    while core.advance_freezes(4000):
+        pass
+    snap = msgspec.msgpack.decode(msgspec.msgpack.encode(build()), type=SnapshotFile)
+    got = {ns.name: {r.key: (r.value, r.version) for r in ns.entries} for ns in snap.namespaces}
+    assert got == expected
+    assert sum(len(ns.entries) for ns in snap.namespaces) == total + 1
