@@ -33,6 +33,7 @@ from broker.errors import (
     StorageError,
     VersionConflict,
 )
+from broker.freeze import Freeze, FrozenStates
 from broker.log import Log, MemoryLog
 from broker.pattern import compile_pattern
 from broker.protocol import (
@@ -95,6 +96,8 @@ MAX_BATCH_ITEMS = 10_000  # items of one set_many / keys of one delete_many / ge
 # as one message and every replica applies under its lock, so its size is bounded; a pattern that
 # matches more is refused whole (StorageError, nothing deleted): narrow it, or delete in parts.
 MAX_PATTERN_DELETE = 100_000
+# Entries a compaction's frozen view copies per loop turn: 1-3 ms of the loop's time here.
+FREEZE_CHUNK = 10_000
 
 logger = logging.getLogger("sharedmem.broker.core")
 
@@ -118,35 +121,37 @@ class Decision:
     set_max_keys: int | None = None  # change the namespace's max_keys to this (SetMaxKeys)
 
 
-@dataclass(slots=True)
 class SnapshotJob:
-    """A frozen copy of a namespace, handed out in chunks (``next_chunk``) across loop turns."""
+    """A namespace frozen at one seq, handed out in chunks (``next_chunk``) across loop turns.
 
-    snap_id: int
-    namespace: str
-    epoch: str
-    seq: int
-    max_keys: int
-    items: list[tuple[str, Entry]]
-    position: int = 0
-    chunk: int = 0
+    The freeze copies nothing up front: each chunk copies its own entries (broker/freeze.py),
+    so neither the request nor any chunk stalls the loop for more than one chunk's work."""
+
+    __slots__ = ("snap_id", "namespace", "epoch", "seq", "max_keys", "freeze", "chunk")
+
+    def __init__(self, snap_id: int, epoch: str, freeze: Freeze) -> None:
+        self.snap_id = snap_id
+        self.namespace = freeze.name
+        self.epoch = epoch
+        self.seq = freeze.seq
+        self.max_keys = freeze.max_keys
+        self.freeze = freeze
+        self.chunk = 0
 
     @property
     def done(self) -> bool:
-        return self.position >= len(self.items) and self.chunk > 0
+        return self.freeze.done and self.chunk > 0
 
     def next_chunk(self, now: float, size: int) -> SnapshotReply:
         """The next ``size`` entries, TTLs as seconds remaining at ``now``."""
-        part = self.items[self.position:self.position + size]
-        self.position += len(part)
+        keys, part = self.freeze.take(size)
         rows = [
             SnapEntry(k, e.value, e.version, e.created_at, e.modified_at,
                       ttl_left(e.deadline, now))
-            for k, e in part
+            for k, e in zip(keys, part, strict=True)
         ]
         reply = SnapshotReply(self.snap_id, self.namespace, self.epoch, self.seq,
-                              self.max_keys, rows, self.chunk,
-                              self.position >= len(self.items))
+                              self.max_keys, rows, self.chunk, self.freeze.done)
         self.chunk += 1
         return reply
 
@@ -203,6 +208,38 @@ class DedupTable:
                 self._last[client_id] = (no, msgspec.structs.replace(reply, epoch=epoch))
 
 
+_ROWS_PER_PIECE = 10_000
+
+
+def _encoded_rows(keys: list[str], entries: list[Entry], mono: float, wall: float
+                  ) -> msgspec.Raw:
+    """A namespace's ``SnapEntryFile`` rows as one msgpack array, encoded a slice at a time.
+
+    Why: the snapshot thread shares the GIL with the loop, and one encode of a million rows
+    holds it for ~200 ms (a C call never yields). Slices of 10 000 rows yield between them,
+    and only one slice of row structs lives at a time. The bytes are those of encoding the
+    whole list at once: an array header for the count, then each row's encoding."""
+    n = len(keys)
+    if n < 16:
+        header = bytes([0x90 | n])
+    elif n < 1 << 16:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    parts = [header]
+    encode = msgspec.msgpack.encode
+    for at in range(0, n, _ROWS_PER_PIECE):
+        piece = encode([
+            SnapEntryFile(k, e.value, e.version, e.created_at, e.modified_at,
+                          None if e.deadline is None else wall + (e.deadline - mono))
+            for k, e in zip(keys[at:at + _ROWS_PER_PIECE],
+                            entries[at:at + _ROWS_PER_PIECE], strict=True)
+        ])
+        count = min(_ROWS_PER_PIECE, n - at)
+        parts.append(piece[1 if count < 16 else 3 if count < 1 << 16 else 5:])
+    return msgspec.Raw(b"".join(parts))
+
+
 def _check_ttl(ttl: float | None) -> float | None:
     if ttl is None or ttl == 0:
         return None
@@ -232,6 +269,8 @@ class BrokerCore:
         # between turns (a snapshot of a new one), which the next turn carries first.
         self._records: list[LogRecord] = []
         self._encoder = published_codec()
+        # Compactions' frozen views still being copied, oldest first (``advance_freezes``).
+        self.frozen: list[FrozenStates] = []
         self.counters: dict[str, int] = {
             "writes": 0,
             "events": 0,
@@ -461,27 +500,42 @@ class BrokerCore:
         return state
 
     def frozen_view(self, segment: int, mono: float, wall: float) -> Callable[[], SnapshotFile]:
-        """Copy what a snapshot needs (fast: shallow dict copies; entries are immutable) and
-        return a function that builds the snapshot from the copies on another thread."""
+        """Freeze every namespace now (no copy yet: ``advance_freezes`` copies a chunk per
+        loop turn, broker/freeze.py) and return a function that, on another thread, waits
+        for the copy to complete and builds the snapshot from it."""
         epoch = self.epoch
-        copies = [(name, s.max_keys, s.seq, s.entries.copy())
-                  for name, s in self.namespaces.items()]
+        view = FrozenStates(list(self.namespaces.values()))
+        if not view.ready.is_set():
+            self.frozen.append(view)
         dedup = [(cid, no, r.seq, r.changed) for cid, no, r in self.dedup.items()
                  if isinstance(r, WriteOk)]
 
         def build() -> SnapshotFile:
+            view.wait()
             namespaces = []
-            for name, max_keys, seq, entries in copies:
-                rows = [
-                    SnapEntryFile(k, e.value, e.version, e.created_at, e.modified_at,
-                                  None if e.deadline is None else wall + (e.deadline - mono))
-                    for k, e in entries.items()
-                ]
-                namespaces.append(NamespaceFile(name, max_keys, seq, rows))
+            for name, max_keys, seq, keys, entries in view.copies:
+                rows = _encoded_rows(keys, entries, mono, wall)
+                namespaces.append(NamespaceFile(name, max_keys, seq, rows))  # type: ignore[arg-type]
             return SnapshotFile(epoch, segment, wall, namespaces,
                                 [DedupFile(*row) for row in dedup])
 
         return build
+
+    def advance_freezes(self, budget: int = FREEZE_CHUNK) -> bool:
+        """Copy up to ``budget`` entries of the oldest open frozen view (the loop calls this
+        once per turn while ``frozen`` is not empty); True while some copying is left."""
+        while self.frozen:
+            if self.frozen[0].step(budget):
+                return True
+            self.frozen.pop(0)
+        return False
+
+    def finish_freezes(self) -> None:
+        """Complete every open frozen view at once: the loop is stopping, and a compaction
+        thread waiting for its view must not wait forever."""
+        for view in self.frozen:
+            view.finish()
+        self.frozen.clear()
 
     # ------------------------------------------------------------------ turns (group commit)
 
@@ -619,15 +673,14 @@ class BrokerCore:
         return OpenReply(self.epoch, name, state.max_keys, state.seq)
 
     def snapshot_job(self, request: Snapshot) -> SnapshotJob | Error:
-        """Freeze the namespace now (a copy of its entries: they are immutable) for chunks."""
+        """Freeze the namespace now for chunks (copied chunk by chunk: broker/freeze.py)."""
         try:
             name = check_namespace(request.namespace)
         except SharedMemoryError as exc:
             return Error(exc.kind, str(exc))
         state = self.namespaces.get(name) or self._create(name, request.max_keys)
         self.counters["snapshots"] += 1
-        return SnapshotJob(request.snap_id, name, self.epoch, state.seq, state.max_keys,
-                           list(state.entries.items()))
+        return SnapshotJob(request.snap_id, self.epoch, Freeze(state))
 
     def fetch(self, namespace: str, epoch: str, from_seq: int, limit: int, request_id: int,
               now: float) -> FetchReply:

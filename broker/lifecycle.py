@@ -209,6 +209,7 @@ class BrokerLifecycle:
                 self._close_sockets()
             except Exception:  # noqa: BLE001
                 logger.exception("closing the sockets failed")
+            self.core.finish_freezes()  # a compaction thread may be waiting for its view
             self.core.log.shut_down(clean=clean)
         finally:
             self._stopped.set()

@@ -94,7 +94,7 @@ class Broker(BrokerLifecycle):
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             if event_log.compacting:
                 timeout_ms = min(timeout_ms, 50)
-            if subs.busy:
+            if subs.busy or self.core.frozen:
                 timeout_ms = 0
             ready = dict(poller.poll(min(timeout_ms, 1000)))
             if self.ctl in ready:
@@ -105,6 +105,8 @@ class Broker(BrokerLifecycle):
             if self.router in ready or (nd is not None and nd <= now):
                 self._turn(drain=self.router in ready)
             subs.step()
+            if self.core.frozen:
+                self.core.advance_freezes()  # a compaction's view: one chunk per turn
             event_log.tick()
             if event_log.compacting:
                 event_log.finish_compaction()

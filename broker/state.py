@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 from sortedcontainers import SortedList
@@ -25,6 +26,9 @@ from sortedcontainers import SortedList
 from broker.pattern import Pattern, compile_pattern
 from broker.protocol import Event, KeyDeleted, KeyExpired, KeySet, KeyTouched, SnapEntry
 from broker.ttl import deadline_after, ttl_left
+
+if TYPE_CHECKING:
+    from broker.freeze import Freeze
 
 
 class SeqGap(Exception):
@@ -49,7 +53,7 @@ class Entry(msgspec.Struct, gc=False):
 class NamespaceState:
     """Entries of one namespace, their ordered key index and TTL deadlines, at ``seq``."""
 
-    __slots__ = ("name", "max_keys", "seq", "entries", "index", "_deadlines")
+    __slots__ = ("name", "max_keys", "seq", "entries", "index", "_deadlines", "freezes")
 
     def __init__(self, name: str, max_keys: int = 0, seq: int = 0) -> None:
         self.name = name
@@ -59,6 +63,9 @@ class NamespaceState:
         self.index: SortedList = SortedList()
         # Heap of (deadline, key, version); stale items are skipped lazily.
         self._deadlines: list[tuple[float, str, int]] = []
+        # Open frozen views (broker/freeze.py): each is told before a key changes, so it can
+        # keep that key's entry as of its freeze (copy-on-write). Empty on nodes.
+        self.freezes: list[Freeze] = []
 
     # ------------------------------------------------------------------ applying events
 
@@ -73,6 +80,9 @@ class NamespaceState:
 
     def _apply(self, event: Event, now: float) -> None:
         entries = self.entries
+        if self.freezes:
+            for freeze in self.freezes:
+                freeze.note(event.key)
         if type(event) is KeySet:
             deadline = deadline_after(event.ttl, now)
             if event.key not in entries:
@@ -102,6 +112,8 @@ class NamespaceState:
     def restore(self, key: str, old: Entry | None) -> None:
         """Put back ``key`` as it was before a rolled-back event (``old`` None: absent)."""
         entries = self.entries
+        for freeze in self.freezes:
+            freeze.note(key)
         if old is None:
             if entries.pop(key, None) is not None:
                 self.index.remove(key)
@@ -203,17 +215,29 @@ class NamespaceState:
     ) -> NamespaceState:
         """A fresh state equal to the snapshot (never merged into an old one)."""
         state = cls(name, max_keys, seq)
-        table = state.entries
-        heap = state._deadlines
+        state.add_snapshot_entries(entries, now)
+        state.seal_snapshot()
+        return state
+
+    def add_snapshot_entries(self, entries: Iterable[SnapEntry], now: float) -> None:
+        """Part of building a fresh state from a snapshot's chunks (``from_snapshot`` does it
+        all at once): store ``entries``, TTLs counted from ``now``. The caller then calls
+        ``seal_snapshot`` once; until then the key index and deadline heap are incomplete,
+        so the state must not be read. Storing each chunk as it arrives lets its decoded
+        structs be freed at once instead of all living until the last chunk."""
+        table = self.entries
+        heap = self._deadlines
         for s in entries:
             deadline = deadline_after(s.ttl, now)
             c, m = s.created_at, s.modified_at
             table[s.key] = Entry(s.value, s.version, c, c if m == c else m, deadline)
             if deadline is not None:
                 heap.append((deadline, s.key, s.version))
-        heapq.heapify(heap)
-        state.index = SortedList(table)
-        return state
+
+    def seal_snapshot(self) -> None:
+        """Finish a state built by ``add_snapshot_entries``: the key index and the heap."""
+        heapq.heapify(self._deadlines)
+        self.index = SortedList(self.entries)
 
     def digest(self) -> str:
         """Hash of (key, version, value) over all entries in key order; equal states, equal digests.

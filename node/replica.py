@@ -37,8 +37,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import msgspec
-
 from broker.protocol import (
     Event,
     EventBatch,
@@ -165,7 +163,8 @@ class Replica:
         self.changes: list[tuple[Event, bool]] = []
         self._nonce_source = nonce_source
         self._barriers: dict[int, bytes] = {}  # snap_id -> nonce subscribed for it
-        self._chunks: list[list] | None = None  # entries of the pending snapshot's chunks
+        # The pending snapshot's state, built chunk by chunk (chunks received so far).
+        self._building: tuple[NamespaceState, int] | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -186,7 +185,7 @@ class Replica:
     def _ask_snapshot(self, now: float) -> list[Action]:
         snap_id = self._new_id(now)
         nonce = self._barriers[snap_id] = self._nonce_source()
-        self._chunks = None
+        self._building = None
         return [RequestSnapshot(self.namespace, snap_id, nonce)]
 
     def _apply(self, events: list[Event], now: float) -> None:
@@ -325,33 +324,43 @@ class Replica:
         if chunk.chunk == 0 and chunk.last:
             return actions + self.on_snapshot(chunk, now)
         if chunk.chunk == 0:
-            self._chunks = []
-        elif self._chunks is None or len(self._chunks) != chunk.chunk:
-            self._chunks = None
+            self._building = (NamespaceState(chunk.namespace, chunk.max_keys, chunk.seq), 0)
+        elif self._building is None or self._building[1] != chunk.chunk:
+            self._building = None
             logger.warning("snapshot %d: chunk %d out of order; dropped", chunk.snap_id,
                            chunk.chunk)
             return actions
-        self._chunks.append(chunk.entries)
+        fresh, _ = self._building
+        # Stored at once: the chunk's decoded entries are freed now, not at the last chunk.
+        fresh.add_snapshot_entries(chunk.entries, now)
+        self._building = (fresh, chunk.chunk + 1)
         # A chunk arrived: the request is not lost, do not ask again yet.
         self._pending_since = now
         self.last_heard = now
         if not chunk.last:
             return actions
-        entries = [e for part in self._chunks for e in part]
-        self._chunks = None
-        whole = msgspec.structs.replace(chunk, entries=entries, chunk=0)
-        return actions + self.on_snapshot(whole, now)
+        self._building = None
+        fresh.seal_snapshot()
+        return actions + self._install(chunk, fresh, now)
 
     def on_snapshot(self, reply: SnapshotReply, now: float) -> list[Action]:
         """A whole snapshot (one chunk, or all of them collected): build the state from it
         alone, swap it in, and replay the events buffered meanwhile."""
         if reply.snap_id != self._pending_id or not self._accepts("snapshot"):
             return []  # stale or unasked-for
-        self._pending_id = None
-        self.last_heard = now
         fresh = NamespaceState.from_snapshot(
             reply.namespace, reply.max_keys, reply.seq, reply.entries, now
         )
+        return self._install(reply, fresh, now)
+
+    def _install(self, reply: SnapshotReply, fresh: NamespaceState, now: float
+                 ) -> list[Action]:
+        """Swap in ``fresh``, built from the snapshot ``reply`` (its last chunk) alone, and
+        replay the events buffered meanwhile."""
+        if reply.snap_id != self._pending_id or not self._accepts("snapshot"):
+            return []  # stale or unasked-for
+        self._pending_id = None
+        self.last_heard = now
         buffered, self._buffer, self._buffered = self._buffer, [], 0
         if self.record and self.state is not None:
             self.changes.extend((e, True) for e in diff_events(self.state, fresh))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from node import SharedMemory
@@ -108,34 +109,94 @@ def apply_own_writes(shm: SharedMemory, own: bool | None) -> Iterator[None]:
 # ---------------------------------------------------------------------- broker: compaction
 
 
-def compaction_stall(data_dir: str, total: int) -> tuple[float, float, float]:
+@dataclass
+class CompactionStall:
+    """What ``compaction_stall`` measured, in seconds (lists: one item per loop turn)."""
+
+    start: float  # on the loop: freeze (no copy) + segment rotation + thread start
+    freeze: float  # of which the freeze
+    copy_turns: list[float]  # on the loop: each turn's chunk of the freeze's copy
+    busy_turns: list[float]  # each write turn from the start until the snapshot is written
+    idle_turns: list[float]  # the same write turns with no compaction running
+    background: float  # until the snapshot was written (copy, encode, write)
+    old_freeze: float  # the former freeze of the same state: a full dict copy on the loop
+    snapshot_chunks: list[float]  # a node snapshot job: each chunk's copy on the loop
+    old_snapshot_freeze: float  # the former snapshot_job freeze: list(entries.items())
+
+
+def compaction_stall(data_dir: str, total: int) -> CompactionStall:
     """Fill a durable log with ``total`` keys through the broker core (no sockets), then
-    compact it as the broker's loop does. Returns seconds (freeze, stall on the loop, written
-    in the background): the frozen view (dict copies) and the segment rotation happen on the
-    loop; encoding and writing the snapshot on a thread."""
+    compact it while one write per loop turn goes on, as the broker's loop does: freeze and
+    rotate, then per turn one write (decide, append, flush, apply) and one chunk of the
+    frozen view's copy (``advance_freezes``), and ``finish_compaction``. The thread encodes
+    and writes the snapshot meanwhile, competing for the GIL like the broker's. Also times
+    the same write turns without a compaction, the former full-copy freezes, and a node
+    snapshot job's chunks (5 000 entries, as the broker sends them).
+
+    Stalls (freeze, copy chunks, snapshot chunks, the former freezes) are the loop thread's
+    CPU time (``time.thread_time``), which other processes' load does not inflate; write
+    turns are wall time, so they show the GIL shared with the snapshot thread (and load)."""
     from broker.core import BrokerCore
     from broker.durable import DurableLog
-    from broker.protocol import SetMany
+    from broker.protocol import Set, SetMany, Snapshot
     from broker.recovery import recover
     from broker.turn import persist
 
-    log = DurableLog(data_dir, compact_bytes=1 << 40)
+    # fsync "no": the write turns then show the loop and the GIL, not the disk
+    log = DurableLog(data_dir, compact_bytes=1 << 40, fsync="no")
     core = BrokerCore(log=log)
     recover(core, log)
     for start in range(0, total, 5000):
         req = SetMany(b"c" * 12, start + 1, "ns", 0,
                       [(f"k{i:07d}", b'{"i":1}') for i in range(start, start + 5000)])
         persist(core, log, core.run_turn([(None, req)], 0.0, 1.0))  # as the broker's loop does
-    t = time.perf_counter()
+    no = total
+
+    def write_turn() -> float:
+        nonlocal no
+        no += 1
+        t = time.perf_counter()
+        req = Set(b"w" * 12, no, "ns", 0, f"k{no % total:07d}", b'{"i":2}')
+        persist(core, log, core.run_turn([(None, req)], 0.0, 1.0))
+        return time.perf_counter() - t
+
+    idle = [write_turn() for _ in range(2000)]
+    state = core.namespaces["ns"]
+    t = time.thread_time()
+    _ = [s.entries.copy() for s in core.namespaces.values()]
+    old_freeze = time.thread_time() - t
+    t = time.thread_time()
+    _ = list(state.entries.items())
+    old_snapshot = time.thread_time() - t
+    del _
+
+    clock = time.thread_time  # the loop's own CPU: what it costs, not what load adds
+    t = clock()
     build = core.frozen_view(log.segment + 1, time.monotonic(), time.time())
-    freeze = time.perf_counter() - t
-    t = time.perf_counter()
+    freeze = clock() - t
     log.start_compaction(build)  # fsync + new segment + thread start
-    stall = freeze + time.perf_counter() - t
+    start = clock() - t
+    copy_turns: list[float] = []
+    busy: list[float] = []
     t2 = time.perf_counter()
-    while log.compacting:
+    while log.compacting or core.frozen:
+        lat = write_turn()
+        if core.frozen:
+            t = clock()
+            core.advance_freezes()
+            copy_turns.append(clock() - t)
+        busy.append(lat)
         log.finish_compaction()
-        time.sleep(0.005)  # poll
     background = time.perf_counter() - t2
+    assert log.compactions == 1, "the compaction failed"
+
+    job = core.snapshot_job(Snapshot("ns", 0, 1, b"n"))
+    chunks: list[float] = []
+    while not isinstance(job, Exception) and not job.done:  # type: ignore[union-attr]
+        write_turn()
+        t = clock()
+        job.next_chunk(time.monotonic(), 5000)  # type: ignore[union-attr]
+        chunks.append(clock() - t)
     log.close()
-    return freeze, stall, background
+    return CompactionStall(start, freeze, copy_turns, busy, idle, background, old_freeze, chunks,
+                           old_snapshot)
