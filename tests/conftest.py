@@ -173,3 +173,17 @@ permissions = {{ "*" = ["admin"] }}
 """)
     broker = BrokerProcess(free_port_pair(), ("--config", str(directory / "broker.toml")))
     return broker.start(), keys
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[object]:
+    """A started 3-member etcd cluster on loopback (tests/etcd_cluster.py); skips without
+    etcd. Stopped by PID afterwards."""
+    from tests.etcd_cluster import EtcdCluster, require_etcd
+
+    require_etcd()
+    cluster = EtcdCluster(tmp_path / "etcd").start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
