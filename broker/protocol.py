@@ -78,6 +78,7 @@ class EventBatch(msgspec.Struct, tag=True, frozen=True):
     namespace: str
     epoch: str
     events: list[Event]
+    term: int = 0  # broker group: the primary's term (0 for a single broker)
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
@@ -86,6 +87,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     namespace: str
     epoch: str
     seq: int
+    term: int = 0  # broker group: the primary's term (0 for a single broker)
 
 
 Published = EventBatch | Heartbeat
@@ -206,6 +208,12 @@ class HelloReply(msgspec.Struct, tag=True, frozen=True):
     max_value_bytes: int
     heartbeat_interval: float
     protocol: int = PROTOCOL_VERSION
+    # Broker groups (CLUSTER.md section 4): the group's term, the primary's request endpoint
+    # ("" when none is known) and every member's request endpoint. A single broker sends 0, ""
+    # and [].
+    term: int = 0
+    primary: str = ""
+    members: list[str] = []
 
 
 class OpenReply(msgspec.Struct, tag=True, frozen=True):
@@ -256,6 +264,7 @@ class WriteOk(msgspec.Struct, tag=True, frozen=True):
     epoch: str
     seq: int
     changed: bool = True
+    term: int = 0  # broker group: the term that committed it (0 for a single broker)
 
 
 class StatsReply(msgspec.Struct, tag=True, frozen=True):
@@ -280,9 +289,18 @@ class Error(msgspec.Struct, tag=True, frozen=True):
     current_version: int | None = None  # VersionConflict: the key's version now (0 = absent)
 
 
+class NotPrimary(msgspec.Struct, tag=True, frozen=True):
+    """A standby of a broker group refused the request: send it to ``primary`` (a request
+    endpoint; "" while no primary is known). ``term`` is the highest term the standby knows.
+    Nothing changed."""
+
+    term: int
+    primary: str
+
+
 Reply = (
     HelloReply | OpenReply | SnapshotReply | FetchReply | WriteOk | StatsReply | DigestReply
-    | Error
+    | Error | NotPrimary
 )
 
 
