@@ -105,6 +105,10 @@ class MemoryLog:
     def flush(self) -> None:
         """Make appended events durable (nothing to do in memory)."""
 
+    def clear(self) -> None:
+        """Forget every retained event (a group standby installing a primary's state)."""
+        self._events.clear()
+
     def discard_turn(self) -> None:
         """Forget what was appended since the last flush (nothing is ever pending here)."""
 

@@ -43,6 +43,7 @@ log = logging.getLogger("sharedmem.broker.recovery")
 EPOCH_FILE = "EPOCH"
 CLEAN_FILE = "CLEAN"
 POLICY_FILE = "FSYNC"  # the fsync policy the log was last written under
+TERM_FILE = "TERM"  # broker groups: the highest term promised (acks nothing below it)
 
 
 @dataclass
@@ -55,7 +56,8 @@ class RecoveryReport:
     new_epoch: bool
 
 
-def _write_small_file(path: Path, text: str) -> None:
+def write_small_file(path: Path, text: str) -> None:
+    """Replace a small file atomically and durably (temp file, fsync, rename)."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -64,7 +66,8 @@ def _write_small_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_snapshot(core: BrokerCore, snap: SnapshotFile, mono: float, wall: float) -> None:
+def load_snapshot(core: BrokerCore, snap: SnapshotFile, mono: float, wall: float) -> None:
+    """Fill ``core``'s namespaces and dedup table from a snapshot (TTLs from its wall clock)."""
     for ns in snap.namespaces:
         entries = [
             SnapEntry(e.key, e.value, e.version, e.created_at, e.modified_at,
@@ -78,7 +81,11 @@ def _load_snapshot(core: BrokerCore, snap: SnapshotFile, mono: float, wall: floa
         core.dedup.remember(d.client, d.request_no, WriteOk(snap.epoch, d.seq, d.changed))
 
 
-def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: float) -> None:
+def apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: float, *,
+                 fetch_log: bool = True) -> None:
+    """Apply one log record to ``core``: the namespace, its state, the dedup table's reply,
+    and (``fetch_log``) the events kept for Fetch. Recovery and a group standby both use it,
+    so a standby's dedup table and Fetch log are what a restart would rebuild."""
     if type(rec) is NamespaceRecord:
         if rec.namespace not in core.namespaces:
             core.namespaces[rec.namespace] = NamespaceState(rec.namespace, rec.max_keys)
@@ -93,7 +100,8 @@ def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: 
     # The event's ttl counted from rec.wall; as seen from now that is ``rec.wall - wall`` ago.
     then = mono + (rec.wall - wall)
     state.apply_batch(events, then)
-    core.log.replay(rec.namespace, events, then)  # for Fetch; not re-written
+    if fetch_log:
+        core.log.replay(rec.namespace, events, then)  # for Fetch; not re-written
     if rec.client is not None:
         core.dedup.remember(rec.client, rec.request_no,
                             WriteOk(epoch, rec.events[-1].seq, rec.changed))
@@ -134,7 +142,7 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
     if snapshot is not None:
         epoch = epoch or snapshot.epoch
         core.epoch = epoch
-        _load_snapshot(core, snapshot, mono, wall)
+        load_snapshot(core, snapshot, mono, wall)
     elif replay:
         epoch = epoch or read_segment_header(seg_path(data_dir, replay[0]))[0]
     fresh = epoch is None
@@ -148,7 +156,7 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         read_segment_header(path)
         res = scan_segment(path)
         for rec in res.records:
-            _apply_record(core, rec, epoch, mono, wall)
+            apply_record(core, rec, epoch, mono, wall)
         records += len(res.records)
         if res.error is not None:
             if i == len(replay) - 1 and res.torn:
@@ -174,8 +182,8 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         core.dedup.rename_epoch(epoch)
         log.warning("unclean shutdown under fsync=%s: new epoch %s replaces %s; nodes will "
                     "resync", written_under, epoch, old)
-    _write_small_file(epoch_path, epoch)
-    _write_small_file(policy_path, durable.fsync)
+    write_small_file(epoch_path, epoch)
+    write_small_file(policy_path, durable.fsync)
     (data_dir / CLEAN_FILE).unlink(missing_ok=True)
     last = replay[-1] if replay else start
     durable.open_segment(last, epoch)
@@ -185,7 +193,7 @@ def recover(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
 
 def mark_clean(durable: DurableLog) -> None:
     """After a clean close: the next start may keep the epoch under any fsync policy."""
-    _write_small_file(durable.data_dir / CLEAN_FILE, "clean\n")
+    write_small_file(durable.data_dir / CLEAN_FILE, "clean\n")
 
 
 def repair(data_dir: Path) -> list[str]:

@@ -22,7 +22,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import msgspec
 import zmq
 
 from broker.core import BrokerCore, SnapshotJob
@@ -61,6 +63,9 @@ from broker.recovery import RecoveryReport
 from broker.security import Security, is_loopback_endpoint
 from broker.turn import persist
 from broker.validation import DEFAULT_MAX_VALUE_BYTES, check_namespace
+
+if TYPE_CHECKING:
+    from broker.group_shell import GroupShell
 
 log = logging.getLogger("sharedmem.broker")
 
@@ -234,6 +239,8 @@ class Broker:
         # which wait for the turn's log flush.
         self._writes: list[tuple[object, WriteRequest | Open]] = []
         self._held: list[tuple[object, Reply]] = []
+        # Broker groups (broker/group_shell.py): set before start() for --group; None: single.
+        self.group: GroupShell | None = None
 
     @property
     def epoch(self) -> str:
@@ -344,8 +351,12 @@ class Broker:
                          self.recovery.segments, self.recovery.records,
                          self.recovery.torn_bytes)
             self._open_sockets()
+            if self.group is not None:
+                self.group.attach(self._ctx, self._ctl)
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._startup_error = exc
+            if self.group is not None:
+                self.group.close()
             self._close_sockets()
             self.core.log.close()
             self._ready.set()
@@ -357,6 +368,8 @@ class Broker:
         try:
             self._loop()
         finally:
+            if self.group is not None:
+                self.group.close()
             self._close_sockets()
             self.core.log.close()
             self.core.log.mark_clean()
@@ -372,10 +385,14 @@ class Broker:
         hb_interval = self.config.heartbeat_interval
         next_heartbeat = time.monotonic()
         log_ = self.core.log
+        group = self.group
+        if group is not None:
+            group.register(poller)
         while True:
             now = time.monotonic()
             wake = next_heartbeat
-            nd = self.core.next_deadline()
+            # A group standby expires nothing itself: the primary's records do it.
+            nd = self.core.next_deadline() if group is None or group.is_primary else None
             if nd is not None:
                 wake = min(wake, nd)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
@@ -383,14 +400,20 @@ class Broker:
                 timeout_ms = min(timeout_ms, 50)
             if self._snapshot_jobs or self._ready_snapshots:
                 timeout_ms = 0
+            if group is not None:
+                timeout_ms = min(timeout_ms, group.timeout_ms())
             ready = dict(poller.poll(min(timeout_ms, 1000)))
-            if self._ctl in ready:
+            if self._ctl in ready or (group is not None and group.stop_requested):
                 return
+            if group is not None:
+                group.on_poll(ready, time.monotonic())
             if self._xpub in ready:
                 self._drain_subscriptions()
             now = time.monotonic()
             if self._router in ready or (nd is not None and nd <= now):
                 self._turn(drain=self._router in ready)
+                if group is not None and group.stop_requested:
+                    return
             if self._ready_snapshots:
                 self._start_snapshots()
             if self._snapshot_jobs:
@@ -434,8 +457,16 @@ class Broker:
             self._in_turn = False
             writes, held = self._writes, self._held
             self._writes, self._held = [], []
+        group = self.group
+        if group is not None and not group.is_primary:
+            for envelope, reply in held:  # a standby: NotPrimary, Hello, Stats; no writes
+                self._send_reply(envelope, reply)  # type: ignore[arg-type]
+            return
         turn = self.core.run_turn(writes, time.monotonic(), time.time(), held)
-        persist(self.core, self.core.log, turn)  # the records are durable, or it is rolled back
+        if group is None:
+            persist(self.core, self.core.log, turn)  # durable, or rolled back
+        elif not group.commit(turn):  # shipped, durable here and acked by the sync set?
+            return  # the term ended (or the broker stops): nothing of the turn is answered
         for out in turn.replies:
             self._send_reply(out.tag, out.reply, out.events)  # type: ignore[arg-type]
         xpub = self._xpub
@@ -448,8 +479,13 @@ class Broker:
         log_.start_compaction(build)
 
     def _send_heartbeats(self) -> None:
+        term = 0
+        if self.group is not None:
+            if not self.group.fresh(time.monotonic()):
+                return  # a standby, or a primary without recent sync acks: staleness shows
+            term = self.group.g.term
         for name, state in self.core.namespaces.items():
-            body = self._published.encode(Heartbeat(name, self.epoch, state.seq))
+            body = self._published.encode(Heartbeat(name, self.epoch, state.seq, term))
             self._xpub.send_multipart([topic_for(name), body])
 
     # ------------------------------------------------------------------ subscriptions
@@ -550,6 +586,11 @@ class Broker:
             if denial is not None:
                 self._send_reply(envelope, denial)
                 return
+        if self.group is not None:
+            refusal = self.group.refusal(request)
+            if refusal is not None:
+                self._send_reply(envelope, refusal)
+                return
         try:
             t = type(request)
             if t is Set or t is SetMany or t is Delete or t is Touch or t is Open:
@@ -558,6 +599,7 @@ class Broker:
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, self.config.max_value_bytes,
                     self.config.heartbeat_interval,
+                    **(self.group.hello_fields() if self.group is not None else {}),
                 ))
             elif t is Snapshot:
                 self._on_snapshot(envelope, request, now)
@@ -594,6 +636,8 @@ class Broker:
         counters["uptime_ms"] = int((now - self._started) * 1000)
         counters["pending_snapshots"] = len(self._pending_snapshots)
         counters.update(self.core.log.stats())
+        if self.group is not None:
+            counters.update(self.group.stats())
         # events per second over the window since the previous Stats call (at least 1 s)
         events = counters["events"]
         t0, e0 = self._rate_mark
@@ -661,6 +705,8 @@ class Broker:
         if self._in_turn:  # held back until the turn's log flush succeeded
             self._held.append((envelope, reply))
             return
+        if self.group is not None and type(reply) is WriteOk:
+            reply = msgspec.structs.replace(reply, term=self.group.g.term)
         if self.drop_write_replies > 0 and type(reply) is WriteOk:
             self.drop_write_replies -= 1
             log.info("fault injection: dropping a write reply")

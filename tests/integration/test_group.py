@@ -1,0 +1,375 @@
+"""Broker groups with real processes (issue 10; docs/groups.md): a real 3-member etcd (the
+``etcd_cluster`` fixture), three ``python -m broker --group`` processes on loopback ports,
+started and stopped by PID, driven by raw zmq REQ clients that follow ``NotPrimary`` and rotate
+on timeouts with the same request ids. Every fault test checks its history with
+tests/history.py against the final log (Fetch from the primary), and compares each member's
+durable state (its data dir recovered offline after a clean stop).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from broker.core import BrokerCore
+from broker.durable import DurableLog
+from broker.protocol import (
+    DigestReply,
+    Event,
+    Fetch,
+    FetchReply,
+    Hello,
+    HelloReply,
+    NotPrimary,
+    Set,
+    Stats,
+    StatsReply,
+    WriteOk,
+    reply_codec,
+    request_codec,
+)
+from tests.conftest import BrokerProcess, wait_until
+from tests.history import History, replay_digest
+
+NS = "grp"
+LEASE_TTL = 1
+REQUEST_TIMEOUT = 0.5  # a client rotates to the next member after this long
+
+pytestmark = pytest.mark.slow
+
+_requests = request_codec()
+_replies = reply_codec()
+
+
+def free_port_triple() -> int:
+    """A port P on 127.0.0.1 with P, P+1 and P+2 free right now (requests, events, repl)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65534:
+            continue
+        try:
+            with socket.socket() as s1, socket.socket() as s2:
+                s1.bind(("127.0.0.1", port + 1))
+                s2.bind(("127.0.0.1", port + 2))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port triple found")
+
+
+def call(address: str, request: Any, timeout: float = 2.0) -> Any:
+    """One request to one member; None on timeout."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(address)
+        s.send(_requests.encode(request))
+        if not s.poll(int(timeout * 1000)):
+            return None
+        return _replies.decode(s.recv())
+    finally:
+        s.close(linger=0)
+
+
+@dataclass
+class Member:
+    name: str
+    port: int
+    data_dir: Path
+    etcd: str
+    min_sync: int = 1
+    proc: BrokerProcess | None = None
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def start(self) -> Member:
+        self.proc = BrokerProcess(self.port, (
+            "--data-dir", str(self.data_dir), "--group", "g", "--member", self.name,
+            "--etcd", self.etcd, "--lease-ttl", str(LEASE_TTL),
+            "--min-sync", str(self.min_sync))).start()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None and self.proc.proc is not None
+        return self.proc.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stats(self, timeout: float = 1.0) -> dict[str, int] | None:
+        r = call(self.address, Stats(), timeout)
+        return r.counters if isinstance(r, StatsReply) else None
+
+    def stderr(self) -> str:
+        assert self.proc is not None
+        f = self.proc.stderr_file
+        if f.closed:
+            return "(closed)"
+        f.seek(0)
+        return f.read()[-4000:]
+
+
+@dataclass
+class Group:
+    members: list[Member]
+
+    def addresses(self) -> list[str]:
+        return [m.address for m in self.members]
+
+    def roles(self) -> dict[str, dict[str, int] | None]:
+        return {m.name: (m.stats(0.5) if m.alive else None) for m in self.members}
+
+    def primary(self) -> Member | None:
+        """The one member that says it is primary (None unless exactly one does)."""
+        found = [m for m, s in zip(self.members, [m.stats(0.5) if m.alive else None
+                                                  for m in self.members], strict=True)
+                 if s is not None and s.get("group_primary") == 1]
+        return found[0] if len(found) == 1 else None
+
+    def wait_formed(self, timeout: float = 30.0, sync: int = 2) -> Member:
+        """One primary whose sync set holds ``sync`` members, the rest standbys."""
+
+        def formed() -> Member | None:
+            p = self.primary()
+            if p is None:
+                return None
+            s = p.stats(0.5)
+            return p if s is not None and s["group_sync_set"] >= sync else None
+
+        try:
+            return wait_until(formed, timeout, 0.05, "the group to form")  # type: ignore
+        except AssertionError:
+            raise AssertionError(f"group did not form: {self.roles()}\n" + "\n".join(
+                f"--- {m.name}:\n{m.stderr()}" for m in self.members)) from None
+
+    def stop_all(self) -> None:
+        for m in self.members:
+            m.stop()
+
+
+@pytest.fixture
+def group(tmp_path: Path, etcd_cluster: Any) -> Iterator[Group]:
+    members = []
+    for i in range(3):
+        members.append(Member(f"m{i}", free_port_triple(), tmp_path / f"m{i}",
+                              etcd_cluster.endpoint_string))
+    g = Group(members)
+    try:
+        for m in members:
+            m.start()
+        yield g
+    finally:
+        for m in members:
+            if m.alive:
+                try:
+                    m.signal(signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        g.stop_all()
+
+
+class Writer:
+    """A raw REQ client writing unique keys to the group: it follows NotPrimary, rotates to the
+    next member on a timeout, and resends with the same (client_id, request_no)."""
+
+    def __init__(self, name: str, addresses: list[str], history: History) -> None:
+        self.name, self.addresses, self.history = name, addresses, history
+        self.client_id = f"writer-{name}-{os.getpid()}".encode()
+        self.index = 0
+        self.acks: list[tuple[float, int, int]] = []  # (time, seq, term)
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.ctx = zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+        self.thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
+
+    def start(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def _connect(self, address: str) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def _request(self, request: Set) -> WriteOk | None:
+        """Until acknowledged (or stopped): the same request to whoever may be primary."""
+        address = self.addresses[self.index]
+        while not self.stop.is_set():
+            self._connect(address)
+            assert self.sock is not None
+            self.sock.send(_requests.encode(request))
+            if not self.sock.poll(int(REQUEST_TIMEOUT * 1000)):
+                self.index = (self.index + 1) % len(self.addresses)
+                address = self.addresses[self.index]
+                continue
+            reply = _replies.decode(self.sock.recv())
+            if isinstance(reply, WriteOk):
+                return reply
+            if isinstance(reply, NotPrimary):
+                if reply.primary and reply.primary in self.addresses:
+                    self.index = self.addresses.index(reply.primary)
+                else:
+                    self.index = (self.index + 1) % len(self.addresses)
+                    self.stop.wait(0.05)  # poll: no primary known yet
+                address = self.addresses[self.index]
+                continue
+            self.errors.append(repr(reply))
+            self.stop.wait(0.05)  # poll: a refusal; the same request again
+        return None
+
+    def _run(self) -> None:
+        try:
+            for i in itertools.count():
+                if self.stop.is_set():
+                    return
+                key = f"{self.name}_{i}"
+                value = {"w": self.name, "i": i}
+                self.history.attempt(self.name, "set", key, value)
+                reply = self._request(Set(self.client_id, i + 1, NS, 0, key,
+                                          json.dumps(value).encode()))
+                if reply is None:
+                    return
+                self.history.ack(self.name, "set", key, value, reply.seq)
+                self.acks.append((time.monotonic(), reply.seq, reply.term))
+        finally:
+            if self.sock is not None:
+                self.sock.close(linger=0)
+
+    def join(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+def acked_after(writers: list[Writer], t: float) -> int:
+    return sum(1 for w in writers for at, _, _ in list(w.acks) if at > t)
+
+
+def wait_progress(writers: list[Writer], n: int, timeout: float, what: str,
+                  group: Group | None = None) -> float:
+    """Wait until ``n`` more writes are acknowledged; returns when the first came."""
+    t0 = time.monotonic()
+    try:
+        wait_until(lambda: acked_after(writers, t0) >= n, timeout, 0.02, what)
+    except AssertionError:
+        extra = "" if group is None else f" roles {group.roles()}\n" + "\n".join(
+            f"--- {m.name}:\n{m.stderr()}" for m in group.members if m.proc)
+        raise AssertionError(f"timed out waiting for {what}; {extra}") from None
+    return min(at for w in writers for at, _, _ in list(w.acks) if at > t0)
+
+
+def fetch_log(address: str) -> tuple[str, list[Event]]:
+    """The namespace's complete log from the primary (Fetch from seq 1)."""
+    hello = call(address, Hello(b"checker"))
+    assert isinstance(hello, HelloReply), hello
+    events: list[Event] = []
+    while True:
+        r = call(address, Fetch(NS, hello.epoch, len(events) + 1, 1, 100_000), 5.0)
+        assert isinstance(r, FetchReply) and r.available, f"Fetch from {len(events) + 1}: {r}"
+        if not r.events:
+            return hello.epoch, events
+        events += r.events
+
+
+def offline_digests(group: Group) -> dict[str, tuple[int, str]]:
+    """Each member's durable state, recovered from its data dir (members stopped)."""
+    out = {}
+    for m in group.members:
+        assert not m.alive
+        core = BrokerCore(log=DurableLog(m.data_dir))
+        core.log.recover(core)
+        try:
+            d = core.digest(NS)
+            assert isinstance(d, DigestReply), d
+            out[m.name] = (d.seq, d.digest)
+        finally:
+            core.log.close()
+    return out
+
+
+def check_end(group: Group, history: History, writers: list[Writer]) -> None:
+    """Writers stopped: the history against the primary's log, then every member's durable
+    state equal to that log's."""
+    for w in writers:
+        w.join()
+    primary = group.wait_formed(30, sync=1)
+    # A last write through the primary settles every member at the same seq.
+    final = Writer("final", group.addresses(), history)
+    reply = final._request(Set(final.client_id, 1, NS, 0, "final", b"1"))
+    assert isinstance(reply, WriteOk)
+    history.attempt("final", "set", "final", 1)
+    history.ack("final", "set", "final", 1, reply.seq)
+    epoch, events = fetch_log(primary.address)
+    summary = history.check(events)
+    assert summary.acks > 0
+    want = replay_digest(NS, events)
+
+    def standbys_caught_up() -> bool:
+        for m in group.members:
+            s = m.stats(0.5) if m.alive else None
+            if s is None or s.get("group_lsn", -1) < 0:
+                return False
+        ps = primary.stats(0.5)
+        return ps is not None and ps.get("group_max_lag", 1) == 0 \
+            and ps["group_followers"] == len(group.members) - 1
+    wait_until(standbys_caught_up, 30, 0.05, "every standby to catch up")
+    group.stop_all()
+    digests = offline_digests(group)
+    assert digests == {m.name: want for m in group.members}, (digests, want)
+
+
+
+
+# ------------------------------------------------------------------------------ the tests
+
+
+@pytest.mark.timeout(120)
+def test_a_group_forms_with_one_primary_and_equal_state(group: Group) -> None:
+    primary = group.wait_formed()
+    roles = {m.name: m.stats() for m in group.members}
+    assert sum(s["group_primary"] for s in roles.values() if s) == 1, roles
+    hello = call(group.members[0].address, Hello(b"x"))
+    assert isinstance(hello, HelloReply)
+    assert hello.primary == primary.address and sorted(hello.members) == sorted(
+        group.addresses()) and hello.term >= 1
+    standby = next(m for m in group.members if m is not primary)
+    refused = call(standby.address, Set(b"c", 1, NS, 0, "k", b"1"))
+    assert isinstance(refused, NotPrimary) and refused.primary == primary.address
+    history = History()
+    writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(2)]
+    wait_progress(writers, 100, 30, "writes through the group", group)
+    assert all(term == hello.term for w in writers for _, _, term in w.acks)
+    check_end(group, history, writers)
