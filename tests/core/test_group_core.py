@@ -299,3 +299,30 @@ def test_chunks_cover_the_data() -> None:
     assert chunks(b"abcdefghij", 4) == [b"abcd", b"efgh", b"ij"]
     with pytest.raises(ValueError):
         chunks(b"x", 0)
+
+
+def test_a_paused_primary_can_commit_nothing_once_its_standby_moved_on() -> None:
+    """Two cores: P (term 1, sync {b}) pauses; b sees the leader key vanish, promises term 2
+    and campaigns. P's next turn is refused by b, so it never commits, and P steps down."""
+    p = primary("a", sync=("b",), term=1)
+    b = GroupCore("b", epoch="e" * 16)
+    b.on_config(GroupConfig(term=1, primary="a", sync_set=("b",)), 8)
+    b.on_leader("a")
+    assert b.check_install(1) is Verdict.APPLY
+    b.installed_at(0)
+    p.on_follow("b", 1, now=0.0)
+    p.on_ack("b", 1, 0, now=0.0)
+    first = p.appended(1)
+    assert b.check_append(1, first) is Verdict.APPLY
+    p.on_ack("b", 1, b.applied(1), now=0.1)
+    assert p.committed(1)
+    # P pauses; its lease expires; b campaigns for term 2 (promise first).
+    actions = b.on_leader(None)
+    assert actions[0] == PersistTerm(2) and isinstance(actions[1], Campaign)
+    # P resumes and ships its next turn: b refuses it, nothing of it commits.
+    first = p.appended(1)
+    assert b.check_append(1, first) is Verdict.REFUSE
+    assert not p.committed(2)
+    assert p.tick(0.2) == []  # nothing to remove yet: b acked recently
+    assert any(isinstance(a, BecomeStandby) for a in p.on_refuse(b.promised))
+    assert not p.committed(2) and not p.is_primary

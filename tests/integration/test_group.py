@@ -373,3 +373,178 @@ def test_a_group_forms_with_one_primary_and_equal_state(group: Group) -> None:
     wait_progress(writers, 100, 30, "writes through the group", group)
     assert all(term == hello.term for w in writers for _, _, term in w.acks)
     check_end(group, history, writers)
+
+
+def first_ack_of_term_above(writers: list[Writer], term: int) -> float | None:
+    times = [at for w in writers for at, _, t in list(w.acks) if t > term]
+    return min(times) if times else None
+
+
+def current_term(member: Member) -> int:
+    s = member.stats()
+    assert s is not None
+    return s["group_term"]
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_the_primary_under_writers_loses_no_acknowledged_write(
+        group: Group) -> None:
+    cycles = int(os.environ.get("SHAREDMEM_GROUP_CYCLES", "3"))
+    history = History()
+    writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(4)]
+    pauses = []
+    for _ in range(cycles):
+        primary = group.wait_formed(30)
+        term = current_term(primary)
+        wait_progress(writers, 50, 30, "writes before the kill", group)
+        killed_at = time.monotonic()
+        primary.kill()
+        # Writes resume under a new term on another member.
+        wait_until(lambda t=term: first_ack_of_term_above(writers, t) is not None,  # noqa: B023
+                   30, 0.02, "writes to resume after the primary was killed")
+        resumed = first_ack_of_term_above(writers, term)
+        assert resumed is not None
+        pauses.append(resumed - killed_at)
+        new = group.primary()
+        assert new is not None and new is not primary
+        primary.start()  # the old primary rejoins as a standby
+        assert group.wait_formed(30) is not primary
+    pauses.sort()
+    print(f"write pause after kill -9 of the primary (lease TTL {LEASE_TTL}s): "
+          f"p50 {pauses[len(pauses) // 2]:.2f}s max {pauses[-1]:.2f}s over {cycles} cycles")
+    check_end(group, history, writers)
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_of_a_standby_shrinks_the_sync_set_and_it_rejoins(
+        group: Group, etcd_cluster: Any) -> None:
+    from broker.coordination import EtcdCoordinator, GroupConfig, GroupKeys
+
+    primary = group.wait_formed(30)
+    etcd = EtcdCoordinator(etcd_cluster.endpoint_string)
+    keys = GroupKeys("g")
+    sizes: list[int] = []
+    stop_watch = threading.Event()
+
+    def sample() -> None:
+        while not stop_watch.is_set():
+            kv = etcd.get(keys.config).first
+            if kv is not None:
+                sizes.append(len(GroupConfig.decode(kv.value).sync_set))
+            stop_watch.wait(0.02)  # poll
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    history = History()
+    writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(2)]
+    try:
+        wait_progress(writers, 50, 30, "writes before the kill", group)
+        standby = next(m for m in group.members if m is not primary)
+        standby.kill()
+        wait_until(lambda: (primary.stats() or {}).get("group_sync_set") == 1, 30, 0.05,
+                   "the sync set to shrink to 1 via etcd")
+        wait_progress(writers, 50, 30, "writes to go on without the standby", group)
+        assert group.primary() is primary
+        standby.start()
+        wait_until(lambda: (primary.stats() or {}).get("group_sync_set") == 2, 30, 0.05,
+                   "the restarted standby to rejoin the sync set")
+        wait_until(lambda: (standby.stats() or {}).get("group_in_sync_set") == 1, 10, 0.05,
+                   "the standby to see itself in the sync set")
+        wait_progress(writers, 50, 30, "writes with the full sync set", group)
+    finally:
+        stop_watch.set()
+        sampler.join(5)
+        etcd.close()
+    assert 1 in sizes and 2 in sizes
+    assert min(sizes) >= 1, f"the sync set went below --min-sync 1: {sorted(set(sizes))}"
+    check_end(group, history, writers)
+
+
+@pytest.mark.timeout(240)
+def test_sigstop_of_the_primary_past_its_lease_hands_over_and_it_rejoins(
+        group: Group) -> None:
+    primary = group.wait_formed(30)
+    term = current_term(primary)
+    history = History()
+    writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(3)]
+    wait_progress(writers, 50, 30, "writes before the stop", group)
+    primary.signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    # A writer stuck with the old primary: its request waits in the stopped process.
+    stuck = Writer("stuck", [primary.address], history)
+    stuck_reply: list[Any] = []
+
+    def stuck_write() -> None:
+        stuck.history.attempt("stuck", "set", "stuck", 1)
+        s = zmq.Context.instance().socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(primary.address)
+        s.send(_requests.encode(Set(stuck.client_id, 1, NS, 0, "stuck", b"1")))
+        if s.poll(int((3 * LEASE_TTL + 8) * 1000)):
+            stuck_reply.append(_replies.decode(s.recv()))
+        s.close(linger=0)
+
+    t = threading.Thread(target=stuck_write, daemon=True)
+    t.start()
+    wait_until(lambda: first_ack_of_term_above(writers, term) is not None, 30, 0.02,
+               "a standby to take over while the primary is stopped")
+    new = group.primary()
+    assert new is not None and new is not primary
+    wait_until(lambda: time.monotonic() - stopped_at >= 3 * LEASE_TTL, 10, 0.05,
+               "3x the lease TTL")
+    wait_progress(writers, 30, 30, "writes under the new primary", group)
+    primary.signal(signal.SIGCONT)
+    t.join(3 * LEASE_TTL + 10)
+    print(f"the stopped primary's answer to a write sent while stopped: {stuck_reply}")
+    for reply in stuck_reply:
+        if isinstance(reply, WriteOk):
+            # Only a write the new term's log holds may be acknowledged (history checks it).
+            history.ack("stuck", "set", "stuck", 1, reply.seq)
+    formed = group.wait_formed(30)
+    assert formed is new, "the old primary must rejoin as a standby"
+    old_stats = primary.stats()
+    assert old_stats is not None and old_stats["group_primary"] == 0
+    assert old_stats["group_steps_down"] >= 1
+    wait_progress(writers, 30, 30, "writes after the old primary rejoined", group)
+    check_end(group, history, writers)
+
+
+@pytest.mark.timeout(240)
+def test_all_members_killed_at_once_restart_with_every_acknowledged_write(
+        group: Group) -> None:
+    group.wait_formed(30)
+    history = History()
+    writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(3)]
+    wait_progress(writers, 100, 30, "writes before the crash", group)
+    for m in group.members:
+        m.signal(signal.SIGKILL)
+    for m in group.members:
+        m.kill()  # reaps it
+    for w in writers:
+        w.join()
+    acked = [(a.key, a.value, a.version) for a in history.acks]
+    assert acked
+    for m in group.members:
+        m.start()
+    primary = group.wait_formed(30)
+    writers2 = [Writer(f"v{i}", group.addresses(), history).start() for i in range(2)]
+    wait_progress(writers2, 30, 30, "writes after the restart", group)
+    for w in writers2:
+        w.join()
+    wait_until(lambda: (primary.stats() or {}).get("group_max_lag", 1) == 0, 30, 0.05,
+               "standbys to catch up")
+    group.stop_all()
+    digests = offline_digests(group)
+    assert len(set(digests.values())) == 1, digests
+    for m in group.members:
+        core = BrokerCore(log=DurableLog(m.data_dir))
+        core.log.recover(core)
+        try:
+            state = core.namespaces[NS]
+            for key, value, version in acked:
+                entry = state.entries.get(key)
+                assert entry is not None, f"{m.name} lost acknowledged {key!r}"
+                assert json.loads(entry.value) == value and entry.version == version, (
+                    m.name, key, entry)
+        finally:
+            core.log.close()
