@@ -101,6 +101,10 @@ def group_shell(args: argparse.Namespace, broker: Broker) -> GroupShell:
         raise ValueError("--group requires --data-dir (a member's log must be durable)")
     if not args.etcd:
         raise ValueError("--group requires --etcd http://HOST:2379[,...]")
+    if args.fsync != "always":
+        # WriteOk means "on the disk of the primary and of the sync set"; and a crash under a
+        # laxer policy makes recovery start a new epoch, which a group cannot mix.
+        raise ValueError(f"--group requires --fsync always, got {args.fsync!r}")
     from broker.coordination import check_name, parse_endpoints
     from broker.group_shell import GroupSettings, GroupShell
 
@@ -110,10 +114,15 @@ def group_shell(args: argparse.Namespace, broker: Broker) -> GroupShell:
         group=check_name("group", args.group), member=check_name("member", member),
         etcd=parse_endpoints(args.etcd), lease_ttl=args.lease_ttl, min_sync=args.min_sync,
         repl_bind=args.repl_bind)
-    if settings.repl_bind is None:
-        from broker.group_shell import default_repl_endpoint
+    from broker.group_shell import default_repl_endpoint
+    from broker.security import is_loopback_endpoint
 
-        default_repl_endpoint(bind)  # raises for a bind without a fixed tcp port
+    repl = settings.repl_bind or default_repl_endpoint(bind)  # raises without a fixed port
+    if not is_loopback_endpoint(repl) and not args.insecure:
+        # CLUSTER.md 4b (member keys on the link) is not built yet: the link is plain.
+        raise ValueError(f"refusing a replication endpoint {repl} off loopback: the link "
+                         "between members has no CURVE yet; use --insecure to accept that "
+                         "anyone who reaches it can read the whole state")
     return GroupShell(settings, broker)
 
 

@@ -147,6 +147,7 @@ class GroupShell:
         self._dealer_target: tuple[str, int] | None = None  # (primary, term) connected to
         self._want_follow: tuple[str, int] | None = None
         self._last_follow = 0.0
+        self._last_heard = 0.0  # standby: when the followed primary last sent anything
         self._install_parts: list[bytes] = []
         self._install_key: tuple[int, int] | None = None
         self._next_link_beat = 0.0
@@ -451,9 +452,17 @@ class GroupShell:
                 self._next_link_beat = now + min(0.25, g.ack_timeout / 4)
                 self._ship(Append(g.term, g.lsn + 1, []))
             self._do(g.tick(now))
-        elif (self._want_follow is not None and not g.installed
-              and now - self._last_follow >= FOLLOW_RETRY):
-            self._follow(now)
+        elif self._want_follow is not None:
+            if g.installed and now - self._last_heard > g.ack_timeout:
+                # The primary beats every ack_timeout/4: silence means the link broke (or this
+                # process was paused) and the primary has dropped this follower.
+                log.warning("no word from the primary for %.1fs: following again",
+                            now - self._last_heard)
+                g.installed = False
+                self._follow(now)
+            elif not g.installed and now - max(self._last_follow, self._last_heard) \
+                    >= FOLLOW_RETRY:  # install chunks arriving count as progress
+                self._follow(now)
 
     # ------------------------------------------------------------------ standby side
 
@@ -513,6 +522,7 @@ class GroupShell:
                 body = dealer.recv(_NOBLOCK)
             except zmq.Again:
                 return
+            self._last_heard = now
             try:
                 msg = self.codec.decode(body)
             except ProtocolError as exc:
@@ -555,6 +565,7 @@ class GroupShell:
             return
         self.g.epoch = self.broker.core.epoch
         self.g.installed_at(msg.lsn)
+        self._last_heard = time.monotonic()
         self._reply(Ack(self.member, msg.term, msg.lsn))
 
     def _on_append(self, msg: Append, now: float) -> None:

@@ -8,6 +8,7 @@ durable state (its data dir recovered offline after a clean stop).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -46,8 +47,6 @@ from tests.history import History, replay_digest
 NS = "grp"
 LEASE_TTL = 1
 REQUEST_TIMEOUT = 0.5  # a client rotates to the next member after this long
-
-pytestmark = pytest.mark.slow
 
 _requests = request_codec()
 _replies = reply_codec()
@@ -177,12 +176,10 @@ class Group:
             m.stop()
 
 
-@pytest.fixture
-def group(tmp_path: Path, etcd_cluster: Any) -> Iterator[Group]:
-    members = []
-    for i in range(3):
-        members.append(Member(f"m{i}", free_port_triple(), tmp_path / f"m{i}",
-                              etcd_cluster.endpoint_string))
+@contextlib.contextmanager
+def running_group(tmp_path: Path, etcd: Any, min_sync: int = 1) -> Iterator[Group]:
+    members = [Member(f"m{i}", free_port_triple(), tmp_path / f"m{i}",
+                      etcd.endpoint_string, min_sync) for i in range(3)]
     g = Group(members)
     try:
         for m in members:
@@ -198,6 +195,12 @@ def group(tmp_path: Path, etcd_cluster: Any) -> Iterator[Group]:
         g.stop_all()
 
 
+@pytest.fixture
+def group(tmp_path: Path, etcd_cluster: Any) -> Iterator[Group]:
+    with running_group(tmp_path, etcd_cluster) as g:
+        yield g
+
+
 class Writer:
     """A raw REQ client writing unique keys to the group: it follows NotPrimary, rotates to the
     next member on a timeout, and resends with the same (client_id, request_no)."""
@@ -209,6 +212,7 @@ class Writer:
         self.acks: list[tuple[float, int, int]] = []  # (time, seq, term)
         self.stop = threading.Event()
         self.errors: list[str] = []
+        self.timeouts = 0
         self.ctx = zmq.Context.instance()
         self.sock: zmq.Socket | None = None
         self.thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
@@ -232,6 +236,7 @@ class Writer:
             assert self.sock is not None
             self.sock.send(_requests.encode(request))
             if not self.sock.poll(int(REQUEST_TIMEOUT * 1000)):
+                self.timeouts += 1
                 self.index = (self.index + 1) % len(self.addresses)
                 address = self.addresses[self.index]
                 continue
@@ -356,6 +361,7 @@ def check_end(group: Group, history: History, writers: list[Writer]) -> None:
 # ------------------------------------------------------------------------------ the tests
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_group_forms_with_one_primary_and_equal_state(group: Group) -> None:
     primary = group.wait_formed()
@@ -386,6 +392,7 @@ def current_term(member: Member) -> int:
     return s["group_term"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kill_9_of_the_primary_under_writers_loses_no_acknowledged_write(
         group: Group) -> None:
@@ -415,6 +422,7 @@ def test_kill_9_of_the_primary_under_writers_loses_no_acknowledged_write(
     check_end(group, history, writers)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_kill_9_of_a_standby_shrinks_the_sync_set_and_it_rejoins(
         group: Group, etcd_cluster: Any) -> None:
@@ -460,6 +468,7 @@ def test_kill_9_of_a_standby_shrinks_the_sync_set_and_it_rejoins(
     check_end(group, history, writers)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigstop_of_the_primary_past_its_lease_hands_over_and_it_rejoins(
         group: Group) -> None:
@@ -509,6 +518,7 @@ def test_sigstop_of_the_primary_past_its_lease_hands_over_and_it_rejoins(
     check_end(group, history, writers)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_all_members_killed_at_once_restart_with_every_acknowledged_write(
         group: Group) -> None:
@@ -548,3 +558,142 @@ def test_all_members_killed_at_once_restart_with_every_acknowledged_write(
                     m.name, key, entry)
         finally:
             core.log.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--group", "g", "--etcd", "http://127.0.0.1:1"], "--group requires --data-dir"),
+    (["--group", "g", "--data-dir", "{dir}"], "--group requires --etcd"),
+    (["--member", "m1"], "--member need --group"),
+    (["--etcd", "http://127.0.0.1:1"], "--etcd need --group"),
+    (["--group", "a/b", "--data-dir", "{dir}", "--etcd", "http://127.0.0.1:1"],
+     "invalid group name"),
+    (["--group", "g", "--data-dir", "{dir}", "--etcd", "localhost:2379"],
+     "invalid etcd endpoint"),
+    (["--group", "g", "--data-dir", "{dir}", "--etcd", "http://127.0.0.1:1", "--fsync", "no"],
+     "--group requires --fsync always"),
+    (["--group", "g", "--data-dir", "{dir}", "--etcd", "http://127.0.0.1:1", "--lease-ttl",
+      "0"], "--lease-ttl must be >= 1"),
+    (["--group", "g", "--data-dir", "{dir}", "--etcd", "http://127.0.0.1:1", "--repl-bind",
+      "tcp://10.1.2.3:7402"], "off loopback"),
+])
+def test_group_flags_are_checked(tmp_path: Path, args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, child_env
+
+    argv = [a.replace("{dir}", str(tmp_path / "d")) for a in args]
+    r = subprocess.run([sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:1", *argv],
+                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert message in r.stderr, r.stderr
+
+
+class SyncSetSampler:
+    """Reads the config's sync set from etcd every 20 ms (on a thread), to show it never went
+    below --min-sync."""
+
+    def __init__(self, etcd: Any) -> None:
+        from broker.coordination import EtcdCoordinator, GroupKeys
+
+        self.etcd = EtcdCoordinator(etcd.endpoint_string, deadline=1.0)
+        self.key = GroupKeys("g").config
+        self.sizes: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from broker.coordination import CoordinationError, GroupConfig
+
+        while not self.stop.is_set():
+            try:
+                kv = self.etcd.get(self.key).first
+            except CoordinationError:
+                kv = None
+            if kv is not None:
+                self.sizes.append(len(GroupConfig.decode(kv.value).sync_set))
+            self.stop.wait(0.02)  # poll
+
+    def __enter__(self) -> SyncSetSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.etcd.close()
+
+
+def timeouts(writers: list[Writer]) -> int:
+    return min(w.timeouts for w in writers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_min_sync_2_never_acknowledges_with_fewer_standbys(
+        tmp_path: Path, etcd_cluster: Any) -> None:
+    with running_group(tmp_path, etcd_cluster, min_sync=2) as group:
+        primary = group.wait_formed(30)  # the sync set grew 0 -> 1 -> 2 (no commit before)
+        sampler = SyncSetSampler(etcd_cluster).__enter__()
+        history = History()
+        writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(2)]
+        wait_progress(writers, 50, 30, "writes before the kill", group)
+        standby = next(m for m in group.members if m is not primary)
+        standby.kill()
+        # Every writer times out twice (its write waits for an ack that cannot come) ...
+        t0 = timeouts(writers)
+        wait_until(lambda: timeouts(writers) >= t0 + 2, 30, 0.05, "writers to time out")
+        before = sum(len(w.acks) for w in writers)
+        t1 = timeouts(writers)
+        wait_until(lambda: timeouts(writers) >= t1 + 3, 30, 0.05, "writers to time out again")
+        # ... and meanwhile nothing was acknowledged with one standby.
+        assert sum(len(w.acks) for w in writers) == before
+        # The primary's loop waits for the ack (it answers no Stats now); etcd says the rest.
+        assert sampler.sizes and sampler.sizes[-1] == 2
+        standby.start()
+        wait_progress(writers, 50, 30, "writes after the standby came back", group)
+        sampler.__exit__()
+        assert min(sampler.sizes) >= 2, sorted(set(sampler.sizes))
+        check_end(group, history, writers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigstop_of_a_standby_shrinks_the_sync_set_and_writes_go_on(
+        group: Group, etcd_cluster: Any) -> None:
+    primary = group.wait_formed(30)
+    history = History()
+    writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(2)]
+    with SyncSetSampler(etcd_cluster) as sampler:
+        wait_progress(writers, 50, 30, "writes before the stop", group)
+        standby = next(m for m in group.members if m is not primary)
+        standby.signal(signal.SIGSTOP)
+        wait_until(lambda: (primary.stats() or {}).get("group_sync_set") == 1, 30, 0.05,
+                   "the sync set to shrink")
+        wait_progress(writers, 50, 30, "writes with the standby stopped", group)
+        standby.signal(signal.SIGCONT)
+        wait_until(lambda: (primary.stats() or {}).get("group_sync_set") == 2, 30, 0.05,
+                   "the resumed standby to rejoin the sync set")
+        wait_progress(writers, 30, 30, "writes after it rejoined", group)
+    assert min(sampler.sizes) >= 1
+    check_end(group, history, writers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_writes_go_on_through_the_loss_of_the_etcd_leader_and_of_all_etcd(
+        group: Group, etcd_cluster: Any) -> None:
+    primary = group.wait_formed(30)
+    history = History()
+    writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(2)]
+    wait_progress(writers, 50, 30, "writes before etcd faults", group)
+    etcd_cluster.kill(etcd_cluster.leader())
+    wait_progress(writers, 50, 30, "writes after kill -9 of the etcd leader", group)
+    for m in etcd_cluster.alive_members():
+        etcd_cluster.kill(m)
+    wait_progress(writers, 100, 30, "writes with every etcd member down", group)
+    assert group.primary() is primary, "no failover can happen without etcd"
+    for w in writers:
+        w.join()
+    epoch, events = fetch_log(primary.address)
+    history.check(events)
