@@ -288,7 +288,6 @@ class GroupShell:
             # Shipped already: a standby may hold what the refusals would deny. Answer nothing
             # and hand the term on (the writers' retries find the outcome).
             self._do(g.step_down("the local log flush failed after the turn was shipped"))
-            self._outbox.put(("revoke",))
             return False
         return self._wait_commit(g.lsn)
 
@@ -337,7 +336,9 @@ class GroupShell:
                 self.steps_down += 1
                 log.warning("member %s steps down from term %d: %s", self.member, self.g.term,
                             a.reason)
-                self._outbox.put(("member",))
+                # Give the leader key up at once (if the lease still exists), so the eligible
+                # members campaign now instead of after the TTL; a new lease follows.
+                self._outbox.put(("revoke",))
             elif isinstance(a, FollowPrimary):
                 self._want_follow = (a.primary, a.term)
                 self._install_key, self._install_parts = None, []
@@ -417,7 +418,10 @@ class GroupShell:
                                                                           now):
                     self._install(msg.member)
             elif t is Refuse:
-                self._do(self.g.on_refuse(msg.term))
+                # Only from a follower's link: a stray peer must not end the term (without
+                # CURVE on the link this is a guard against mistakes, not an attacker).
+                if identity.decode(errors="replace") in self.g.followers:
+                    self._do(self.g.on_refuse(msg.term))
             else:
                 log.warning("replication: unexpected %s from a follower", t.__name__)
 

@@ -701,3 +701,36 @@ def test_writes_go_on_through_the_loss_of_the_etcd_leader_and_of_all_etcd(
         w.join()
     epoch, events = fetch_log(primary.address)
     history.check(events)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_garbage_and_stray_messages_on_the_replication_link_change_nothing(
+        group: Group) -> None:
+    from broker.records import NamespaceRecord
+    from broker.replication import Ack, Append, Follow, Refuse, ReplCodec
+
+    primary = group.wait_formed(30)
+    term = current_term(primary)
+    codec = ReplCodec()
+    ctx = zmq.Context.instance()
+    for m in group.members:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, b"intruder")
+        s.connect(f"tcp://127.0.0.1:{m.port + 2}")
+        for frames in ([b"\xff\x00garbage"], [b"a", b"b", b"c"], [b""],
+                       [codec.encode(Refuse(term + 100, "intruder"))],
+                       [codec.encode(Ack("m1", term, 10**9))],
+                       [codec.encode(Follow("m1", term))],  # identity is not m1's
+                       [codec.encode(Append(term + 100, 1, [NamespaceRecord("evil", 0)]))]):
+            s.send_multipart(frames)
+        s.close(linger=100)
+    history = History()
+    writers = [Writer("w0", group.addresses(), history).start()]
+    wait_progress(writers, 30, 30, "writes after the garbage", group)
+    assert group.primary() is primary and current_term(primary) == term
+    for m in group.members:
+        s = m.stats()
+        assert s is not None and s["group_steps_down"] == 0, (m.name, s)
+    check_end(group, history, writers)
