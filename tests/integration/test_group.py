@@ -378,11 +378,61 @@ def test_a_group_forms_with_one_primary_and_equal_state(group: Group) -> None:
     standby = next(m for m in group.members if m is not primary)
     refused = call(standby.address, Set(b"c", 1, NS, 0, "k", b"1"))
     assert isinstance(refused, NotPrimary) and refused.primary == primary.address
+    stream = StreamRecorder(primary)
     history = History()
     writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(2)]
     wait_progress(writers, 100, 30, "writes through the group", group)
     assert all(term == hello.term for w in writers for _, _, term in w.acks)
+    wait_until(lambda: stream.batches() and stream.heartbeats(), 10, 0.02,
+               "batches and heartbeats from the primary")
+    stream.close()
+    assert {m.term for m in stream.messages} == {hello.term}
     check_end(group, history, writers)
+
+
+class StreamRecorder:
+    """A SUB on one member's event endpoint recording every batch and heartbeat (thread)."""
+
+    def __init__(self, member: Member) -> None:
+        from broker.protocol import published_codec, topic_for
+
+        self.codec = published_codec()
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic_for(NS))
+        self.sock.connect(f"tcp://127.0.0.1:{member.port + 1}")
+        self.messages: list[Any] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if self.sock.poll(50):
+                _, body = self.sock.recv_multipart()
+                self.messages.append(self.codec.decode(body))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close(linger=0)
+
+    def batches(self) -> list[Any]:
+        return [m for m in list(self.messages) if type(m).__name__ == "EventBatch"]
+
+    def heartbeats(self) -> list[Any]:
+        return [m for m in list(self.messages) if type(m).__name__ == "Heartbeat"]
+
+
+def check_published_against_log(batches: list[Any], events: list[Event]) -> int:
+    """Every published event is the log's event at its seq: nothing uncommitted went out."""
+    n = 0
+    for batch in batches:
+        for e in batch.events:
+            assert e.seq <= len(events) and events[e.seq - 1] == e, (
+                f"published {e} is not the final log's event at seq {e.seq}")
+            n += 1
+    return n
 
 
 def first_ack_of_term_above(writers: list[Writer], term: int) -> float | None:
@@ -479,6 +529,7 @@ def test_sigstop_of_the_primary_past_its_lease_hands_over_and_it_rejoins(
     primary = group.wait_formed(30)
     term = current_term(primary)
     history = History()
+    stream = StreamRecorder(primary)  # everything the old primary ever publishes
     writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(3)]
     wait_progress(writers, 50, 30, "writes before the stop", group)
     primary.signal(signal.SIGSTOP)
@@ -519,6 +570,10 @@ def test_sigstop_of_the_primary_past_its_lease_hands_over_and_it_rejoins(
     assert old_stats is not None and old_stats["group_primary"] == 0
     assert old_stats["group_steps_down"] >= 1
     wait_progress(writers, 30, 30, "writes after the old primary rejoined", group)
+    stream.close()
+    epoch, events = fetch_log(formed.address)
+    assert check_published_against_log(stream.batches(), events) > 0
+    assert {b.term for b in stream.batches()} == {term}
     check_end(group, history, writers)
 
 
