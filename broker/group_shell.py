@@ -29,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,7 @@ from broker.coordination import (
     GroupConfig,
     GroupKeys,
     InvalidGroupValue,
+    KeyValue,
     Lease,
     LeaseLost,
     MemberRecord,
@@ -696,18 +697,16 @@ class GroupShell:
                         [Put(keys.leader, self.member.encode(), lease),
                          Put(keys.config, action.config.encode())])
                     if not result.succeeded:
-                        leader = result.current.get(keys.leader)
-                        config = result.current.get(keys.config)
-                        if leader is not None:
-                            self._inbox.put(("leader", leader.value.decode()))
-                        if config is not None:
-                            self._inbox.put(("config", GroupConfig.decode(config.value),
-                                             config.mod_revision))
+                        self._report_current(result.current)
                     self._inbox.put(("campaign", result.succeeded, result.revision))
                 elif isinstance(action, ChangeConfig):
                     result = etcd.compare_and_swap(
                         keys.config, action.config.encode(), action.revision,
                         require=ValueIs(keys.leader, self.member.encode()))
+                    if not result.succeeded:
+                        # What it lost to, so the next proposal is not made on a stale
+                        # revision (or the primary learns its leader key is gone).
+                        self._report_current(result.current)
                     self._inbox.put(("changed", result.succeeded, result.revision))
                 elif action == ("member",):
                     with self._lease_lock:
@@ -725,6 +724,17 @@ class GroupShell:
                     self._inbox.put(("campaign", False, 0))
                 elif isinstance(action, ChangeConfig):
                     self._inbox.put(("changed", False, 0))
+
+
+    def _report_current(self, current: Mapping[str, KeyValue | None]) -> None:
+        """A failed transaction's read-back of the leader and config keys, to the loop."""
+        keys = self.keys
+        if keys.leader in current:
+            leader = current[keys.leader]
+            self._inbox.put(("leader", None if leader is None else leader.value.decode()))
+        config = current.get(keys.config)
+        if config is not None:
+            self._inbox.put(("config", GroupConfig.decode(config.value), config.mod_revision))
 
 
 def read_term(data_dir: Path) -> int:
