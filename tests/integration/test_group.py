@@ -96,6 +96,7 @@ class Member:
     data_dir: Path
     etcd: str
     min_sync: int = 1
+    extra: tuple[str, ...] = ()
     proc: BrokerProcess | None = None
 
     @property
@@ -106,7 +107,7 @@ class Member:
         self.proc = BrokerProcess(self.port, (
             "--data-dir", str(self.data_dir), "--group", "g", "--member", self.name,
             "--etcd", self.etcd, "--lease-ttl", str(LEASE_TTL),
-            "--min-sync", str(self.min_sync))).start()
+            "--min-sync", str(self.min_sync), *self.extra)).start()
         return self
 
     @property
@@ -181,9 +182,10 @@ class Group:
 
 
 @contextlib.contextmanager
-def running_group(tmp_path: Path, etcd: Any, min_sync: int = 1) -> Iterator[Group]:
+def running_group(tmp_path: Path, etcd: Any, min_sync: int = 1,
+                  extra: tuple[str, ...] = ()) -> Iterator[Group]:
     members = [Member(f"m{i}", free_port_triple(), tmp_path / f"m{i}",
-                      etcd.endpoint_string, min_sync) for i in range(3)]
+                      etcd.endpoint_string, min_sync, extra) for i in range(3)]
     g = Group(members)
     try:
         for m in members:
@@ -200,8 +202,9 @@ def running_group(tmp_path: Path, etcd: Any, min_sync: int = 1) -> Iterator[Grou
 
 
 @pytest.fixture
-def group(tmp_path: Path, etcd_cluster: Any) -> Iterator[Group]:
-    with running_group(tmp_path, etcd_cluster) as g:
+def group(tmp_path: Path, etcd_cluster: Any, request: pytest.FixtureRequest) -> Iterator[Group]:
+    extra = getattr(request, "param", ())
+    with running_group(tmp_path, etcd_cluster, extra=extra) as g:
         yield g
 
 
@@ -448,6 +451,8 @@ def current_term(member: Member) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("group", [(), ("--compact-bytes", "20000")], indirect=True,
+                         ids=["plain", "compacting"])
 def test_kill_9_of_the_primary_under_writers_loses_no_acknowledged_write(
         group: Group) -> None:
     cycles = int(os.environ.get("SHAREDMEM_GROUP_CYCLES", "3"))
@@ -473,6 +478,9 @@ def test_kill_9_of_the_primary_under_writers_loses_no_acknowledged_write(
     pauses.sort()
     print(f"write pause after kill -9 of the primary (lease TTL {LEASE_TTL}s): "
           f"p50 {pauses[len(pauses) // 2]:.2f}s max {pauses[-1]:.2f}s over {cycles} cycles")
+    if "--compact-bytes" in group.members[0].extra:
+        compactions = {m.name: (m.stats() or {}).get("compactions", 0) for m in group.members}
+        assert sum(compactions.values()) > 0, compactions
     check_end(group, history, writers)
 
 
