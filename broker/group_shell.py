@@ -88,7 +88,9 @@ log = logging.getLogger("sharedmem.broker.group")
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
-FOLLOW_RETRY = 1.0  # seconds before a standby not yet installed sends Follow again
+FOLLOW_RETRY = 1.0  # seconds of silence before a standby not yet installed sends Follow again
+# (a Follow can reach the new primary before it has learnt it won: then it is ignored)
+INSTALL_GRACE = 2 * FOLLOW_RETRY  # a repeated Follow this soon after an Install is not one more
 REPL_HWM = 100_000  # messages queued per follower before it counts as gone
 
 
@@ -149,6 +151,7 @@ class GroupShell:
         self._want_follow: tuple[str, int] | None = None
         self._last_follow = 0.0
         self._last_heard = 0.0  # standby: when the followed primary last sent anything
+        self._installs: dict[str, float] = {}  # primary: when each follower's Install went
         self._install_parts: list[bytes] = []
         self._install_key: tuple[int, int] | None = None
         self._next_link_beat = 0.0
@@ -415,8 +418,15 @@ class GroupShell:
                 if identity == msg.member.encode():
                     self._do(self.g.on_ack(msg.member, msg.term, msg.lsn, now))
             elif t is Follow:
-                if identity == msg.member.encode() and self.g.on_follow(msg.member, msg.term,
-                                                                          now):
+                if identity != msg.member.encode():
+                    continue
+                sent = self._installs.get(msg.member)
+                f = self.g.followers.get(msg.member)
+                if sent is not None and now - sent < INSTALL_GRACE and f is not None \
+                        and not f.installed:
+                    continue  # its Install is on the way: a full state is costly to rebuild
+                if self.g.on_follow(msg.member, msg.term, now):
+                    self._installs[msg.member] = now
                     self._install(msg.member)
             elif t is Refuse:
                 # Only from a follower's link: a stray peer must not end the term (without
