@@ -797,3 +797,48 @@ def test_garbage_and_stray_messages_on_the_replication_link_change_nothing(
         s = m.stats()
         assert s is not None and s["group_steps_down"] == 0, (m.name, s)
     check_end(group, history, writers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_former_primarys_unacknowledged_tail_is_replaced_when_it_rejoins(
+        group: Group, tmp_path: Path) -> None:
+    import shutil
+
+    primary = group.wait_formed(30)
+    standbys = [m for m in group.members if m is not primary]
+    history = History()
+    writers = [Writer("w0", group.addresses(), history).start()]
+    wait_progress(writers, 30, 30, "writes before the fault", group)
+    writers[0].join()
+    for m in standbys:
+        m.signal(signal.SIGSTOP)
+    # A write only the primary gets: appended and fsynced there, never acknowledged.
+    tail = Writer("tail", [primary.address], history)
+    request = Set(tail.client_id, 1, NS, 0, "tail", json.dumps({"t": 1}).encode())
+    history.attempt("tail", "set", "tail", {"t": 1})
+    assert call(primary.address, request, timeout=1.0) is None, "acknowledged without acks"
+    primary.kill()
+    copy = tmp_path / "old-primary-copy"
+    shutil.copytree(primary.data_dir, copy)
+    core = BrokerCore(log=DurableLog(copy))
+    core.log.recover(core)
+    try:
+        assert "tail" in core.namespaces[NS].entries, "the old primary must hold the tail"
+    finally:
+        core.log.close()
+    for m in standbys:
+        m.signal(signal.SIGCONT)
+    # The writer's retry (same ids) goes to whoever leads now and is applied once.
+    retry = Writer("tail", group.addresses(), history)
+    retry.client_id = tail.client_id
+    reply = retry._request(request)
+    assert isinstance(reply, WriteOk)
+    history.ack("tail", "set", "tail", {"t": 1}, reply.seq)
+    new = group.primary()
+    assert new is not None and new is not primary
+    primary.start()  # rejoins: its tail is replaced by the new primary's state
+    assert group.wait_formed(30) is new
+    more = [Writer("w1", group.addresses(), history).start()]
+    wait_progress(more, 20, 30, "writes after the rejoin", group)
+    check_end(group, history, more)
