@@ -152,6 +152,7 @@ class GroupShell:
         self._last_follow = 0.0
         self._last_heard = 0.0  # standby: when the followed primary last sent anything
         self._installs: dict[str, float] = {}  # primary: when each follower's Install went
+        self._primary_lsn = 0  # standby: the primary's lsn as its last Append showed it
         self._install_parts: list[bytes] = []
         self._install_key: tuple[int, int] | None = None
         self._next_link_beat = 0.0
@@ -267,6 +268,9 @@ class GroupShell:
         if g.is_primary:
             counters["group_max_lag"] = max(
                 (g.lsn - max(f.acked, 0) for f in g.followers.values()), default=0)
+        else:
+            # Records behind the followed primary, as its last Append showed (-1: unknown).
+            counters["group_lag"] = max(0, self._primary_lsn - g.lsn) if g.installed else -1
         return counters
 
     def on_poll(self, ready: dict[Any, int], now: float) -> None:
@@ -345,6 +349,7 @@ class GroupShell:
                 self._outbox.put(("revoke",))
             elif isinstance(a, FollowPrimary):
                 self._want_follow = (a.primary, a.term)
+                self._primary_lsn = 0
                 self._install_key, self._install_parts = None, []
                 self._follow(time.monotonic())
 
@@ -500,7 +505,12 @@ class GroupShell:
             dealer.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
             dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-            dealer.connect(record.endpoints[2])
+            try:
+                dealer.connect(record.endpoints[2])
+            except zmq.ZMQError as exc:  # a member record is data from etcd: never trusted
+                dealer.close(linger=0)
+                log.warning("cannot follow %s at %r: %s", primary, record.endpoints[2], exc)
+                return
             self._dealer, self._dealer_target = dealer, target
             if self._poller is not None:
                 self._poller.register(dealer, zmq.POLLIN)
@@ -586,6 +596,8 @@ class GroupShell:
     def _on_append(self, msg: Append, now: float) -> None:
         g = self.g
         verdict = g.check_append(msg.term, msg.first_lsn)
+        if msg.term == g.term:
+            self._primary_lsn = max(self._primary_lsn, msg.first_lsn + len(msg.records) - 1)
         if verdict is Verdict.REFUSE:
             self._refuse()
             return

@@ -352,7 +352,7 @@ def check_end(group: Group, history: History, writers: list[Writer]) -> None:
     def standbys_caught_up() -> bool:
         for m in group.members:
             s = m.stats(0.5) if m.alive else None
-            if s is None or s.get("group_lsn", -1) < 0:
+            if s is None or (m is not primary and s.get("group_lag") != 0):
                 return False
         ps = primary.stats(0.5)
         return ps is not None and ps.get("group_max_lag", 1) == 0 \
