@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from broker.server import Broker, BrokerConfig
 from broker.validation import scheme_hint
@@ -46,6 +47,9 @@ def _endpoint(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} has no scheme: an endpoint is "
                                          f"tcp://HOST:PORT (or ipc://PATH){scheme_hint(text)}")
     return text
+
+if TYPE_CHECKING:
+    from broker.group_shell import GroupShell
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +90,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "permissions (docs/security.md); enables authentication")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --bind without --config (no authentication!)")
+    g = p.add_argument_group("broker group (docs/groups.md); needs --data-dir and --etcd")
+    g.add_argument("--group", metavar="NAME", help="run as a member of this broker group")
+    g.add_argument("--member", metavar="NAME",
+                   help="this member's name in the group (default: HOST:PORT of the first "
+                        "--bind)")
+    g.add_argument("--etcd", metavar="URLS",
+                   help="etcd endpoints, http://H:2379[,http://H2:2379,...]")
+    g.add_argument("--lease-ttl", type=int, default=2, metavar="SECONDS",
+                   help="TTL of the leader lease (default 2): how fast a failover starts")
+    g.add_argument("--min-sync", type=int, default=1, metavar="K",
+                   help="never acknowledge with fewer than K standbys in the sync set "
+                        "(default 1)")
+    g.add_argument("--repl-bind", metavar="ENDPOINT",
+                   help="replication endpoint (default: the first --bind's port + 2)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])
@@ -124,6 +142,38 @@ def keygen_main(argv: list[str]) -> int:
     public, secret = keygen(args.dir, args.name)
     print(f"public key: {public}\nsecret key: {secret} (mode 600; never share it)")
     return 0
+
+
+def group_shell(args: argparse.Namespace, broker: Broker) -> GroupShell:
+    """The GroupShell of ``--group`` (imported only then: etcd stays off the single path).
+    Raises ValueError saying which option is wrong."""
+    if not args.data_dir:
+        raise ValueError("--group requires --data-dir (a member's log must be durable)")
+    if not args.etcd:
+        raise ValueError("--group requires --etcd http://HOST:2379[,...]")
+    if args.fsync != "always":
+        # WriteOk means "on the disk of the primary and of the sync set"; and a crash under a
+        # laxer policy makes recovery start a new epoch, which a group cannot mix.
+        raise ValueError(f"--group requires --fsync always, got {args.fsync!r}")
+    from broker.coordination import check_name, parse_endpoints
+    from broker.group_shell import GroupSettings, GroupShell
+
+    bind = broker.config.bind[0]
+    member = args.member or bind.removeprefix("tcp://")
+    settings = GroupSettings(
+        group=check_name("group", args.group), member=check_name("member", member),
+        etcd=parse_endpoints(args.etcd), lease_ttl=args.lease_ttl, min_sync=args.min_sync,
+        repl_bind=args.repl_bind)
+    from broker.group_shell import default_repl_endpoint
+    from broker.security import is_loopback_endpoint
+
+    repl = settings.repl_bind or default_repl_endpoint(bind)  # raises without a fixed port
+    if not is_loopback_endpoint(repl) and not args.insecure:
+        # CLUSTER.md 4b (member keys on the link) is not built yet: the link is plain.
+        raise ValueError(f"refusing a replication endpoint {repl} off loopback: the link "
+                         "between members has no CURVE yet; use --insecure to accept that "
+                         "anyone who reaches it can read the whole state")
+    return GroupShell(settings, broker)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +228,18 @@ def main(argv: list[str] | None = None) -> int:
             "no --data-dir: this broker keeps everything in memory; every namespace and key is "
             "LOST when it stops or restarts (nodes then meet a new epoch). Pass --data-dir DIR "
             "for a durable log (scripts/broker does)")
+    group_flags = [f for f, v in (("--member", args.member), ("--etcd", args.etcd),
+                                  ("--repl-bind", args.repl_bind)) if v is not None]
+    if args.group is None and group_flags:
+        print(f"broker: {', '.join(group_flags)} need --group", file=sys.stderr)
+        return 2
     broker = Broker(config)
+    if args.group is not None:
+        try:
+            broker.group = group_shell(args, broker)
+        except ValueError as exc:
+            print(f"broker: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -191,9 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - report bind errors plainly
         print(f"broker: cannot start: {exc}", file=sys.stderr)
         return 1
+    group = broker.group
+    extra = "" if group is None else f" group={args.group} member={group.member} " \
+        f"replication={group.repl_endpoint}"
     print(
         f"sharedmem broker ready epoch={broker.epoch} requests={','.join(broker.endpoints)} "
-        f"events={','.join(broker.pub_endpoints)}",
+        f"events={','.join(broker.pub_endpoints)}{extra}",
         flush=True,
     )
     while not stop.wait(0.5):

@@ -259,6 +259,8 @@ class BrokerCore:
         log: Log | None = None,
     ) -> None:
         self.epoch = epoch or new_epoch()
+        # Broker groups: the primary's term, stamped on every batch it encodes (0: single).
+        self.term = 0
         self.max_value_bytes = max_value_bytes
         self.namespaces: dict[str, NamespaceState] = {}
         self.log: Log = log if log is not None else MemoryLog()
@@ -580,7 +582,7 @@ class BrokerCore:
         finally:
             self._undo = None
         turn.records, self._records = self._records, []
-        turn.publishes = merge_publishes(batches, self.epoch, self._encoder.encode)
+        turn.publishes = merge_publishes(batches, self.epoch, self._encoder.encode, self.term)
         return turn
 
     def _apply(self, turn: Turn, decision: Decision,
@@ -602,7 +604,7 @@ class BrokerCore:
         if decision.body is None:
             assert decision.namespace is not None
             decision.body = self._encoder.encode(
-                EventBatch(decision.namespace, self.epoch, decision.events))
+                EventBatch(decision.namespace, self.epoch, decision.events, self.term))
         return decision.body
 
     def commit_turn(self, turn: Turn) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import zmq
 
@@ -26,6 +26,9 @@ from broker.protocol import Reply
 from broker.recovery import RecoveryReport
 from broker.subscriptions import Subscriptions
 from broker.zmtp import set_heartbeats
+
+if TYPE_CHECKING:
+    from broker.group_shell import GroupShell
 
 logger = logging.getLogger("sharedmem.broker")
 
@@ -64,6 +67,8 @@ class BrokerLifecycle:
         self.pub_endpoints: list[str] = []
         self.metrics: MetricsServer | None = None
         self.started_at = time.monotonic()
+        # Broker groups (broker/group_shell.py): set before start() for --group; None: single.
+        self.group: GroupShell | None = None
 
     @property
     def epoch(self) -> str:
@@ -173,6 +178,8 @@ class BrokerLifecycle:
             self.recovery = r = event_log.recover(self.core)
             self._open_sockets()
             event_log.open_for_writing()
+            if self.group is not None:
+                self.group.attach(self._ctx, self.ctl)
             if r is not None:
                 logger.info("recovered epoch %s: snapshot %s, %d segments, %d records, %d torn "
                             "bytes dropped", r.epoch, r.snapshot, r.segments, r.records,
@@ -180,6 +187,8 @@ class BrokerLifecycle:
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._startup_error = exc
             try:
+                if self.group is not None:
+                    self.group.close()
                 self._close_sockets()
                 event_log.close()
             except Exception:  # noqa: BLE001 - the start-up error is the one to report
@@ -206,6 +215,8 @@ class BrokerLifecycle:
         set regardless."""
         try:
             try:
+                if self.group is not None:
+                    self.group.close()
                 self._close_sockets()
             except Exception:  # noqa: BLE001
                 logger.exception("closing the sockets failed")

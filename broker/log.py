@@ -116,6 +116,10 @@ class MemoryLog:
             assert q is not None
             q.pop()
 
+    def clear(self) -> None:
+        """Forget every retained event (a group standby installing a primary's state)."""
+        self._events.clear()
+
     def recover(self, core: BrokerCore) -> RecoveryReport | None:
         """Fill ``core`` from what the log holds at start-up, writing nothing yet (memory holds
         nothing: None)."""

@@ -47,6 +47,7 @@ logger = logging.getLogger("sharedmem.broker.recovery")
 EPOCH_FILE = "EPOCH"
 CLEAN_FILE = "CLEAN"
 POLICY_FILE = "FSYNC"  # the fsync policy the log was last written under
+TERM_FILE = "TERM"  # broker groups: the highest term promised (acks nothing below it)
 
 
 @dataclass
@@ -65,7 +66,8 @@ class RecoveryReport:
     headerless: Path | None = None  # an empty or header-less last segment, to remove
 
 
-def _write_small_file(path: Path, text: str) -> None:
+def write_small_file(path: Path, text: str) -> None:
+    """Replace a small file atomically and durably (temp file, fsync, rename)."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -74,8 +76,10 @@ def _write_small_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_snapshot(core: BrokerCore, snap: SnapshotFile, epoch: str, mono: float,
-                   wall: float) -> None:
+def load_snapshot(core: BrokerCore, snap: SnapshotFile, epoch: str, mono: float,
+                  wall: float) -> None:
+    """Fill ``core``'s namespaces and dedup table from a snapshot (TTLs from its wall clock);
+    the remembered replies name ``epoch``, the one the writes live in now."""
     for ns in snap.namespaces:
         entries = [
             SnapEntry(e.key, e.value, e.version, e.created_at, e.modified_at,
@@ -90,7 +94,11 @@ def _load_snapshot(core: BrokerCore, snap: SnapshotFile, epoch: str, mono: float
         core.dedup.remember(d.client, d.request_no, WriteOk(epoch, d.seq, d.changed))
 
 
-def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: float) -> None:
+def apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: float, *,
+                 fetch_log: bool = True) -> None:
+    """Apply one log record to ``core``: the namespace, its state, the dedup table's reply,
+    and (``fetch_log``) the events kept for Fetch. Recovery and a group standby both use it,
+    so a standby's dedup table and Fetch log are what a restart would rebuild."""
     if type(rec) is NamespaceRecord:
         # The last record of a namespace holds its limit (set_max_keys appends another).
         state = core.namespaces.get(rec.namespace)
@@ -109,7 +117,8 @@ def _apply_record(core: BrokerCore, rec: object, epoch: str, mono: float, wall: 
     # The event's ttl counted from rec.wall; as seen from now that is ``rec.wall - wall`` ago.
     then = mono + (rec.wall - wall)
     state.apply_batch(events, then)
-    core.log.replay(rec.namespace, events, then)  # for Fetch; not re-written
+    if fetch_log:
+        core.log.replay(rec.namespace, events, then)  # for Fetch; not re-written
     if rec.client is not None:
         core.dedup.remember(rec.client, rec.request_no,
                             WriteOk(epoch, rec.events[-1].seq, rec.changed,
@@ -174,7 +183,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
     epoch = epoch or new_epoch()
     core.epoch = epoch
     if snapshot is not None:
-        _load_snapshot(core, snapshot, epoch, mono, wall)
+        load_snapshot(core, snapshot, epoch, mono, wall)
 
     records = 0
     torn = 0
@@ -185,7 +194,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
         read_segment_header(path)
         res = scan_segment(path)
         for rec in res.records:
-            _apply_record(core, rec, epoch, mono, wall)
+            apply_record(core, rec, epoch, mono, wall)
         records += len(res.records)
         if res.error is not None:
             if i == len(replay) - 1 and res.torn:
@@ -228,8 +237,8 @@ def open_for_writing(durable: DurableLog, report: RecoveryReport) -> None:
     if report.headerless is not None:
         report.headerless.unlink()
         fsync_dir(data_dir)
-    _write_small_file(data_dir / EPOCH_FILE, report.epoch)
-    _write_small_file(data_dir / POLICY_FILE, durable.fsync)
+    write_small_file(data_dir / EPOCH_FILE, report.epoch)
+    write_small_file(data_dir / POLICY_FILE, durable.fsync)
     (data_dir / CLEAN_FILE).unlink(missing_ok=True)
     durable.open_segment(report.last_segment, report.epoch)
 
@@ -243,7 +252,7 @@ def _is_headerless(path: Path) -> bool:
 
 def mark_clean(durable: DurableLog) -> None:
     """After a clean close: the next start may keep the epoch under any fsync policy."""
-    _write_small_file(durable.data_dir / CLEAN_FILE, "clean\n")
+    write_small_file(durable.data_dir / CLEAN_FILE, "clean\n")
 
 
 def repair(data_dir: Path) -> list[str]:
@@ -314,7 +323,7 @@ def _repair_locked(data_dir: Path) -> list[str]:
             cut_from = n
     if lost:
         fresh = new_epoch()
-        _write_small_file(epoch_path, fresh)
+        write_small_file(epoch_path, fresh)
         said.append(f"new epoch {fresh} (was {epoch}): acknowledged writes were dropped, so "
                     "connected nodes will resync from a snapshot")
     if said:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
 import zmq
 
 from broker.access import user_id
@@ -87,23 +88,33 @@ class Broker(BrokerLifecycle):
         hb_interval = self.config.heartbeat_interval
         next_heartbeat = time.monotonic()
         event_log, subs = self.core.log, self.subscriptions
+        group = self.group
+        if group is not None:
+            group.register(poller)
         while True:
             now = time.monotonic()
-            nd = self.core.next_deadline()
+            # A group standby expires nothing itself: the primary's records do it.
+            nd = self.core.next_deadline() if group is None or group.is_primary else None
             wake = next_heartbeat if nd is None else min(next_heartbeat, nd)
             timeout_ms = max(0, int((wake - now) * 1000) + 1)
             if event_log.compacting:
                 timeout_ms = min(timeout_ms, 50)
             if subs.busy or self.core.frozen:
                 timeout_ms = 0
+            if group is not None:
+                timeout_ms = min(timeout_ms, group.timeout_ms())
             ready = dict(poller.poll(min(timeout_ms, 1000)))
-            if self.ctl in ready:
+            if self.ctl in ready or (group is not None and group.stop_requested):
                 return
+            if group is not None:
+                group.on_poll(ready, time.monotonic())
             if self.xpub in ready:
                 subs.drain()
             now = time.monotonic()
             if self.router in ready or (nd is not None and nd <= now):
                 self._turn(drain=self.router in ready)
+                if group is not None and group.stop_requested:
+                    return
             subs.step()
             if self.core.frozen:
                 self.core.advance_freezes()  # a compaction's view: one chunk per turn
@@ -147,8 +158,16 @@ class Broker(BrokerLifecycle):
             self._in_turn = False
             writes, held = self._writes, self._held
             self._writes, self._held = [], []
+        group = self.group
+        if group is not None and not group.is_primary:
+            for envelope, reply in held:  # a standby: NotPrimary, Hello, Stats; no writes
+                self._send_reply(envelope, reply)  # type: ignore[arg-type]
+            return
         turn = self.core.run_turn(writes, time.monotonic(), time.time(), held)
-        persist(self.core, self.core.log, turn)  # the records are durable, or it is rolled back
+        if group is None:
+            persist(self.core, self.core.log, turn)  # durable, or rolled back
+        elif not group.commit(turn):  # shipped, durable here and acked by the sync set?
+            return  # the term ended (or the broker stops): nothing of the turn is answered
         for out in turn.replies:
             self._send_reply(out.tag, out.reply, out.events)  # type: ignore[arg-type]
         xpub = self.xpub
@@ -156,8 +175,13 @@ class Broker(BrokerLifecycle):
             xpub.send_multipart([topic_for(namespace), body])
 
     def _send_heartbeats(self) -> None:
+        term = 0
+        if self.group is not None:
+            if not self.group.fresh(time.monotonic()):
+                return  # a standby, or a primary without recent sync acks: staleness shows
+            term = self.group.g.term
         for name, state in self.core.namespaces.items():
-            body = self._published.encode(Heartbeat(name, self.epoch, state.seq))
+            body = self._published.encode(Heartbeat(name, self.epoch, state.seq, term))
             self.xpub.send_multipart([topic_for(name), body])
 
     # ------------------------------------------------------------------ requests
@@ -182,6 +206,11 @@ class Broker(BrokerLifecycle):
         if denial is not None:
             self._send_reply(envelope, denial)
             return
+        if self.group is not None:
+            refusal = self.group.refusal(request)  # a standby: NotPrimary
+            if refusal is not None:
+                self._send_reply(envelope, refusal)
+                return
         try:
             t = type(request)
             if t in TURN_TYPES:
@@ -196,7 +225,8 @@ class Broker(BrokerLifecycle):
                 cfg = self.config
                 self._send_reply(envelope, HelloReply(
                     self.epoch, self.pub_endpoints, cfg.max_value_bytes, cfg.heartbeat_interval,
-                    max_message_bytes=cfg.max_message_bytes))
+                    max_message_bytes=cfg.max_message_bytes,
+                    **(self.group.hello_fields() if self.group is not None else {})))
             elif t is Snapshot:
                 self.subscriptions.on_snapshot(envelope, request, now)
             elif t is Fetch:
@@ -224,6 +254,8 @@ class Broker(BrokerLifecycle):
         counters["uptime_ms"] = int((now - self.started_at) * 1000)
         counters["pending_snapshots"] = len(self.subscriptions.pending)
         counters.update(self.core.log.stats())
+        if self.group is not None:
+            counters.update(self.group.stats())
         # events per second over the window since the previous Stats call (at least 1 s)
         events = counters["events"]
         t0, e0 = self._rate_mark
@@ -238,6 +270,8 @@ class Broker(BrokerLifecycle):
         if self._in_turn:  # held back until the turn's log flush succeeded
             self._held.append((envelope, reply))
             return
+        if self.group is not None and type(reply) is WriteOk:
+            reply = msgspec.structs.replace(reply, term=self.group.g.term)
         if self.drop_write_replies > 0 and type(reply) is WriteOk:
             self.drop_write_replies -= 1
             logger.info("fault injection: dropping a write reply")

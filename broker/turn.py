@@ -93,7 +93,8 @@ def persist(core: BrokerCore, event_log: Log, turn: Turn) -> bool:
 
 
 def merge_publishes(batches: Sequence[tuple[str, list[Event], bytes | None]], epoch: str,
-                    encode: Callable[[EventBatch], bytes]) -> list[tuple[str, bytes]]:
+                    encode: Callable[[EventBatch], bytes],
+                    term: int = 0) -> list[tuple[str, bytes]]:
     """One published batch per namespace, in order of first appearance.
 
     ``batches`` are ``(namespace, events, body)`` in log order, ``body`` the batch's encoding if
@@ -108,8 +109,8 @@ def merge_publishes(batches: Sequence[tuple[str, list[Event], bytes | None]], ep
         if len(parts) == 1:
             events, body = parts[0]
             out.append((namespace, body if body is not None
-                        else encode(EventBatch(namespace, epoch, events))))
+                        else encode(EventBatch(namespace, epoch, events, term))))
         else:
             events = [e for part, _ in parts for e in part]
-            out.append((namespace, encode(EventBatch(namespace, epoch, events))))
+            out.append((namespace, encode(EventBatch(namespace, epoch, events, term))))
     return out

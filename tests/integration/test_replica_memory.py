@@ -18,7 +18,7 @@ import pytest
 
 from broker.core import BrokerCore, SnapshotJob
 from broker.protocol import SetMany, Snapshot, SnapshotReply
-from node.replica import Replica, Sync
+from node.replica import Phase, Replica
 
 N = 100_000
 
@@ -69,7 +69,7 @@ def test_a_100k_key_replica_stays_under_its_bytes_per_key_bound() -> None:
         after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    assert replica.sync is Sync.LIVE and replica.state is not None
+    assert replica.phase is Phase.LIVE and replica.state is not None
     assert len(replica.state.entries) == N and replica.state.seq == N
     beyond = (after - before) / N - payload
     assert beyond <= BOUND_BEYOND_KEY_AND_VALUE, (

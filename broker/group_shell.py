@@ -1,0 +1,765 @@
+"""The I/O of a broker-group member: the replication sockets, the etcd threads, the TERM file.
+
+Everything it decides comes from ``broker.group.GroupCore``; this module moves messages and
+time in and out, and runs on the broker's loop thread except for two etcd threads:
+
+- the *lease* thread grants the member's lease, puts ``members/<name>`` under it and keeps it
+  alive every TTL/3; a lost lease is reported to the loop (the primary then steps down) and a
+  new one granted;
+- the *action* thread runs the etcd calls the core asks for (the campaign transaction, the
+  sync-set CAS guarded by the leader key, a revoke), which may block for seconds;
+- the etcd watch (its own thread, from ``EtcdCoordinator``) reports every change of the
+  group's keys.
+
+They talk to the loop only through ``self._inbox`` (a queue the loop drains each turn); sockets
+are touched by the loop thread alone.
+
+Sockets: the primary's replication ROUTER (bound on ``repl_endpoint``, always open) receives
+Follow and Ack from standbys and sends Install and Append; a standby's DEALER (identity = its
+member name) connects to the followed primary's replication endpoint.
+
+The commit rule lives in ``commit``: the turn's records are shipped, appended and flushed
+locally, and then only the replication link is served until every sync-set member acked them
+(or the term ended: then nothing of the turn is answered).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from broker.coordination import (
+    Absent,
+    CoordinationError,
+    EtcdCoordinator,
+    GroupConfig,
+    GroupKeys,
+    InvalidGroupValue,
+    KeyValue,
+    Lease,
+    LeaseLost,
+    MemberRecord,
+    ModRevisionIs,
+    Put,
+    ValueIs,
+    WatchEvent,
+)
+from broker.durable import DurableLog
+from broker.errors import ProtocolError, StorageError
+from broker.group import (
+    Action,
+    BecomePrimary,
+    BecomeStandby,
+    Campaign,
+    ChangeConfig,
+    FollowPrimary,
+    GroupCore,
+    PersistTerm,
+    Verdict,
+)
+from broker.install import install_image
+from broker.protocol import Hello, NotPrimary, Reply, Stats
+from broker.recovery import TERM_FILE, apply_record, write_small_file
+from broker.replication import (
+    Ack,
+    Append,
+    Follow,
+    Install,
+    InstallImage,
+    Refuse,
+    ReplCodec,
+    RetainedLog,
+    chunks,
+)
+from broker.turn import Turn, persist
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+log = logging.getLogger("sharedmem.broker.group")
+
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+FOLLOW_RETRY = 1.0  # seconds of silence before a standby not yet installed sends Follow again
+# (a Follow can reach the new primary before it has learnt it won: then it is ignored)
+INSTALL_GRACE = 2 * FOLLOW_RETRY  # a repeated Follow this soon after an Install is not one more
+REPL_HWM = 100_000  # messages queued per follower before it counts as gone
+
+
+def default_repl_endpoint(endpoint: str) -> str:
+    """The replication endpoint beside a request endpoint: tcp port + 2."""
+    if not endpoint.startswith("tcp://"):
+        raise ValueError(f"a group member needs a tcp:// --bind, got {endpoint!r}")
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if port in ("0", "*"):
+        raise ValueError("a group member needs a fixed --bind port (or --repl-bind)")
+    return f"tcp://{host}:{int(port) + 2}"
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """The command line's group options (CLUSTER.md section 1)."""
+
+    group: str
+    member: str
+    etcd: tuple[str, ...]
+    lease_ttl: int = 2
+    min_sync: int = 1
+    repl_bind: str | None = None
+    ack_timeout: float | None = None  # default: the lease TTL
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl < 1:
+            raise ValueError(f"--lease-ttl must be >= 1 second, got {self.lease_ttl}")
+        if self.min_sync < 0:
+            raise ValueError(f"--min-sync must be >= 0, got {self.min_sync}")
+
+
+class GroupShell:
+    """A broker's group membership; ``Broker`` calls the hooks below from its loop."""
+
+    def __init__(self, settings: GroupSettings, broker: Broker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.keys = GroupKeys(settings.group)
+        self.member = settings.member
+        self.codec = ReplCodec()
+        self.g = GroupCore(settings.member, min_sync=settings.min_sync,
+                           ack_timeout=settings.ack_timeout or float(settings.lease_ttl))
+        self.members: dict[str, MemberRecord] = {}
+        self.repl_endpoint = ""
+        self.stop_requested = False
+        self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._outbox: queue.Queue[object] = queue.Queue()
+        self._stop = threading.Event()
+        self._lease: Lease | None = None
+        self._lease_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._watch: Any = None
+        self._etcd: EtcdCoordinator | None = None
+        self._router: zmq.Socket | None = None
+        self._dealer: zmq.Socket | None = None
+        self._dealer_target: tuple[str, int] | None = None  # (primary, term) connected to
+        self._want_follow: tuple[str, int] | None = None
+        self._last_follow = 0.0
+        self._last_heard = 0.0  # standby: when the followed primary last sent anything
+        self._installs: dict[str, float] = {}  # primary: when each follower's Install went
+        self._primary_lsn = 0  # standby: the primary's lsn as its last Append showed it
+        self._install_parts: list[bytes] = []
+        self._install_key: tuple[int, int] | None = None
+        self._next_link_beat = 0.0
+        self._ctl: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
+        self.steps_down = 0
+
+    # ------------------------------------------------------------------ lifecycle (loop)
+
+    @property
+    def durable(self) -> DurableLog:
+        log_ = self.broker.core.log
+        assert isinstance(log_, DurableLog), "a group member needs --data-dir"
+        return log_
+
+    def attach(self, ctx: zmq.Context, ctl: zmq.Socket) -> None:
+        """Open the replication ROUTER, read TERM, start the etcd threads (loop thread, at
+        start-up after recovery)."""
+        self._ctx, self._ctl = ctx, ctl
+        self.g.promised = read_term(self.durable.data_dir)
+        self.g.epoch = self.broker.core.epoch
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted standby takes its name back
+        router.setsockopt(zmq.SNDHWM, REPL_HWM)
+        router.setsockopt(zmq.RCVHWM, REPL_HWM)
+        router.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
+        router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        bind = self.settings.repl_bind or default_repl_endpoint(self.broker.endpoints[0])
+        router.bind(bind)
+        self.repl_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._router = router
+        self._etcd = EtcdCoordinator(self.settings.etcd)
+        for target, name in ((self._lease_loop, "lease"), (self._action_loop, "action")):
+            t = threading.Thread(target=target, name=f"sharedmem-group-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("group %s member %s: replication on %s, promised term %d",
+                 self.settings.group, self.member, self.repl_endpoint, self.g.promised)
+
+    def register(self, poller: zmq.Poller) -> None:
+        """The loop's poller: the replication sockets are polled with the broker's."""
+        self._poller = poller
+        assert self._router is not None
+        poller.register(self._router, zmq.POLLIN)
+
+    def close(self) -> None:
+        """Stop the threads, revoke the lease (a clean exit hands leadership on at once)."""
+        self._stop.set()
+        self._outbox.put(None)
+        for t in self._threads:
+            t.join(10)
+        if self._watch is not None:
+            self._watch.cancel()
+        with self._lease_lock:
+            lease, self._lease = self._lease, None
+        if self._etcd is not None:
+            if lease is not None:
+                try:
+                    self._etcd.revoke(lease)
+                except CoordinationError as exc:
+                    log.warning("could not revoke the lease at exit: %s", exc)
+            self._etcd.close()
+        for s in (self._router, self._dealer):
+            if s is not None:
+                s.close(linger=0)
+        self._router = self._dealer = None
+
+    # ------------------------------------------------------------------ hooks of the loop
+
+    @property
+    def is_primary(self) -> bool:
+        return self.g.is_primary
+
+    def fresh(self, now: float) -> bool:
+        return self.g.fresh(now)
+
+    def timeout_ms(self) -> int:
+        """The loop wakes at least this often in group mode (to drain the etcd inbox)."""
+        return 20
+
+    def refusal(self, request: object) -> Reply | None:
+        """A standby answers every request but Hello and Stats with NotPrimary."""
+        if self.g.is_primary or type(request) is Hello or type(request) is Stats:
+            return None
+        return NotPrimary(self.g.known_term, self._primary_endpoint())
+
+    def hello_fields(self) -> dict[str, Any]:
+        members = [r.endpoints[0] for _, r in sorted(self.members.items()) if r.endpoints]
+        return {"term": self.g.known_term, "primary": self._primary_endpoint(),
+                "members": members}
+
+    def _primary_endpoint(self) -> str:
+        if self.g.is_primary:
+            return self.broker.endpoints[0]
+        p = self.g.primary
+        rec = self.members.get(p) if p is not None else None
+        return rec.endpoints[0] if rec is not None and rec.endpoints else ""
+
+    def stats(self) -> dict[str, int]:
+        g = self.g
+        counters = {
+            "group_primary": int(g.is_primary),
+            "group_term": g.known_term,
+            "group_lsn": g.lsn,
+            "group_sync_set": len(g.sync_set),
+            "group_in_sync_set": int(self.member in g.sync_set),
+            "group_followers": len(g.followers),
+            "group_steps_down": self.steps_down,
+        }
+        if g.is_primary:
+            counters["group_max_lag"] = max(
+                (g.lsn - max(f.acked, 0) for f in g.followers.values()), default=0)
+        else:
+            # Records behind the followed primary, as its last Append showed (-1: unknown).
+            counters["group_lag"] = max(0, self._primary_lsn - g.lsn) if g.installed else -1
+        return counters
+
+    def on_poll(self, ready: dict[Any, int], now: float) -> None:
+        """Between turns: the etcd inbox, the replication sockets, the link's timers."""
+        self._drain_inbox(now)
+        if self._router is not None and self._router in ready:
+            self._drain_router(now)
+        if self._dealer is not None and self._dealer in ready:
+            self._drain_dealer(now)
+        self._timers(now)
+
+    def commit(self, turn: Turn) -> bool:
+        """The commit rule (CLUSTER.md section 2) for one turn of the primary: ship, append and
+        flush, then serve only the replication link until every sync-set member acked the
+        turn. True: send the turn's replies and publishes. False: send nothing (the term
+        ended, the flush failed after shipping, or the broker is stopping)."""
+        g = self.g
+        n = len(turn.records)
+        first = g.appended(n)
+        if n:
+            self._ship(Append(g.term, first, turn.records))
+        if not persist(self.broker.core, self.broker.core.log, turn):
+            # Shipped already: a standby may hold what the refusals would deny. Answer nothing
+            # and hand the term on (the writers' retries find the outcome).
+            self._do(g.step_down("the local log flush failed after the turn was shipped"))
+            return False
+        return self._wait_commit(g.lsn)
+
+    # ------------------------------------------------------------------ the commit wait
+
+    def _wait_commit(self, target: int) -> bool:
+        g = self.g
+        router, ctl = self._router, self._ctl
+        assert router is not None and ctl is not None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(ctl, zmq.POLLIN)
+        while True:
+            if not g.is_primary:
+                log.warning("term %d ended with a turn unacknowledged: its writes are answered "
+                            "by nobody (retries find their outcome)", g.term)
+                return False
+            if g.committed(target):
+                g.last_sync_ok = time.monotonic()
+                return True
+            ready = dict(poller.poll(20))
+            if ctl in ready:
+                self.stop_requested = True
+                return False
+            now = time.monotonic()
+            self._drain_inbox(now)
+            if router in ready:
+                self._drain_router(now)
+            self._timers(now)
+
+    # ------------------------------------------------------------------ actions
+
+    def _do(self, actions: Sequence[Action]) -> None:
+        for a in actions:
+            if isinstance(a, PersistTerm):
+                write_small_file(self.durable.data_dir / TERM_FILE, f"{a.term}\n")
+            elif isinstance(a, (Campaign, ChangeConfig)):
+                self._outbox.put(a)
+            elif isinstance(a, BecomePrimary):
+                self._close_dealer()
+                self.broker.core.term = a.term
+                log.warning("member %s is the primary of group %s, term %d", self.member,
+                            self.settings.group, a.term)
+                self._outbox.put(("member",))
+            elif isinstance(a, BecomeStandby):
+                self.steps_down += 1
+                log.warning("member %s steps down from term %d: %s", self.member, self.g.term,
+                            a.reason)
+                # Give the leader key up at once (if the lease still exists), so the eligible
+                # members campaign now instead of after the TTL; a new lease follows.
+                self._outbox.put(("revoke",))
+            elif isinstance(a, FollowPrimary):
+                self._want_follow = (a.primary, a.term)
+                self._primary_lsn = 0
+                self._install_key, self._install_parts = None, []
+                self._follow(time.monotonic())
+
+    def _drain_inbox(self, now: float) -> None:
+        g = self.g
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = item[0]
+            if kind == "config":
+                self._do(g.on_config(item[1], item[2]))
+            elif kind == "leader":
+                self._do(g.on_leader(item[1]))
+            elif kind == "member":
+                name, record = item[1], item[2]
+                if record is None:
+                    self.members.pop(name, None)
+                else:
+                    self.members[name] = record
+                    if self._want_follow is not None and self._want_follow[0] == name:
+                        self._follow(now)
+            elif kind == "lease_lost":
+                self._do(g.on_lease_lost())
+            elif kind == "campaign":
+                self._do(g.on_campaign_result(item[1], item[2]))
+            elif kind == "changed":
+                if item[1]:
+                    log.info("sync set now %s (term %d)",
+                             ",".join(g.changing.config.sync_set) if g.changing else "?",
+                             g.term)
+                self._do(g.on_config_changed(item[1], item[2]))
+
+    # ------------------------------------------------------------------ primary side
+
+    def _ship(self, message: Append) -> None:
+        body = self.codec.encode(message)
+        for member in list(self.g.followers):
+            self._send_to(member, body)
+
+    def _send_to(self, member: str, body: bytes) -> bool:
+        assert self._router is not None
+        try:
+            self._router.send_multipart([member.encode(), body], _NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+            log.info("follower %s dropped (%s): it must follow again", member, exc)
+            self.g.forget_follower(member)
+            return False
+
+    def _drain_router(self, now: float) -> None:
+        router = self._router
+        assert router is not None
+        for _ in range(10_000):
+            try:
+                frames = router.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                log.warning("replication: dropping a %d-frame message", len(frames))
+                continue
+            identity, body = frames
+            try:
+                msg = self.codec.decode(body)
+            except ProtocolError as exc:
+                log.warning("replication: %s", exc)
+                continue
+            t = type(msg)
+            if t is Ack:
+                if identity == msg.member.encode():
+                    self._do(self.g.on_ack(msg.member, msg.term, msg.lsn, now))
+            elif t is Follow:
+                if identity != msg.member.encode():
+                    continue
+                sent = self._installs.get(msg.member)
+                f = self.g.followers.get(msg.member)
+                if sent is not None and now - sent < INSTALL_GRACE and f is not None \
+                        and not f.installed:
+                    continue  # its Install is on the way: a full state is costly to rebuild
+                if self.g.on_follow(msg.member, msg.term, now):
+                    self._installs[msg.member] = now
+                    self._install(msg.member)
+            elif t is Refuse:
+                # Only from a follower's link: a stray peer must not end the term (without
+                # CURVE on the link this is a guard against mistakes, not an attacker).
+                if identity.decode(errors="replace") in self.g.followers:
+                    self._do(self.g.on_refuse(msg.term))
+            else:
+                log.warning("replication: unexpected %s from a follower", t.__name__)
+
+    def _install(self, member: str) -> None:
+        """Send ``member`` the whole state at the current lsn (v1: every join is in full)."""
+        core, g = self.broker.core, self.g
+        mono, wall = time.monotonic(), time.time()
+        snapshot = core.frozen_view(0, mono, wall)()
+        retained = []
+        log_ = core.log
+        for name in core.namespaces:
+            first = log_.first_seq(name)
+            if first is not None:
+                events = log_.read(name, first, self.broker.config.log_retention, mono)
+                if events:
+                    retained.append(RetainedLog(name, events))
+        data = self.codec.encode_image(InstallImage(snapshot, retained))
+        parts = chunks(data)
+        log.info("installing %s: %d bytes in %d chunks at lsn %d of term %d", member,
+                 len(data), len(parts), g.lsn, g.term)
+        for i, part in enumerate(parts):
+            body = self.codec.encode(Install(g.term, g.lsn, i, i == len(parts) - 1, part))
+            if not self._send_to(member, body):
+                return
+
+    def _timers(self, now: float) -> None:
+        g = self.g
+        if g.is_primary:
+            if now >= self._next_link_beat:
+                # The link's heartbeat: followers ack their position, so a silent one is
+                # removed from the sync set even while no write comes.
+                self._next_link_beat = now + min(0.25, g.ack_timeout / 4)
+                self._ship(Append(g.term, g.lsn + 1, []))
+            self._do(g.tick(now))
+        elif self._want_follow is not None:
+            if g.installed and now - self._last_heard > g.ack_timeout:
+                # The primary beats every ack_timeout/4: silence means the link broke (or this
+                # process was paused) and the primary has dropped this follower.
+                log.warning("no word from the primary for %.1fs: following again",
+                            now - self._last_heard)
+                g.installed = False
+                self._follow(now)
+            elif not g.installed and now - max(self._last_follow, self._last_heard) \
+                    >= FOLLOW_RETRY:  # install chunks arriving count as progress
+                self._follow(now)
+
+    # ------------------------------------------------------------------ standby side
+
+    def _follow(self, now: float) -> None:
+        """(Re)connect to the wanted primary's replication endpoint and send Follow."""
+        target = self._want_follow
+        if target is None or self.g.is_primary:
+            return
+        primary, term = target
+        record = self.members.get(primary)
+        if record is None or len(record.endpoints) < 3:
+            return  # its member record has not been seen yet: retried when it arrives
+        if self._dealer is None or self._dealer_target != target:
+            self._close_dealer()
+            dealer = self._ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.IDENTITY, self.member.encode())
+            dealer.setsockopt(zmq.RCVHWM, REPL_HWM)
+            dealer.setsockopt(zmq.SNDHWM, REPL_HWM)
+            dealer.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
+            dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            try:
+                dealer.connect(record.endpoints[2])
+            except zmq.ZMQError as exc:  # a member record is data from etcd: never trusted
+                dealer.close(linger=0)
+                log.warning("cannot follow %s at %r: %s", primary, record.endpoints[2], exc)
+                return
+            self._dealer, self._dealer_target = dealer, target
+            if self._poller is not None:
+                self._poller.register(dealer, zmq.POLLIN)
+        self._last_follow = now
+        self._install_key, self._install_parts = None, []
+        try:
+            self._dealer.send(self.codec.encode(Follow(self.member, term,
+                                                       self.broker.core.epoch)), _NOBLOCK)
+        except zmq.Again:
+            pass  # retried after FOLLOW_RETRY
+        log.info("following %s (term %d) at %s", primary, term, record.endpoints[2])
+
+    def _close_dealer(self) -> None:
+        if self._dealer is not None:
+            if self._poller is not None:
+                self._poller.unregister(self._dealer)
+            self._dealer.close(linger=0)
+        self._dealer, self._dealer_target = None, None
+
+    def _reply(self, message: Ack | Refuse | Follow) -> None:
+        if self._dealer is None:
+            return
+        try:
+            self._dealer.send(self.codec.encode(message), _NOBLOCK)
+        except zmq.Again:
+            log.info("replication link full: %s dropped", type(message).__name__)
+
+    def _drain_dealer(self, now: float) -> None:
+        for _ in range(10_000):
+            dealer = self._dealer
+            if dealer is None:
+                return
+            try:
+                body = dealer.recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = now
+            try:
+                msg = self.codec.decode(body)
+            except ProtocolError as exc:
+                log.warning("replication: %s", exc)
+                continue
+            t = type(msg)
+            if t is Append:
+                self._on_append(msg, now)
+            elif t is Install:
+                self._on_install(msg, now)
+            else:
+                log.warning("replication: unexpected %s from the primary", t.__name__)
+
+    def _refuse(self) -> None:
+        self._reply(Refuse(self.g.promised, self.g.primary or ""))
+
+    def _on_install(self, msg: Install, now: float) -> None:
+        verdict = self.g.check_install(msg.term)
+        if verdict is Verdict.REFUSE:
+            self._refuse()
+            return
+        if verdict is not Verdict.APPLY or self.g.installed:
+            return
+        key = (msg.term, msg.lsn)
+        if msg.chunk == 0:
+            self._install_key, self._install_parts = key, []
+        if self._install_key != key or msg.chunk != len(self._install_parts):
+            return  # a piece of another (older) install
+        self._install_parts.append(msg.data)
+        if not msg.last:
+            return
+        data = b"".join(self._install_parts)
+        self._install_key, self._install_parts = None, []
+        try:
+            image = self.codec.decode_image(data)
+            install_image(self.broker.core, self.durable, image)
+        except (ProtocolError, StorageError, OSError) as exc:
+            log.error("install from the primary failed (%s): following again", exc)
+            self._last_follow = 0.0
+            return
+        self.g.epoch = self.broker.core.epoch
+        self.g.installed_at(msg.lsn)
+        self._last_heard = time.monotonic()
+        self._reply(Ack(self.member, msg.term, msg.lsn))
+
+    def _on_append(self, msg: Append, now: float) -> None:
+        g = self.g
+        verdict = g.check_append(msg.term, msg.first_lsn)
+        if msg.term == g.term:
+            self._primary_lsn = max(self._primary_lsn, msg.first_lsn + len(msg.records) - 1)
+        if verdict is Verdict.REFUSE:
+            self._refuse()
+            return
+        if verdict is Verdict.GAP:
+            log.warning("replication gap at lsn %d (have %d): following again",
+                        msg.first_lsn, g.lsn)
+            g.installed = False
+            self._follow(now)
+            return
+        if verdict is not Verdict.APPLY:
+            return
+        if msg.records:
+            core, durable = self.broker.core, self.durable
+            try:
+                durable.append_records(msg.records, now)
+                durable.flush()
+            except StorageError as exc:
+                log.error("standby log: %s; not acknowledged", exc)
+                return
+            mono, wall = time.monotonic(), time.time()
+            try:
+                for rec in msg.records:
+                    apply_record(core, rec, core.epoch, mono, wall, fetch_log=False)
+            except Exception:  # noqa: BLE001 - a diverged state: take a full Install
+                log.exception("standby could not apply shipped records: following again")
+                g.installed = False
+                self._follow(now)
+                return
+        self._reply(Ack(self.member, msg.term, g.applied(len(msg.records))))
+
+    # ------------------------------------------------------------------ etcd threads
+
+    def _record(self) -> MemberRecord:
+        return MemberRecord(name=self.member,
+                            endpoints=(self.broker.endpoints[0], self.broker.pub_endpoints[0],
+                                       self.repl_endpoint),
+                            term=self.g.known_term, seq=self.g.lsn)
+
+    def _lease_loop(self) -> None:
+        etcd = self._etcd
+        assert etcd is not None
+        ttl = self.settings.lease_ttl
+        started = False
+        while not self._stop.is_set():
+            try:
+                with self._lease_lock:
+                    lease = self._lease
+                if lease is None:
+                    lease = etcd.grant_lease(ttl)
+                    etcd.put(self.keys.member(self.member), self._record().encode(), lease)
+                    with self._lease_lock:
+                        self._lease = lease
+                    log.info("lease %x granted (ttl %ds)", lease.id, lease.ttl)
+                if not started:
+                    self._start_watch()
+                    started = True
+                etcd.keepalive(lease)
+            except LeaseLost as exc:
+                log.warning("lease lost: %s", exc)
+                with self._lease_lock:
+                    self._lease = None
+                self._inbox.put(("lease_lost",))
+                continue
+            except CoordinationError as exc:  # unreachable: no evidence of anything
+                log.warning("etcd: %s", exc)
+            self._stop.wait(max(0.1, (lease.ttl if lease else ttl) / 3))
+
+    def _start_watch(self) -> None:
+        etcd = self._etcd
+        assert etcd is not None
+        current = etcd.get_prefix(self.keys.prefix)
+        seen_leader = seen_config = False
+        for kv in current.kvs:
+            self._observe(WatchEvent("PUT", kv.key, kv.value, kv.mod_revision))
+            seen_leader |= kv.key == self.keys.leader
+            seen_config |= kv.key == self.keys.config
+        if not seen_config:
+            self._inbox.put(("config", None, 0))
+        if not seen_leader:
+            self._inbox.put(("leader", None))
+        self._watch = etcd.watch(self.keys.prefix, self._observe, prefix=True,
+                                 start_revision=current.revision + 1)
+
+    def _observe(self, event: WatchEvent) -> None:
+        """A key of the group changed (watch thread): hand it to the loop."""
+        keys = self.keys
+        put = event.kind == "PUT"
+        try:
+            if event.key == keys.leader:
+                self._inbox.put(("leader", event.value.decode() if put else None))
+            elif event.key == keys.config:
+                cfg = GroupConfig.decode(event.value) if put else None
+                self._inbox.put(("config", cfg, event.mod_revision if put else 0))
+            elif event.key.startswith(keys.members_prefix):
+                name = keys.member_name(event.key)
+                self._inbox.put(("member", name,
+                                 MemberRecord.decode(event.value) if put else None))
+        except (InvalidGroupValue, UnicodeDecodeError, ValueError) as exc:
+            log.warning("ignoring an unreadable value of %s: %s", event.key, exc)
+
+    def _action_loop(self) -> None:
+        etcd = self._etcd
+        assert etcd is not None
+        keys = self.keys
+        while not self._stop.is_set():
+            action = self._outbox.get()
+            if action is None:
+                return
+            try:
+                if isinstance(action, Campaign):
+                    with self._lease_lock:
+                        lease = self._lease
+                    if lease is None:  # being granted again: campaign once it is there
+                        self._stop.wait(0.1)
+                        self._inbox.put(("campaign", False, 0))
+                        continue
+                    result = etcd.transact(
+                        [Absent(keys.leader), ModRevisionIs(keys.config, action.revision)],
+                        [Put(keys.leader, self.member.encode(), lease),
+                         Put(keys.config, action.config.encode())])
+                    if not result.succeeded:
+                        self._report_current(result.current)
+                    self._inbox.put(("campaign", result.succeeded, result.revision))
+                elif isinstance(action, ChangeConfig):
+                    result = etcd.compare_and_swap(
+                        keys.config, action.config.encode(), action.revision,
+                        require=ValueIs(keys.leader, self.member.encode()))
+                    if not result.succeeded:
+                        # What it lost to, so the next proposal is not made on a stale
+                        # revision (or the primary learns its leader key is gone).
+                        self._report_current(result.current)
+                    self._inbox.put(("changed", result.succeeded, result.revision))
+                elif action == ("member",):
+                    with self._lease_lock:
+                        lease = self._lease
+                    if lease is not None:
+                        etcd.put(keys.member(self.member), self._record().encode(), lease)
+                elif action == ("revoke",):
+                    with self._lease_lock:
+                        lease, self._lease = self._lease, None
+                    if lease is not None:
+                        etcd.revoke(lease)
+            except (CoordinationError, InvalidGroupValue) as exc:
+                log.warning("etcd %s failed: %s", type(action).__name__, exc)
+                if isinstance(action, Campaign):
+                    self._inbox.put(("campaign", False, 0))
+                elif isinstance(action, ChangeConfig):
+                    self._inbox.put(("changed", False, 0))
+
+
+    def _report_current(self, current: Mapping[str, KeyValue | None]) -> None:
+        """A failed transaction's read-back of the leader and config keys, to the loop."""
+        keys = self.keys
+        if keys.leader in current:
+            leader = current[keys.leader]
+            self._inbox.put(("leader", None if leader is None else leader.value.decode()))
+        config = current.get(keys.config)
+        if config is not None:
+            self._inbox.put(("config", GroupConfig.decode(config.value), config.mod_revision))
+
+
+def read_term(data_dir: Path) -> int:
+    """The promised term persisted in ``data_dir`` (0 if none)."""
+    path = data_dir / TERM_FILE
+    return int(path.read_text().strip() or 0) if path.exists() else 0
