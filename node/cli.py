@@ -197,23 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def cmd(name: str, help_text: str, description: str | None = None,
-            ) -> argparse.ArgumentParser:
+    def cmd(name: str, help_text: str, description: str | None = None, *,
+            takes: str = "") -> argparse.ArgumentParser:
+        """A subcommand; ``takes`` "KEY" or "PATTERN" adds that positional argument."""
         sp = sub.add_parser(name, help=help_text, description=description or help_text,
                             epilog=EXIT_CODES_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_global_options(sp, suppress=True)
+        if takes == "KEY":
+            sp.add_argument("key", metavar="KEY")
+        elif takes == "PATTERN":
+            sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
         return sp
 
-    sp = cmd("get", "print the JSON value of KEY",
-             "Print the JSON value of KEY (indented; compact on one line with --json). "
-             "Exit 1 if the key is absent or expired.")
-    sp.add_argument("key", metavar="KEY")
+    cmd("get", "print the JSON value of KEY",
+        "Print the JSON value of KEY (indented; compact on one line with --json). "
+        "Exit 1 if the key is absent or expired.",
+        takes="KEY")
 
     sp = cmd("set", "store a JSON value under KEY",
              "Store a JSON value under KEY, from the JSON argument or, when it is omitted, from "
-             "stdin. Prints the key's new version. Creates the namespace if missing.")
-    sp.add_argument("key", metavar="KEY")
+             "stdin. Prints the key's new version. Creates the namespace if missing.",
+             takes="KEY")
     sp.add_argument("value", metavar="JSON", nargs="?",
                     help="the value as JSON, e.g. '{\"state\": \"todo\"}' or '\"text\"'; "
                          "read from stdin when omitted")
@@ -242,14 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("touch", "give KEY a new time to live",
              "Give KEY a new TTL of SECONDS from now (0 = never expires) without rewriting its "
-             "value or version. Exit 1 if the key is absent.")
-    sp.add_argument("key", metavar="KEY")
+             "value or version. Exit 1 if the key is absent.",
+             takes="KEY")
     sp.add_argument("ttl", metavar="SECONDS", type=_seconds_arg)
 
-    sp = cmd("drop", "delete every key of the namespace (admin)",
-             "Delete every key of the namespace (-n) in one atomic batch and print how many. "
-             "The namespace itself stays, with its max_keys and version counter (connected "
-             "nodes keep working). Needs admin permission. Exit 1 if it does not exist.")
+    cmd("drop", "delete every key of the namespace (admin)",
+        "Delete every key of the namespace (-n) in one atomic batch and print how many. "
+        "The namespace itself stays, with its max_keys and version counter (connected "
+        "nodes keep working). Needs admin permission. Exit 1 if it does not exist.")
 
     sp = cmd("max-keys", "print or change the namespace's max_keys (admin to change)",
              "Without N: print the namespace's max_keys (0 = unlimited). With N: change it for "
@@ -258,15 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
              "namespace if missing.")
     sp.add_argument("limit", metavar="N", nargs="?", type=_non_negative_int)
 
-    sp = cmd("ls", "list the keys matching PATTERN, one per line",
-             "List the keys matching the glob PATTERN (default *), sorted, one per line "
-             "(a JSON array with --json). Globs: * ? [a-z] [!a] and \\ escapes.")
-    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+    cmd("ls", "list the keys matching PATTERN, one per line",
+        "List the keys matching the glob PATTERN (default *), sorted, one per line "
+        "(a JSON array with --json). Globs: * ? [a-z] [!a] and \\ escapes.",
+        takes="PATTERN")
 
-    sp = cmd("meta", "print the metadata of KEY",
-             "Print the metadata of KEY as 'name: value' lines (a JSON object with --json): "
-             "version, size, created_at, last_modified, expires_at, ttl. Exit 1 if absent.")
-    sp.add_argument("key", metavar="KEY")
+    cmd("meta", "print the metadata of KEY",
+        "Print the metadata of KEY as 'name: value' lines (a JSON object with --json): "
+        "version, size, created_at, last_modified, expires_at, ttl. Exit 1 if absent.",
+        takes="KEY")
 
     sp = cmd("watch", "print every change of the keys matching PATTERN as JSON lines",
              "Print one JSON object per line for every change of a key matching PATTERN "
@@ -275,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
              "with op 'initial_done', then live changes, until SIGINT/SIGTERM (exit 0). A line "
              "'watching ...' on stderr says when the watch is in place. If the namespace does "
              "not exist yet, waits for it to be created (unless --max-keys is given, which "
-             "creates it).")
-    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+             "creates it).",
+             takes="PATTERN")
     sp.add_argument("--from-version", type=_non_negative_int, metavar="N",
                     help="instead of the current values, first replay the changes after "
                          "version N from the broker's log (current values marked resync=true "
@@ -294,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
              "The output is what 'load' reads. With --all: every namespace this client may "
              "read (-n is ignored), each behind a line {\"namespace\": ..., \"max_keys\": ...}; "
              "'load --all' reads that. Versions and timestamps are not kept (see "
-             "docs/operations.md).")
-    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+             "docs/operations.md).",
+             takes="PATTERN")
     sp.add_argument("--all", action="store_true",
                     help="dump every namespace, each behind a namespace line")
 
