@@ -445,7 +445,11 @@ class GroupShell:
         """Send ``member`` the whole state at the current lsn (v1: every join is in full)."""
         core, g = self.broker.core, self.g
         mono, wall = time.monotonic(), time.time()
-        snapshot = core.frozen_view(0, mono, wall)()
+        build = core.frozen_view(0, mono, wall)
+        # Built here, on the loop thread, so the copy cannot advance turn by turn as a
+        # compaction's does: complete it now (an Install stalls this one turn).
+        core.finish_freezes()
+        snapshot = build()
         retained = []
         log_ = core.log
         for name in core.namespaces:
