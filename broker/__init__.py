@@ -9,19 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker.errors import (
-    AccessDenied,
-    BrokerUnavailable,
-    InvalidKey,
-    InvalidNamespace,
-    InvalidValue,
-    KeyNotFound,
-    PatternError,
-    ProtocolError,
-    SharedMemoryError,
-    StorageError,
-    VersionConflict,
-)
+from broker import errors
+from broker.errors import *  # noqa: F403 -- the user's errors, one list (errors.__all__)
+from broker.errors import ProtocolError
 from broker.lazy import lazy_getattr
 
 if TYPE_CHECKING:
@@ -35,19 +25,5 @@ _LAZY = {"Broker": "broker.server", "BrokerConfig": "broker.config", "BrokerCore
 __getattr__ = lazy_getattr(globals(), "broker", _LAZY)  # the shell on first use
 
 
-__all__ = [
-    "AccessDenied",
-    "Broker",
-    "BrokerConfig",
-    "BrokerCore",
-    "BrokerUnavailable",
-    "InvalidKey",
-    "InvalidNamespace",
-    "InvalidValue",
-    "KeyNotFound",
-    "PatternError",
-    "ProtocolError",
-    "SharedMemoryError",
-    "StorageError",
-    "VersionConflict",
-]
+__all__ = ["Broker", "BrokerConfig", "BrokerCore", "ProtocolError"]
+__all__ += errors.__all__

@@ -12,6 +12,21 @@ have been applied; retrying it is safe.
 
 from __future__ import annotations
 
+# The errors a user catches: re-exported by both packages (``broker`` and ``node``) from this
+# one list, so a new error kind is public in both by one edit. ProtocolError is the broker's.
+__all__ = [
+    "AccessDenied",
+    "BrokerUnavailable",
+    "InvalidKey",
+    "InvalidNamespace",
+    "InvalidValue",
+    "KeyNotFound",
+    "PatternError",
+    "SharedMemoryError",
+    "StorageError",
+    "VersionConflict",
+]
+
 
 class SharedMemoryError(Exception):
     """Raised for every failure of a shared-memory operation; catch this to catch them all."""

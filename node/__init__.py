@@ -9,18 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker.errors import (
-    AccessDenied,
-    BrokerUnavailable,
-    InvalidKey,
-    InvalidNamespace,
-    InvalidValue,
-    KeyNotFound,
-    PatternError,
-    SharedMemoryError,
-    StorageError,
-    VersionConflict,
-)
+from broker import errors
+from broker.errors import *  # noqa: F403 -- the user's errors, one list (errors.__all__)
 from broker.lazy import lazy_getattr
 
 if TYPE_CHECKING:
@@ -55,25 +45,16 @@ __getattr__ = lazy_getattr(globals(), "node", _LAZY)  # the API on first use
 
 
 __all__ = [
-    "AccessDenied",
     "AsyncSharedMemory",
     "CallbackHandle",
     "ChangeEvent",
-    "BrokerUnavailable",
-    "InvalidKey",
-    "InvalidNamespace",
-    "InvalidValue",
-    "KeyNotFound",
     "Metadata",
     "NamespaceInfo",
-    "PatternError",
     "Registry",
     "SharedMemory",
     "SharedMemoryConfig",
-    "SharedMemoryError",
     "Status",
-    "StorageError",
-    "VersionConflict",
     "Watcher",
     "get_or_create",
 ]
+__all__ += errors.__all__

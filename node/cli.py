@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
 import msgspec
 import zmq
@@ -197,23 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def cmd(name: str, help_text: str, description: str | None = None,
-            ) -> argparse.ArgumentParser:
+    def cmd(name: str, help_text: str, description: str | None = None, *,
+            takes: str = "") -> argparse.ArgumentParser:
+        """A subcommand; ``takes`` "KEY" or "PATTERN" adds that positional argument."""
         sp = sub.add_parser(name, help=help_text, description=description or help_text,
                             epilog=EXIT_CODES_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_global_options(sp, suppress=True)
+        if takes == "KEY":
+            sp.add_argument("key", metavar="KEY")
+        elif takes == "PATTERN":
+            sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
         return sp
 
-    sp = cmd("get", "print the JSON value of KEY",
-             "Print the JSON value of KEY (indented; compact on one line with --json). "
-             "Exit 1 if the key is absent or expired.")
-    sp.add_argument("key", metavar="KEY")
+    cmd("get", "print the JSON value of KEY",
+        "Print the JSON value of KEY (indented; compact on one line with --json). "
+        "Exit 1 if the key is absent or expired.",
+        takes="KEY")
 
     sp = cmd("set", "store a JSON value under KEY",
              "Store a JSON value under KEY, from the JSON argument or, when it is omitted, from "
-             "stdin. Prints the key's new version. Creates the namespace if missing.")
-    sp.add_argument("key", metavar="KEY")
+             "stdin. Prints the key's new version. Creates the namespace if missing.",
+             takes="KEY")
     sp.add_argument("value", metavar="JSON", nargs="?",
                     help="the value as JSON, e.g. '{\"state\": \"todo\"}' or '\"text\"'; "
                          "read from stdin when omitted")
@@ -242,14 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("touch", "give KEY a new time to live",
              "Give KEY a new TTL of SECONDS from now (0 = never expires) without rewriting its "
-             "value or version. Exit 1 if the key is absent.")
-    sp.add_argument("key", metavar="KEY")
+             "value or version. Exit 1 if the key is absent.",
+             takes="KEY")
     sp.add_argument("ttl", metavar="SECONDS", type=_seconds_arg)
 
-    sp = cmd("drop", "delete every key of the namespace (admin)",
-             "Delete every key of the namespace (-n) in one atomic batch and print how many. "
-             "The namespace itself stays, with its max_keys and version counter (connected "
-             "nodes keep working). Needs admin permission. Exit 1 if it does not exist.")
+    cmd("drop", "delete every key of the namespace (admin)",
+        "Delete every key of the namespace (-n) in one atomic batch and print how many. "
+        "The namespace itself stays, with its max_keys and version counter (connected "
+        "nodes keep working). Needs admin permission. Exit 1 if it does not exist.")
 
     sp = cmd("max-keys", "print or change the namespace's max_keys (admin to change)",
              "Without N: print the namespace's max_keys (0 = unlimited). With N: change it for "
@@ -258,15 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
              "namespace if missing.")
     sp.add_argument("limit", metavar="N", nargs="?", type=_non_negative_int)
 
-    sp = cmd("ls", "list the keys matching PATTERN, one per line",
-             "List the keys matching the glob PATTERN (default *), sorted, one per line "
-             "(a JSON array with --json). Globs: * ? [a-z] [!a] and \\ escapes.")
-    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+    cmd("ls", "list the keys matching PATTERN, one per line",
+        "List the keys matching the glob PATTERN (default *), sorted, one per line "
+        "(a JSON array with --json). Globs: * ? [a-z] [!a] and \\ escapes.",
+        takes="PATTERN")
 
-    sp = cmd("meta", "print the metadata of KEY",
-             "Print the metadata of KEY as 'name: value' lines (a JSON object with --json): "
-             "version, size, created_at, last_modified, expires_at, ttl. Exit 1 if absent.")
-    sp.add_argument("key", metavar="KEY")
+    cmd("meta", "print the metadata of KEY",
+        "Print the metadata of KEY as 'name: value' lines (a JSON object with --json): "
+        "version, size, created_at, last_modified, expires_at, ttl. Exit 1 if absent.",
+        takes="KEY")
 
     sp = cmd("watch", "print every change of the keys matching PATTERN as JSON lines",
              "Print one JSON object per line for every change of a key matching PATTERN "
@@ -275,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
              "with op 'initial_done', then live changes, until SIGINT/SIGTERM (exit 0). A line "
              "'watching ...' on stderr says when the watch is in place. If the namespace does "
              "not exist yet, waits for it to be created (unless --max-keys is given, which "
-             "creates it).")
-    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+             "creates it).",
+             takes="PATTERN")
     sp.add_argument("--from-version", type=_non_negative_int, metavar="N",
                     help="instead of the current values, first replay the changes after "
                          "version N from the broker's log (current values marked resync=true "
@@ -291,15 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("dump", "write the keys matching PATTERN as JSON lines to stdout",
              "Write one JSON object per line, {\"key\": ..., \"value\": ..., \"ttl\": remaining "
              "seconds or null}, for every key matching PATTERN (default *), in key order. "
-             "The output is what 'load' reads.")
-    sp.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+             "The output is what 'load' reads. With --all: every namespace this client may "
+             "read (-n is ignored), each behind a line {\"namespace\": ..., \"max_keys\": ...}; "
+             "'load --all' reads that. Versions and timestamps are not kept (see "
+             "docs/operations.md).",
+             takes="PATTERN")
+    sp.add_argument("--all", action="store_true",
+                    help="dump every namespace, each behind a namespace line")
 
     sp = cmd("load", "write the JSON lines of a dump from stdin into the namespace",
              "Read JSON lines {\"key\": ..., \"value\": ..., \"ttl\": seconds or null} from "
              "stdin (the output of 'dump') and write them with set_many in atomic batches. "
              "All lines are checked before anything is written; a later line for the same key "
              "wins. TTLs are rounded up to 1 s (0.1 s below 10 s) so keys can share a batch. "
-             "Creates the namespace if missing.")
+             "Creates the namespace if missing. With --all: read the output of 'dump --all' and "
+             "load every namespace it names (-n is ignored); a namespace the broker lacks is "
+             "created with the dump's max_keys.")
+    sp.add_argument("--all", action="store_true",
+                    help="load every namespace of a 'dump --all'")
     sp.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
                     help=f"keys per set_many batch (default {DEFAULT_BATCH})")
     return p
@@ -418,10 +432,14 @@ class Session:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def close(self) -> None:
+    def close_namespace(self) -> None:
+        """Close the namespace ``open`` opened (the node stays, for the next namespace)."""
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+
+    def close(self) -> None:
+        self.close_namespace()
         if self._node is not None:
             release_node(self._node)
             self._node = None
@@ -668,13 +686,14 @@ def cmd_stats(args: argparse.Namespace, s: Session) -> int:
     return EXIT_OK
 
 
-def cmd_dump(args: argparse.Namespace, s: Session) -> int:
-    compile_pattern(args.pattern)
-    # Broker-side reads, a chunk of keys at a time: the dump never holds the whole namespace.
-    # Each chunk is read at one version; a key deleted or expired after the listing is left out.
-    keys = s.read("list", pattern=args.pattern).keys
+def _dump_namespace(s: Session, pattern: str, out: IO[bytes]) -> None:
+    """Write the keys of ``s.namespace`` matching ``pattern`` as dump lines.
+
+    Broker-side reads, a chunk of keys at a time: the dump never holds the whole namespace.
+    Each chunk is read at one version; a key deleted or expired after the listing is left out.
+    """
+    keys = s.read("list", pattern=pattern).keys
     progress = Progress("dumped", len(keys))
-    out = sys.stdout.buffer
     done = 0
     for i in range(0, len(keys), DUMP_CHUNK):
         entries = s.read("get", keys[i:i + DUMP_CHUNK]).entries
@@ -685,8 +704,23 @@ def cmd_dump(args: argparse.Namespace, s: Session) -> int:
             out.write(b"\n".join(lines) + b"\n")
         done += len(lines)
         progress.update(done)
-    out.flush()
     progress.finish()
+
+
+def cmd_dump(args: argparse.Namespace, s: Session) -> int:
+    compile_pattern(args.pattern)
+    out = sys.stdout.buffer
+    if not args.all:
+        _dump_namespace(s, args.pattern, out)
+        out.flush()
+        return EXIT_OK
+    # Every namespace this client may read, each behind a header line naming it and its
+    # max_keys, so that 'load --all' recreates it (an empty namespace keeps its header).
+    for name, info in sorted(s.stats().namespaces.items()):
+        s.namespace = name
+        out.write(_encode({"namespace": name, "max_keys": info.get("max_keys", 0)}) + b"\n")
+        _dump_namespace(s, args.pattern, out)
+    out.flush()
     return EXIT_OK
 
 
@@ -699,49 +733,94 @@ def _ttl_bucket(ttl: float | None) -> float:
     return math.ceil(ttl * 10) / 10
 
 
+def _parse_record(line: bytes, n: int) -> tuple[str, Any, float | None]:
+    """One dump line -> (key, value, ttl); CliError (exit 2) naming the line if it is bad."""
+    rec = _parse_json(line, f"line {n}")
+    if not isinstance(rec, dict) or "key" not in rec or "value" not in rec:
+        raise CliError(EXIT_USAGE, f"line {n}: expected an object with \"key\" and "
+                                   f"\"value\" (and optionally \"ttl\")")
+    key, ttl = rec["key"], rec.get("ttl")
+    try:
+        check_key(key)
+    except InvalidKey as exc:
+        raise CliError(EXIT_USAGE, f"line {n}: {exc}") from None
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                            or not math.isfinite(ttl) or ttl < 0):
+        raise CliError(EXIT_USAGE, f"line {n}: ttl must be seconds >= 0 or null, "
+                                   f"got {ttl!r}")
+    return key, rec["value"], ttl
+
+
+def _add_record(records: dict[str, tuple[Any, float]], key: str, value: Any,
+                ttl: float | None) -> None:
+    records.pop(key, None)  # a later line for a key wins, in the order of its last occurrence
+    records[key] = (value, _ttl_bucket(ttl))
+
+
 def read_load_input(stream: Iterable[bytes]) -> dict[str, tuple[Any, float]]:
     """Parse dump lines into key -> (value, ttl bucket); a later line for a key wins."""
     records: dict[str, tuple[Any, float]] = {}
     for n, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
-        rec = _parse_json(line, f"line {n}")
-        if not isinstance(rec, dict) or "key" not in rec or "value" not in rec:
-            raise CliError(EXIT_USAGE, f"line {n}: expected an object with \"key\" and "
-                                       f"\"value\" (and optionally \"ttl\")")
-        key, ttl = rec["key"], rec.get("ttl")
-        try:
-            check_key(key)
-        except InvalidKey as exc:
-            raise CliError(EXIT_USAGE, f"line {n}: {exc}") from None
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                                or not math.isfinite(ttl) or ttl < 0):
-            raise CliError(EXIT_USAGE, f"line {n}: ttl must be seconds >= 0 or null, "
-                                       f"got {ttl!r}")
-        records.pop(key, None)  # keep the order of the last occurrence
-        records[key] = (rec["value"], _ttl_bucket(ttl))
+        if line.strip():
+            _add_record(records, *_parse_record(line, n))
     return records
 
 
-def cmd_load(args: argparse.Namespace, s: Session) -> int:
-    records = read_load_input(sys.stdin.buffer)
-    if not records:
-        _out(_json_line({"loaded": 0}) if args.json else "loaded 0 keys")
-        return EXIT_OK
+class NamespaceDump(NamedTuple):
+    """One namespace of a 'dump --all': its max_keys and its key -> (value, ttl bucket)."""
+
+    max_keys: int
+    records: dict[str, tuple[Any, float]]
+
+
+def read_load_all_input(stream: Iterable[bytes]) -> dict[str, NamespaceDump]:
+    """Parse the output of 'dump --all': header lines {"namespace", "max_keys"}, each followed
+    by the key lines of that namespace. A key line before any header is refused (exit 2)."""
+    out: dict[str, NamespaceDump] = {}
+    current: NamespaceDump | None = None
+    for n, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        rec = _parse_json(line, f"line {n}")
+        if isinstance(rec, dict) and "namespace" in rec and "key" not in rec:
+            name, max_keys = rec["namespace"], rec.get("max_keys", 0)
+            try:
+                check_namespace(name)
+            except SharedMemoryError as exc:
+                raise CliError(EXIT_USAGE, f"line {n}: {exc}") from None
+            if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 0:
+                raise CliError(EXIT_USAGE, f"line {n}: max_keys must be an integer >= 0, "
+                                           f"got {max_keys!r}")
+            current = out.setdefault(name, NamespaceDump(max_keys, {}))
+            continue
+        if current is None:
+            raise CliError(EXIT_USAGE, f"line {n}: a key line before any namespace line; "
+                                       "'load --all' reads the output of 'dump --all'")
+        _add_record(current.records, *_parse_record(line, n))
+    return out
+
+
+def _check_values(s: Session, records: dict[str, tuple[Any, float]]) -> None:
+    """InvalidValue (exit 2) for a value over the broker's limit, before anything is written."""
+    limit = s.node().max_value_bytes
+    for key, (value, _bucket) in records.items():
+        encode_value(key, value, limit)
+
+
+def _load_namespace(s: Session, records: dict[str, tuple[Any, float]], batch_size: int) -> int:
+    """Write ``records`` into ``s.namespace`` (created if missing) in set_many batches."""
     shm = s.open(create=True)
     assert shm is not None
-    limit = s.node().max_value_bytes
     buckets: dict[float, dict[str, Any]] = {}
     for key, (value, bucket) in records.items():
-        encode_value(key, value, limit)  # InvalidValue (exit 2) before anything is written
         buckets.setdefault(bucket, {})[key] = value
     progress = Progress("loaded", len(records))
     done = 0
     start = time.monotonic()
     for bucket, mapping in buckets.items():
         items = list(mapping.items())
-        for i in range(0, len(items), args.batch_size):
-            batch = dict(items[i:i + args.batch_size])
+        for i in range(0, len(items), batch_size):
+            batch = dict(items[i:i + batch_size])
             ttl = 0.0
             if bucket:  # count the time spent loading against the TTL, never below 1 ms
                 ttl = max(0.001, bucket - (time.monotonic() - start))
@@ -749,10 +828,41 @@ def cmd_load(args: argparse.Namespace, s: Session) -> int:
             done += len(batch)
             progress.update(done)
     progress.finish()
+    s.close_namespace()
+    return done
+
+
+def cmd_load(args: argparse.Namespace, s: Session) -> int:
+    if args.all:
+        return _load_all(args, s)
+    records = read_load_input(sys.stdin.buffer)
+    if not records:
+        _out(_json_line({"loaded": 0}) if args.json else "loaded 0 keys")
+        return EXIT_OK
+    _check_values(s, records)
+    done = _load_namespace(s, records, args.batch_size)
     if args.json:
         _out(_json_line({"loaded": done, "namespace": s.namespace}))
     else:
         _out(f"loaded {done} keys into namespace {s.namespace!r}")
+    return EXIT_OK
+
+
+def _load_all(args: argparse.Namespace, s: Session) -> int:
+    dumps = read_load_all_input(sys.stdin.buffer)
+    for ns_dump in dumps.values():
+        _check_values(s, ns_dump.records)
+    loaded: dict[str, int] = {}
+    for name, ns_dump in dumps.items():
+        s.namespace = name
+        # A namespace the target lacks is created with the dump's max_keys; one it has keeps
+        # its own limit (the first opener sets it), as a plain 'load' does.
+        s.max_keys = ns_dump.max_keys if s.namespace_info() is None else None
+        loaded[name] = _load_namespace(s, ns_dump.records, args.batch_size)
+    if args.json:
+        _out(_json_line({"loaded": sum(loaded.values()), "namespaces": loaded}))
+    else:
+        _out(f"loaded {sum(loaded.values())} keys into {len(loaded)} namespaces")
     return EXIT_OK
 
 

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The modules with no sockets, no shell threads and no HTTP server (docs/architecture.md §1).
 KERNEL = [
+    "broker",
+    "node",
     "broker.errors",
     "broker.protocol",
     "broker.validation",
@@ -28,6 +30,12 @@ KERNEL = [
     "broker.log",
     "broker.core",
     "broker.turn",
+    "broker.ttl",
+    "broker.freeze",
+    "broker.lazy",
+    "broker.group",
+    "broker.replication",
+    "node.config",
     "node.replica",
     "node.routing",
     "node.replies",
@@ -52,7 +60,10 @@ FORBIDDEN = [
     "broker.metrics",
     "broker.security",
     "broker.__main__",
+    "broker.group_shell",
+    "broker.install",
     "node.node",
+    "node.probe",
     "node.requests",
     "node.api",
     "node.embedded",

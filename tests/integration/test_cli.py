@@ -498,6 +498,88 @@ def test_dump_load_round_trips_100k_keys(broker_process: BrokerProcess, tmp_path
     assert time.monotonic() - t0 < 60
 
 
+def dump_all_contents(broker: BrokerProcess) -> dict[str, dict[str, object]]:
+    """Every namespace's key -> value, as 'dump --all' prints them (no TTLs)."""
+    r = cli("dump", "--all", broker=broker)
+    assert r.returncode == 0, r.stderr
+    out: dict[str, dict[str, object]] = {}
+    current: dict[str, object] = {}
+    for line in r.stdout.splitlines():
+        rec = json.loads(line)
+        if "namespace" in rec:
+            current = out.setdefault(rec["namespace"], {})
+        else:
+            current[rec["key"]] = rec["value"]
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_dump_all_and_load_all_carry_every_namespace_to_a_fresh_broker(
+        broker_process: BrokerProcess, tmp_path: Path) -> None:
+    """Issue 12 item 8: three namespaces (one empty, one with a max_keys, one with TTLs) go
+    through 'dump --all' / 'load --all' into a fresh broker: the same namespaces, max_keys,
+    values and TTLs. Versions restart (they are the target log's sequence numbers)."""
+    with shm_for(broker_process, "alpha") as a:
+        a.set_many({f"a/{i}": {"i": i} for i in range(50)})
+        a.set("a/0", "rewritten")  # a second version, so the source versions have gaps
+        a.delete("a/1")
+    with shm_for(broker_process, "beta", max_keys=100) as b:
+        b.set_many({"b/x": [1, 2], "b/y": None}, ttl=600)
+        b.set("b/z", "é \\ \"q\"")
+    shm_for(broker_process, "gamma").close()  # exists, holds nothing
+
+    dump_file = tmp_path / "all.jsonl"
+    with dump_file.open("wb") as f:
+        r = cli("dump", "--all", broker=broker_process, stdout=f)
+    assert r.returncode == 0, r.stderr
+    headers = [json.loads(line) for line in dump_file.read_text().splitlines()
+               if "namespace" in json.loads(line)]
+    assert headers == [{"namespace": "alpha", "max_keys": 0},
+                       {"namespace": "beta", "max_keys": 100},
+                       {"namespace": "gamma", "max_keys": 0}]
+
+    target = BrokerProcess(free_port_pair()).start()
+    try:
+        r = cli("--json", "load", "--all", broker=target, stdin=dump_file.read_bytes())
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"loaded": 52,
+                                        "namespaces": {"alpha": 49, "beta": 3, "gamma": 0}}
+        src, dst = stats(broker_process)["namespaces"], stats(target)["namespaces"]
+        assert set(dst) == {"alpha", "beta", "gamma"}
+        for name in dst:
+            assert (dst[name]["keys"], dst[name]["max_keys"]) == \
+                (src[name]["keys"], src[name]["max_keys"]), name
+        assert dump_all_contents(target) == dump_all_contents(broker_process)
+        with shm_for(target, "beta", max_keys=100) as b:
+            assert b.get("b/z") == "é \\ \"q\""
+            expires = b.get_metadata("b/x").expires_at
+            assert expires is not None
+            assert 500 < (expires - datetime.now(UTC)).total_seconds() <= 601
+            assert b.get_metadata("b/z").expires_at is None
+            assert b.get_metadata("b/z").version == 3  # a fresh log: versions restart
+        with shm_for(target, "alpha") as a:
+            assert a.get("a/0") == "rewritten" and not a.exists("a/1")
+
+        # Loading again into the now non-empty target keeps its namespaces' own limits
+        # and rewrites the values (new versions), like a plain 'load'.
+        r = cli("load", "--all", broker=target, stdin=dump_file.read_bytes())
+        assert r.returncode == 0, r.stderr
+        assert "loaded 52 keys into 3 namespaces" in r.stdout
+        assert dump_all_contents(target) == dump_all_contents(broker_process)
+    finally:
+        target.stop()
+
+
+def test_load_all_refuses_key_lines_before_a_namespace_line(
+        broker_process: BrokerProcess) -> None:
+    r = cli("load", "--all", broker=broker_process, stdin='{"key": "a", "value": 1}\n')
+    assert r.returncode == 2 and "line 1" in r.stderr and "dump --all" in r.stderr, r.stderr
+    bad = '{"namespace": "ok", "max_keys": 0}\n{"namespace": "n2", "max_keys": -1}\n'
+    r = cli("load", "--all", broker=broker_process, stdin=bad)
+    assert r.returncode == 2 and "line 2" in r.stderr and "max_keys" in r.stderr, r.stderr
+    assert "ok" not in stats(broker_process)["namespaces"]  # checked before anything is written
+
+
 @pytest.mark.timeout(60)
 def test_load_checks_every_line_before_writing(broker_process: BrokerProcess) -> None:
     good = '{"key": "a", "value": 1, "ttl": null}\n'
