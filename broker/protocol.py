@@ -8,7 +8,9 @@ Compatibility rule: new fields get defaults, so an older peer's messages still d
 
 Sockets and frames (see docs/protocol.md):
 - requests: node REQ/DEALER -> broker ROUTER, one frame ``Request``, answered by one ``Reply``;
-- events: broker XPUB -> node SUB, two frames: topic ``<namespace>\\0`` and one ``Published``.
+- events: broker XPUB -> node SUB: topic ``<namespace>\\0``, one ``Published``, and for an
+  ``EventBatch`` a third frame, its ``batch_header`` (term, epoch, seq range: enough for a
+  node to drop a duplicate without decoding the body).
 Values are JSON bytes encoded once by the writer; the broker never decodes them on the hot path.
 TTLs travel as *remaining seconds* at the moment of sending, never as wall-clock deadlines, so
 clocks of different hosts are never compared.
@@ -16,7 +18,8 @@ clocks of different hosts are never compared.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import struct
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -91,6 +94,42 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
 
 
 Published = EventBatch | Heartbeat
+
+
+# A published EventBatch's third frame: version, term, first and last seq (little-endian), then
+# the epoch's UTF-8 bytes. Fixed offsets, so a node compares it without any msgpack decode.
+BATCH_HEADER = struct.Struct("<BQQQ")
+BATCH_HEADER_VERSION = 1
+
+
+class BatchHeader(NamedTuple):
+    """What a batch's header frame says about its body (the same broker wrote both)."""
+
+    term: int
+    first_seq: int
+    last_seq: int
+    epoch: str
+
+
+def batch_header(epoch: str, term: int, first_seq: int, last_seq: int) -> bytes:
+    """The header frame of a published batch of events ``first_seq..last_seq``."""
+    return BATCH_HEADER.pack(BATCH_HEADER_VERSION, term, first_seq, last_seq) + epoch.encode()
+
+
+def read_batch_header(frame: bytes) -> BatchHeader | None:
+    """The header in ``frame``, or None when it is not one this version reads (too short,
+    another version, seqs out of order, an epoch that is not UTF-8): the receiver then decodes
+    the body as if there were no header. Never raises."""
+    if len(frame) < BATCH_HEADER.size or frame[0] != BATCH_HEADER_VERSION:
+        return None
+    _, term, first, last = BATCH_HEADER.unpack_from(frame)
+    if not 0 < first <= last:
+        return None
+    try:
+        epoch = frame[BATCH_HEADER.size:].decode()
+    except UnicodeDecodeError:
+        return None
+    return BatchHeader(term, first, last, epoch)
 
 
 # --------------------------------------------------------------------------- requests (commands)

@@ -59,6 +59,7 @@ MAX_REQUESTS_PER_TURN = 512
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_SNDMORE = int(zmq.SNDMORE)
 
 
 class Broker(BrokerLifecycle):
@@ -170,9 +171,13 @@ class Broker(BrokerLifecycle):
             return  # the term ended (or the broker stops): nothing of the turn is answered
         for out in turn.replies:
             self._send_reply(out.tag, out.reply, out.events)  # type: ignore[arg-type]
-        xpub = self.xpub
-        for namespace, body in turn.publishes:
-            xpub.send_multipart([topic_for(namespace), body])
+        send = self.xpub.send
+        for namespace, body, header in turn.publishes:
+            # [topic, body, header]: the header lets a node drop a duplicate undecoded
+            # (docs/protocol.md section 2); send with int flags, not send_multipart's enums.
+            send(topic_for(namespace), _SNDMORE)
+            send(body, _SNDMORE)
+            send(header)
 
     def _send_heartbeats(self) -> None:
         term = 0

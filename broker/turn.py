@@ -35,6 +35,7 @@ from broker.protocol import (
     SetMany,
     SetMaxKeys,
     Touch,
+    batch_header,
 )
 from broker.records import LogRecord
 
@@ -63,6 +64,15 @@ class Outgoing(NamedTuple):
     resent: tuple[bytes, int] | None = None
 
 
+class Publish(NamedTuple):
+    """One message for the event stream: a namespace's encoded ``EventBatch`` and its header
+    frame (``broker.protocol.batch_header``), which lets a node drop a duplicate undecoded."""
+
+    namespace: str
+    body: bytes
+    header: bytes
+
+
 @dataclass(slots=True)
 class Turn:
     """One turn's records to persist, then replies and publishes to send (in that order)."""
@@ -71,7 +81,7 @@ class Turn:
     wall: float
     records: list[LogRecord] = field(default_factory=list)
     replies: list[Outgoing] = field(default_factory=list)
-    publishes: list[tuple[str, bytes]] = field(default_factory=list)  # (namespace, body)
+    publishes: list[Publish] = field(default_factory=list)
     undo: list[tuple] = field(default_factory=list)  # the core's, for ``rollback``
     committed: bool = False
 
@@ -94,23 +104,25 @@ def persist(core: BrokerCore, event_log: Log, turn: Turn) -> bool:
 
 def merge_publishes(batches: Sequence[tuple[str, list[Event], bytes | None]], epoch: str,
                     encode: Callable[[EventBatch], bytes],
-                    term: int = 0) -> list[tuple[str, bytes]]:
+                    term: int = 0) -> list[Publish]:
     """One published batch per namespace, in order of first appearance.
 
     ``batches`` are ``(namespace, events, body)`` in log order, ``body`` the batch's encoding if
     already made (it is reused when a namespace had one batch this turn). The turn's events of a
     namespace are contiguous and all durable, and fewer, larger messages cost every subscriber
-    less."""
+    less. Every batch has events (a decision without events publishes nothing)."""
     merged: dict[str, list[tuple[list[Event], bytes | None]]] = {}
     for namespace, events, body in batches:
         merged.setdefault(namespace, []).append((events, body))
-    out: list[tuple[str, bytes]] = []
+    out: list[Publish] = []
     for namespace, parts in merged.items():
         if len(parts) == 1:
             events, body = parts[0]
-            out.append((namespace, body if body is not None
-                        else encode(EventBatch(namespace, epoch, events, term))))
+            if body is None:
+                body = encode(EventBatch(namespace, epoch, events, term))
         else:
             events = [e for part, _ in parts for e in part]
-            out.append((namespace, encode(EventBatch(namespace, epoch, events, term))))
+            body = encode(EventBatch(namespace, epoch, events, term))
+        out.append(Publish(namespace, body,
+                           batch_header(epoch, term, events[0].seq, events[-1].seq)))
     return out

@@ -36,6 +36,7 @@ import zmq
 
 from broker.errors import BrokerUnavailable, ProtocolError
 from broker.protocol import (
+    TOPIC_END,
     Error,
     EventBatch,
     Fetch,
@@ -51,6 +52,7 @@ from broker.protocol import (
     SnapshotReply,
     WriteOk,
     published_codec,
+    read_batch_header,
     reply_codec,
     request_codec,
     topic_for,
@@ -89,6 +91,7 @@ class NamespaceStatus:
     resyncs: int
     repairs: int
     term: int = 0  # highest broker-group term seen on this namespace's stream (0: single)
+    skipped: int = 0  # batches dropped by their header alone, never decoded (own writes' copies)
 
 
 def pick_pub_endpoint(broker: str, offered: list[str]) -> str:
@@ -166,6 +169,7 @@ class Node:
         self._wake_r.setblocking(False)
         self._closed = False
         self.connected = True
+        self.decoded = 0  # event-stream messages decoded (a batch skipped by header is not)
         self._thread = threading.Thread(target=self._run, name="sharedmem-node-io", daemon=True)
         self._io_ready = threading.Event()
         self._thread.start()
@@ -344,7 +348,7 @@ class Node:
             age = None if r.last_heard is None else now - r.last_heard
             head = max(r.head_seq, r.seq)
             return NamespaceStatus(namespace, cast(SyncState, r.phase.value), r.seq, head,
-                                   head - r.seq, age, r.resyncs, r.repairs, r.term)
+                                   head - r.seq, age, r.resyncs, r.repairs, r.term, r.skipped)
 
     def close(self) -> None:
         if self._closed:
@@ -443,26 +447,52 @@ class Node:
         return True
 
     def _drain_sub(self) -> None:
+        """Apply a burst of event-stream messages: one lock hold, one ``changed`` notification.
+
+        The burst is received before the lock is taken, so a writer applying its own write is
+        not held up by our socket calls; the poller reported the socket readable, so the first
+        ``recv`` needs no ``EVENTS`` check. A batch whose header frame shows it holds nothing
+        new (``Replica.skip_batch``: the stream copy of this node's own write, or a deposed
+        primary's) is dropped before its body is decoded."""
+        sub = self._sub
+        burst: list[list[bytes]] = []
+        for _ in range(10_000):
+            try:
+                burst.append(sub.recv_multipart(_NOBLOCK))
+            except zmq.Again:
+                break
+            if not sub.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a zmq.Again
+                break
+        if not burst:
+            return
         actions: list = []
+        changed = False
         with self.changed:
-            sub = self._sub
-            for _ in range(10_000):
-                if not sub.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a zmq.Again
-                    break
-                try:
-                    topic, body = sub.recv_multipart(_NOBLOCK)
-                except zmq.Again:
-                    break
-                except ValueError:
-                    logger.warning("dropping event-stream message with wrong frame count")
+            for frames in burst:
+                n = len(frames)
+                if n == 3:
+                    topic = frames[0]
+                    r = (self.replicas.get(topic[:-1].decode(errors="replace"))
+                         if topic[-1:] == TOPIC_END else None)
+                    header = read_batch_header(frames[2]) if r is not None else None
+                    if r is not None and header is not None:
+                        if header.term > r.term:
+                            self.route.note_term(header.term)  # a new primary: the tick finds
+                        if r.skip_batch(header.epoch, header.term, header.last_seq,
+                                        time.monotonic()):
+                            continue
+                elif n != 2:
+                    logger.warning("dropping event-stream message with %d frames", n)
                     continue
+                changed = True
                 try:
-                    msg = self._published.decode(body)
+                    msg = self._published.decode(frames[1])
                 except ProtocolError as exc:
                     logger.warning("dropping bad event-stream message: %s", exc)
                     continue
+                self.decoded += 1
                 r = self.replicas.get(msg.namespace)
-                if r is None or topic != topic_for(msg.namespace):
+                if r is None or frames[0] != topic_for(msg.namespace):
                     continue
                 if msg.term > r.term:
                     self.route.note_term(msg.term)  # a new primary: the tick finds where
@@ -473,7 +503,8 @@ class Node:
                     actions += r.on_heartbeat(msg, now)
                 if r.changes:
                     self._dispatch(r)
-            self.changed.notify_all()
+            if changed:  # skipped batches change nothing a waiter waits for
+                self.changed.notify_all()
         self._carry_out(actions)
 
     def _drain_dealer(self) -> None:

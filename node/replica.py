@@ -152,6 +152,7 @@ class Replica:
         self.head_seq = 0  # highest seq the broker has announced (events or heartbeats)
         self.term = 0  # highest broker-group term seen for this namespace (0: single broker)
         self.stale_dropped = 0  # batches and heartbeats dropped for a term below ``term``
+        self.skipped = 0  # batches dropped by their header alone, never decoded (skip_batch)
         self._buffer: list[tuple[EventBatch, float]] = []  # with arrival time (for TTLs)
         self._buffered = 0
         self._next_id = 0
@@ -262,6 +263,28 @@ class Replica:
         if batch.events:
             self.head_seq = max(self.head_seq, batch.events[-1].seq)
         return self._apply_live(batch.events, now)
+
+    def skip_batch(self, epoch: str, term: int, last_seq: int, now: float) -> bool:
+        """True when a published batch, known only by its header (epoch, term, last seq), can
+        be dropped without decoding it: it comes from a deposed primary, or this LIVE replica of
+        the same epoch already holds every one of its events (the stream copy of this node's own
+        write, applied from the reply; events a repair brought first). The effect is exactly
+        what ``on_batch`` of the decoded batch would have: the term is noted, the broker heard
+        from, nothing applied. Anything else (False) must be decoded and go to ``on_batch``."""
+        if term < self.term:
+            self.stale_dropped += 1
+            self.skipped += 1
+            return True
+        state = self.state
+        if self.phase is not Phase.LIVE or state is None or last_seq > state.seq \
+                or epoch != self.epoch:
+            return False
+        self.term = term
+        self.last_heard = now
+        if last_seq > self.head_seq:
+            self.head_seq = last_seq
+        self.skipped += 1
+        return True
 
     def _apply_live(self, events: list[Event], now: float) -> list[Action]:
         assert self.state is not None

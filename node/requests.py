@@ -41,6 +41,8 @@ from broker.protocol import (
 from node.routing import Route, rotation_delay
 
 logger = logging.getLogger("sharedmem.node")
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per call
+_POLLIN = int(zmq.POLLIN)
 
 CurveKeys = tuple[bytes, bytes, bytes]  # (our public, our secret, the broker's public), z85
 
@@ -161,7 +163,8 @@ class RequestChannel:
     def _wait(self, sock: zmq.Socket, timeout_ms: int) -> bool:
         """Wait for a reply; raise AccessDenied when the broker refuses our key."""
         if self._monitor is None:
-            return bool(sock.poll(timeout_ms, zmq.POLLIN))
+            # zmq_poll directly: Socket.poll builds a Poller (and enum flags) on every call.
+            return bool(zmq.zmq_poll([(sock, _POLLIN)], timeout_ms))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
@@ -225,7 +228,7 @@ class RequestChannel:
                 continue
             sock = self._socket()
             try:
-                sock.send(data, zmq.NOBLOCK)
+                sock.send(data, _NOBLOCK)
             except zmq.Again:
                 # Not connected yet and nothing queued: wait a little, bounded by the deadline.
                 self._reset()

@@ -11,6 +11,7 @@ import pytest
 from broker.core import MAX_BATCH_ITEMS, MAX_PATTERN_DELETE, BrokerCore, Decision, DedupTable
 from broker.log import MemoryLog
 from broker.protocol import (
+    BatchHeader,
     Delete,
     DeleteMany,
     DeletePattern,
@@ -31,6 +32,7 @@ from broker.protocol import (
     Snapshot,
     WriteOk,
     WriteRequest,
+    read_batch_header,
 )
 from broker.records import BatchRecord, NamespaceRecord
 
@@ -596,12 +598,15 @@ def test_a_turn_lists_records_then_replies_and_one_publish_per_namespace() -> No
     # a fresh write's reply carries its own batch; the publishes merge per namespace
     codec = published_codec()
     assert codec.decode(turn.replies[1].events).events == [KeySet(3, "x", b"1", 1002.0, 1002.0)]
-    published = {ns: codec.decode(body) for ns, body in turn.publishes}
-    assert [ns for ns, _ in turn.publishes] == [NS, "other"]
+    published = {ns: codec.decode(body) for ns, body, _ in turn.publishes}
+    assert [p.namespace for p in turn.publishes] == [NS, "other"]
     assert [e.seq for e in published[NS].events] == [2, 3, 4]
     assert [e.seq for e in published["other"].events] == [1]
     # a namespace with one batch this turn publishes exactly the bytes its reply carried
-    assert dict(turn.publishes)["other"] == turn.replies[2].events
+    assert turn.publishes[1].body == turn.replies[2].events
+    # each publish's header frame states its batch's term, epoch and seq range
+    assert [read_batch_header(p.header) for p in turn.publishes] == [
+        BatchHeader(0, 2, 4, EPOCH), BatchHeader(0, 1, 1, EPOCH)]
 
 
 def test_rollback_restores_everything_and_refuses_the_turn() -> None:

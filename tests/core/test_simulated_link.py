@@ -205,7 +205,7 @@ class Sim:
                 assert reply.seq < len(self.history[reply.epoch]), (
                     f"WriteOk for seq {reply.seq} sent before it was durable")
             self._replies[out.tag] = reply
-        for namespace, body in turn.publishes:
+        for namespace, body, _header in turn.publishes:
             batch = self.codec.decode(body)
             assert isinstance(batch, EventBatch) and namespace == NS
             assert batch.events[-1].seq < len(self.history[batch.epoch]), (

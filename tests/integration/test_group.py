@@ -412,7 +412,7 @@ class StreamRecorder:
     def _run(self) -> None:
         while not self.stop.is_set():
             if self.sock.poll(50):
-                _, body = self.sock.recv_multipart()
+                body = self.sock.recv_multipart()[1]  # [topic, body] or [topic, body, header]
                 self.messages.append(self.codec.decode(body))
 
     def close(self) -> None:
