@@ -273,6 +273,41 @@ class GroupShell:
             counters["group_lag"] = max(0, self._primary_lsn - g.lsn) if g.installed else -1
         return counters
 
+    def member_table(self, now: float) -> dict[str, dict[str, int | str]]:
+        """Each member as this one sees it (``StatsReply.group``, ``sharedmem stats``, the
+        metrics). Only the primary knows every follower's acked position; a standby reports
+        itself and the primary's position as its last Append showed it. Members known only from
+        their ``members/`` record in etcd are "unknown" (role) with -1 for what is not known."""
+        g = self.g
+        sync = set(g.sync_set)
+        table: dict[str, dict[str, int | str]] = {}
+        for name, rec in self.members.items():
+            table[name] = {"role": "unknown", "term": rec.term, "seq": -1, "lag": -1,
+                           "sync": int(name in sync)}
+        for name in sync:
+            table.setdefault(name, {"role": "unknown", "term": -1, "seq": -1, "lag": -1,
+                                    "sync": 1})
+        if g.is_primary:
+            table[self.member] = {"role": "primary", "term": g.term, "seq": g.lsn, "lag": 0,
+                                  "sync": 0}
+            for name, f in g.followers.items():
+                live = now - f.last_ack <= g.ack_timeout
+                table[name] = {"role": "standby" if f.installed and live else "unknown",
+                               "term": g.term, "seq": f.acked,
+                               "lag": g.lsn - max(f.acked, 0) if f.installed else -1,
+                               "sync": int(name in sync)}
+            return table
+        installed = g.installed and g.following is not None
+        table[self.member] = {"role": "standby", "term": g.known_term,
+                              "seq": g.lsn if installed else -1,
+                              "lag": max(0, self._primary_lsn - g.lsn) if installed else -1,
+                              "sync": int(self.member in sync)}
+        if g.primary is not None and g.primary != self.member:
+            table[g.primary] = {"role": "primary", "term": g.term,
+                                "seq": self._primary_lsn if installed else -1, "lag": 0,
+                                "sync": 0}
+        return table
+
     def on_poll(self, ready: dict[Any, int], now: float) -> None:
         """Between turns: the etcd inbox, the replication sockets, the link's timers."""
         self._drain_inbox(now)

@@ -1,0 +1,127 @@
+"""Operating a broker group (issue 10, Operations): ``sharedmem stats`` and the metrics show
+every member's role, term, position, lag and sync-set membership; ``python -m broker
+switchover`` hands leadership to a named in-sync standby with no acknowledged write lost.
+Real etcd (the ``etcd_cluster`` fixture), real ``python -m broker --group`` processes, driven
+with the helpers of tests/integration/test_group.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import wait_until
+from tests.history import History
+from tests.integration.test_group import (
+    Group,
+    Member,
+    Writer,
+    check_end,
+    current_term,
+    free_port_triple,
+    wait_progress,
+)
+from tests.processes import ROOT, child_env, free_port_pair
+
+
+@contextlib.contextmanager
+def group_with_metrics(tmp_path: Path, etcd: Any) -> Iterator[tuple[Group, dict[str, int]]]:
+    """Three members, each with its own --metrics-port (name -> port)."""
+    ports = {f"m{i}": free_port_pair() for i in range(3)}
+    members = [Member(name, free_port_triple(), tmp_path / name, etcd.endpoint_string,
+                      extra=("--metrics-port", str(port))) for name, port in ports.items()]
+    g = Group(members)
+    try:
+        for m in members:
+            m.start()
+        yield g, ports
+    finally:
+        g.stop_all()
+
+
+def cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def broker_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def seeds(group: Group) -> str:
+    return ",".join(group.addresses())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_stats_and_metrics_show_every_member_of_the_group(tmp_path: Path,
+                                                          etcd_cluster: Any) -> None:
+    with group_with_metrics(tmp_path, etcd_cluster) as (group, ports):
+        primary = group.wait_formed()
+        term = current_term(primary)
+        history = History()
+        writers = [Writer("w0", group.addresses(), history).start()]
+        wait_progress(writers, 30, 30, "writes through the group", group)
+        writers[0].join()
+
+        def settled() -> dict[str, Any] | None:
+            r = cli("--broker", seeds(group), "stats", "--json")
+            assert r.returncode == 0, r.stderr
+            members = json.loads(r.stdout).get("group", {})
+            standbys = [m for n, m in members.items() if n != primary.name]
+            if len(standbys) == 2 and all(m["role"] == "standby" and m["lag"] == 0
+                                          and m["sync"] == 1 for m in standbys):
+                return members
+            return None
+
+        members = wait_until(settled, 30, 0.1, "stats to show two caught-up standbys")  # poll
+        assert set(members) == {m.name for m in group.members}
+        p = members[primary.name]
+        assert p["role"] == "primary" and p["term"] == term and p["seq"] >= 30
+        for name, m in members.items():
+            assert m["term"] == term, (name, m)
+            if name != primary.name:
+                assert m["seq"] == p["seq"], (name, m, p)
+
+        text = cli("--broker", seeds(group), "stats")
+        assert text.returncode == 0, text.stderr
+        assert "group members: 3" in text.stdout
+        lines = {ln.split()[0]: ln.split() for ln in text.stdout.splitlines()
+                 if ln.strip() and ln.split()[0] in members}
+        assert lines[primary.name][1:3] == ["primary", str(term)]
+        assert all(lines[n][1] == "standby" and lines[n][-1] == "yes"
+                   for n in members if n != primary.name), lines
+
+        # The primary's metrics carry the same table, labelled by member and role.
+        def scraped() -> dict[tuple[str, str], float] | None:
+            url = f"http://127.0.0.1:{ports[primary.name]}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+            lag, sync = fams.get("sharedmem_group_member_lag"), \
+                fams.get("sharedmem_group_member_in_sync_set")
+            if lag is None or sync is None:
+                return None
+            out = {(s.labels["member"], s.labels["role"]): s.value for s in lag.samples}
+            in_sync = {s.labels["member"]: s.value for s in sync.samples}
+            return out if len(out) == 3 and sum(in_sync.values()) == 2 else None
+
+        lags = wait_until(scraped, 15, 0.1, "the group metrics")  # poll
+        assert lags[(primary.name, "primary")] == 0
+        assert sorted(r for (_, r) in lags) == ["primary", "standby", "standby"]
+        # A standby's own Stats shows itself and the primary it follows.
+        standby = next(m for m in group.members if m is not primary)
+        r = cli("--broker", standby.address, "stats", "--json")
+        assert r.returncode == 0, r.stderr
+        seen = json.loads(r.stdout)["group"]
+        assert seen[standby.name]["role"] == "standby"
+        assert seen[primary.name]["role"] == "primary"
+        check_end(group, history, [])
