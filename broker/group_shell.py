@@ -62,6 +62,7 @@ from broker.group import (
     ChangeConfig,
     FollowPrimary,
     GroupCore,
+    HandOff,
     PersistTerm,
     Verdict,
 )
@@ -79,6 +80,7 @@ from broker.replication import (
     RetainedLog,
     chunks,
 )
+from broker.switchover import SwitchoverRequest, switchover_key
 from broker.turn import Turn, persist
 
 if TYPE_CHECKING:
@@ -237,8 +239,11 @@ class GroupShell:
         return 20
 
     def refusal(self, request: object) -> Reply | None:
-        """A standby answers every request but Hello and Stats with NotPrimary."""
-        if self.g.is_primary or type(request) is Hello or type(request) is Stats:
+        """A standby (or a primary handing over) answers every request but Hello and Stats
+        with NotPrimary."""
+        if type(request) is Hello or type(request) is Stats:
+            return None
+        if self.g.is_primary and not self.g.handing_over:
             return None
         return NotPrimary(self.g.known_term, self._primary_endpoint())
 
@@ -367,7 +372,7 @@ class GroupShell:
         for a in actions:
             if isinstance(a, PersistTerm):
                 write_small_file(self.durable.data_dir / TERM_FILE, f"{a.term}\n")
-            elif isinstance(a, (Campaign, ChangeConfig)):
+            elif isinstance(a, (Campaign, ChangeConfig, HandOff)):
                 self._outbox.put(a)
             elif isinstance(a, BecomePrimary):
                 self._close_dealer()
@@ -418,6 +423,8 @@ class GroupShell:
                              ",".join(g.changing.config.sync_set) if g.changing else "?",
                              g.term)
                 self._do(g.on_config_changed(item[1], item[2]))
+            elif kind in ("switchover", "handoff"):
+                self._on_switchover_item(item, now)
 
     # ------------------------------------------------------------------ primary side
 
@@ -480,7 +487,11 @@ class GroupShell:
         """Send ``member`` the whole state at the current lsn (v1: every join is in full)."""
         core, g = self.broker.core, self.g
         mono, wall = time.monotonic(), time.time()
-        snapshot = core.frozen_view(0, mono, wall)()
+        build = core.frozen_view(0, mono, wall)
+        # Built here on the loop thread, which is also the one that copies frozen views:
+        # copy it now, or ``build`` waits forever for the loop it blocks.
+        core.finish_freezes()
+        snapshot = build()
         retained = []
         log_ = core.log
         for name in core.namespaces:
@@ -726,6 +737,9 @@ class GroupShell:
             elif event.key == keys.config:
                 cfg = GroupConfig.decode(event.value) if put else None
                 self._inbox.put(("config", cfg, event.mod_revision if put else 0))
+            elif event.key == switchover_key(keys):
+                self._inbox.put(("switchover",
+                                 SwitchoverRequest.decode(event.value) if put else None))
             elif event.key.startswith(keys.members_prefix):
                 name = keys.member_name(event.key)
                 self._inbox.put(("member", name,
@@ -765,6 +779,8 @@ class GroupShell:
                         # revision (or the primary learns its leader key is gone).
                         self._report_current(result.current)
                     self._inbox.put(("changed", result.succeeded, result.revision))
+                elif isinstance(action, HandOff):
+                    self._hand_off(etcd, action)
                 elif action == ("member",):
                     with self._lease_lock:
                         lease = self._lease
@@ -781,7 +797,54 @@ class GroupShell:
                     self._inbox.put(("campaign", False, 0))
                 elif isinstance(action, ChangeConfig):
                     self._inbox.put(("changed", False, 0))
+                elif isinstance(action, HandOff):
+                    self._inbox.put(("handoff", False, 0))
 
+
+    # ------------------------------------------------------------------ switchover
+
+    def _on_switchover_item(self, item: tuple[Any, ...], now: float) -> None:
+        """Loop thread: a switchover request seen in etcd, or the hand-off's outcome."""
+        g = self.g
+        if item[0] == "handoff":
+            succeeded, revision = item[1], item[2]
+            target = g.switchover_to
+            self._do(g.on_handoff_result(succeeded, revision))
+            if succeeded:
+                log.warning("switchover: leadership handed to %s (term %d)", target,
+                            g.known_term)
+            else:
+                log.warning("switchover to %s failed: taking writes again", target)
+            return
+        request: SwitchoverRequest | None = item[1]
+        if request is None or not g.is_primary:
+            return
+        why = g.request_switchover(request.to, request.term, now, request.timeout)
+        if why:
+            log.warning("switchover to %s refused: %s", request.to, why)
+        else:
+            log.warning("switchover to %s: taking no new write until it has acked everything",
+                        request.to)
+
+    def _hand_off(self, etcd: EtcdCoordinator, action: HandOff) -> None:
+        """Action thread: the switchover transaction. The leader key moves to the target's own
+        lease (read from its ``members/`` record, which lives under it), so the target keeps
+        it alive as if it had won an election; guarded by this member holding the leader key
+        and the config being the one the hand-off was decided on."""
+        keys = self.keys
+        record = etcd.get(keys.member(action.target)).first
+        if record is None or not record.lease:
+            log.warning("switchover: %s has no live member record", action.target)
+            self._inbox.put(("handoff", False, 0))
+            return
+        result = etcd.transact(
+            [ValueIs(keys.leader, self.member.encode()),
+             ModRevisionIs(keys.config, action.revision)],
+            [Put(keys.leader, action.target.encode(), Lease(record.lease, 0)),
+             Put(keys.config, action.config.encode())])
+        if not result.succeeded:
+            self._report_current(result.current)
+        self._inbox.put(("handoff", result.succeeded, result.revision))
 
     def _report_current(self, current: Mapping[str, KeyValue | None]) -> None:
         """A failed transaction's read-back of the leader and config keys, to the loop."""

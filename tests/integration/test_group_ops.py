@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -27,6 +28,7 @@ from tests.integration.test_group import (
     check_end,
     current_term,
     free_port_triple,
+    running_group,
     wait_progress,
 )
 from tests.processes import ROOT, child_env, free_port_pair
@@ -125,3 +127,84 @@ def test_stats_and_metrics_show_every_member_of_the_group(tmp_path: Path,
         assert seen[standby.name]["role"] == "standby"
         assert seen[primary.name]["role"] == "primary"
         check_end(group, history, [])
+
+
+def full(m: Member) -> str:
+    assert m.proc is not None
+    m.proc.stderr_file.seek(0)
+    return "\n".join(ln for ln in m.proc.stderr_file.read().splitlines() if "following" not in ln)
+
+
+def switchover(etcd: Any, to: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return broker_cli("switchover", "--group", "g", "--etcd", etcd.endpoint_string, "--to", to,
+                      *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_switchover_hands_leadership_to_the_named_standby_with_no_write_lost(
+        tmp_path: Path, etcd_cluster: Any) -> None:
+    with running_group(tmp_path, etcd_cluster) as group:
+        primary = group.wait_formed()
+        term = current_term(primary)
+        history = History()
+        writers = [Writer(f"w{i}", group.addresses(), history).start() for i in range(4)]
+        wait_progress(writers, 50, 30, "writes before the switchover", group)
+        target = next(m for m in group.members if m is not primary)
+        r = switchover(etcd_cluster, target.name)
+        assert r.returncode == 0, r.stderr + "\n" + primary.stderr()
+        assert r.stdout.strip() == (f"switchover done: {target.name} is the primary of group "
+                                    f"g, term {term + 1}"), r.stdout
+        # The named standby leads in term + 1 (no election in between), writes go on there.
+        try:
+            wait_until(lambda: group.primary() is target, 30, 0.05, "the target to lead")
+        except AssertionError:
+            raise AssertionError(f"{group.roles()}\n" + "\n".join(
+                f"--- {m.name}:\n{full(m)}" for m in group.members)) from None
+        assert current_term(target) == term + 1
+        wait_progress(writers, 50, 30, "writes under the new primary", group)
+        assert any(t == term + 1 for w in writers for _, _, t in list(w.acks))
+        assert {t for w in writers for _, _, t in list(w.acks)} <= {term, term + 1}
+        # The old primary is a standby of the new term and rejoins the sync set.
+        old = primary.stats()
+        assert old is not None and old["group_primary"] == 0, old
+        wait_until(lambda: (target.stats() or {}).get("group_sync_set") == 2, 30, 0.05,
+                   "the old primary and the other standby to join the new sync set")
+        wait_until(lambda: (primary.stats() or {}).get("group_in_sync_set") == 1, 30, 0.05,
+                   "the old primary to see itself in the sync set")
+        assert all(s is not None and s["group_term"] == term + 1
+                   for s in group.roles().values()), group.roles()
+        check_end(group, history, writers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_switchover_refuses_a_target_outside_the_sync_set(tmp_path: Path,
+                                                          etcd_cluster: Any) -> None:
+    with running_group(tmp_path, etcd_cluster) as group:
+        primary = group.wait_formed()
+        term = current_term(primary)
+        r = switchover(etcd_cluster, primary.name)
+        assert r.returncode == 2 and "is the primary of group 'g' already" in r.stderr, r
+        r = switchover(etcd_cluster, "nobody")
+        assert r.returncode == 2 and "nobody is not in the sync set" in r.stderr, r
+        # A paused standby leaves the sync set: it may lack acknowledged writes from then on.
+        lagging = next(m for m in group.members if m is not primary)
+        lagging.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: (primary.stats() or {}).get("group_sync_set") == 1, 30, 0.05,
+                       "the paused standby to leave the sync set")
+            history = History()
+            writers = [Writer("w0", group.addresses(), history).start()]
+            wait_progress(writers, 20, 30, "writes without the paused standby", group)
+            r = switchover(etcd_cluster, lagging.name)
+            assert r.returncode == 2, r
+            assert f"{lagging.name} is not in the sync set" in r.stderr, r.stderr
+            assert "only an in-sync standby holds every acknowledged write" in r.stderr
+            assert group.primary() is primary and current_term(primary) == term
+            wait_progress(writers, 20, 30, "writes after the refusal", group)
+        finally:
+            lagging.signal(signal.SIGCONT)
+        r = broker_cli("switchover", "--group", "g", "--etcd", etcd_cluster.endpoint_string)
+        assert r.returncode == 2 and "--to" in r.stderr, r
+        check_end(group, history, writers)
