@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +209,57 @@ def test_switchover_refuses_a_target_outside_the_sync_set(tmp_path: Path,
         r = broker_cli("switchover", "--group", "g", "--etcd", etcd_cluster.endpoint_string)
         assert r.returncode == 2 and "--to" in r.stderr, r
         check_end(group, history, writers)
+
+
+def pid_gone(pid: int) -> bool:
+    """No such process (a zombie counts as alive: its parent has not reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "X"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_scripts_group_serves_through_its_seed_list_and_stops_every_child(
+        tmp_path: Path) -> None:
+    from tests.etcd_cluster import require_etcd
+
+    require_etcd()
+    from node import SharedMemory, SharedMemoryConfig
+
+    log = (tmp_path / "group.err").open("w")
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "group"), "--dir",
+                             str(tmp_path / "g")], cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(ln.strip() for ln in proc.stdout),
+                              daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (lines, (tmp_path / "group.err").read_text())
+            return any(ln.startswith("sharedmem group ready") for ln in list(lines))
+
+        wait_until(ready, 90, 0.05, "the ready line of scripts/group")  # poll
+        assert lines[0] == f"sharedmem group: data and logs in {tmp_path / 'g'}"
+        seeds = next(ln for ln in lines if ln.startswith("SHAREDMEM_BROKER=")).split("=", 1)[1]
+        assert len(seeds.split(",")) == 3
+        ready_line = next(ln for ln in lines if ln.startswith("sharedmem group ready"))
+        pids = [int(p) for p in ready_line.split(" pids ")[1].split()[0].split(",")]
+        assert len(pids) == 6  # three etcd members, three brokers
+        assert all(not pid_gone(p) for p in pids)
+        with SharedMemory(SharedMemoryConfig(namespace="tryout", broker=seeds)) as shm:
+            shm.set("k", {"v": 1})
+            assert shm.get("k") == {"v": 1}
+        with SharedMemory(SharedMemoryConfig(namespace="tryout", broker=seeds)) as other:
+            assert wait_until(lambda: other.get("k"), 10, 0.02, "the write on a second node")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        log.close()
+    assert rc == 0, (tmp_path / "group.err").read_text()
+    wait_until(lambda: all(pid_gone(p) for p in pids), 20, 0.05,
+               "every child of scripts/group to be gone")  # poll
