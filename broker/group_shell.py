@@ -243,7 +243,11 @@ class GroupShell:
         with NotPrimary."""
         if type(request) is Hello or type(request) is Stats:
             return None
-        if self.g.is_primary and not self.g.handing_over:
+        if self.g.handing_over:
+            # Not itself (a client would come straight back), nor yet the target (it refuses
+            # until it has seen the hand-off): nobody, so clients back off and rotate.
+            return NotPrimary(self.g.known_term, "")
+        if self.g.is_primary:
             return None
         return NotPrimary(self.g.known_term, self._primary_endpoint())
 
