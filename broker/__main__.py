@@ -21,7 +21,9 @@ SUBCOMMANDS_HELP = """\
 other commands:
   {prog} repair --data-dir DIR   truncate a corrupt log at its last good record
   {prog} keygen NAME [--dir DIR] create a CURVE key pair (DIR/NAME.key, DIR/NAME.key_secret)
-  ({prog} repair --help, {prog} keygen --help for details)
+  {prog} switchover --group G --etcd URLS --to MEMBER
+                                 hand a group's leadership to an in-sync standby
+  ({prog} repair --help, {prog} keygen --help, {prog} switchover --help for details)
 """
 
 
@@ -144,6 +146,36 @@ def keygen_main(argv: list[str]) -> int:
     return 0
 
 
+def switchover_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog=f"{prog_name()} switchover",
+        description="Hand a broker group's leadership to a named in-sync standby with no "
+                    "acknowledged write lost (docs/operations.md). Exit 0 when it is primary, "
+                    "2 when refused (nothing changed), 1 when it did not happen in time.")
+    p.add_argument("--group", required=True)
+    p.add_argument("--etcd", required=True, metavar="URLS",
+                   help="http://HOST:2379[,http://HOST2:2379,...]")
+    p.add_argument("--to", required=True, metavar="MEMBER", help="the standby to lead next")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds the primary may wait for the standby's acks (default 10)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    from broker.coordination import CoordinationError
+    from broker.switchover import SwitchoverFailed, SwitchoverRefused, switchover
+
+    try:
+        config = switchover(args.etcd, args.group, args.to, args.timeout)
+    except (SwitchoverRefused, ValueError) as exc:
+        print(f"broker switchover: refused: {exc}", file=sys.stderr)
+        return 2
+    except (SwitchoverFailed, CoordinationError) as exc:
+        print(f"broker switchover: failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"switchover done: {config.primary} is the primary of group {args.group}, "
+          f"term {config.term}")
+    return 0
+
+
 def group_shell(args: argparse.Namespace, broker: Broker) -> GroupShell:
     """The GroupShell of ``--group`` (imported only then: etcd stays off the single path).
     Raises ValueError saying which option is wrong."""
@@ -182,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         return repair_main(argv[1:])
     if argv[:1] == ["keygen"]:
         return keygen_main(argv[1:])
+    if argv[:1] == ["switchover"]:
+        return switchover_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

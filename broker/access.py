@@ -105,4 +105,5 @@ class Access:
         if self.security is None:
             return stats
         return StatsReply(stats.epoch, {k: v for k, v in stats.namespaces.items()
-                                        if self.may_read(user, k)}, stats.counters)
+                                        if self.may_read(user, k)}, stats.counters,
+                          stats.group)

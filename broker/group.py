@@ -102,7 +102,19 @@ class FollowPrimary:
     term: int
 
 
-Action = PersistTerm | Campaign | ChangeConfig | BecomePrimary | BecomeStandby | FollowPrimary
+@dataclass(frozen=True)
+class HandOff:
+    """Switchover: one transaction guarded by the leader key (``leader`` is this member) and
+    the config at ``revision``: put the leader key naming ``target`` under the target's own
+    lease, and ``config`` (term + 1, primary ``target``, an empty sync set)."""
+
+    config: GroupConfig
+    revision: int
+    target: str
+
+
+Action = (PersistTerm | Campaign | ChangeConfig | BecomePrimary | BecomeStandby | FollowPrimary
+          | HandOff)
 
 
 @dataclass
@@ -131,6 +143,10 @@ class GroupCore:
     changing: ChangeConfig | None = None  # the config CAS in flight
     adding: frozenset[str] = frozenset()  # members the CAS in flight adds
     last_sync_ok: float | None = None  # primary: when it last had every sync ack it needs
+    switchover_to: str | None = None  # primary: handing leadership to this standby
+    switchover_deadline: float = 0.0  # primary: give the switchover up (and write again) then
+    handoff: HandOff | None = None  # primary: the switchover transaction in flight
+    handoff_term: int = 0  # standby: a config naming it primary of a term it never promised
 
     def __post_init__(self) -> None:
         if self.min_sync < 0:
@@ -193,6 +209,12 @@ class GroupCore:
         """The config key as read or watched (None: absent) at ``revision``."""
         if self.config_known and revision < self.config_revision:
             return []  # older than what is known
+        if not self.is_primary:
+            # A config naming this member primary of a term it never promised can only be a
+            # switchover's hand-off (a campaign names its own campaigner, after its promise).
+            self.handoff_term = config.term if (
+                config is not None and config.primary == self.member
+                and config.term > self.promised) else 0
         self.config, self.config_revision, self.config_known = config, revision, True
         actions: list[Action] = []
         if config is not None and config.term > self.promised:
@@ -204,7 +226,7 @@ class GroupCore:
                     f"the group config now says term {config.term if config else 0} "
                     f"primary {config.primary if config else None!r}")
             return actions
-        return actions + self._evaluate()
+        return actions + self._evaluate() + self._take_handoff()
 
     def on_leader(self, name: str | None) -> list[Action]:
         """The leader key as read or watched (None: absent, e.g. an observed DELETE)."""
@@ -213,7 +235,7 @@ class GroupCore:
             if name != self.member:
                 return self.step_down(f"the leader key is now {name!r}: this lease is gone")
             return []
-        return self._evaluate()
+        return self._evaluate() + self._take_handoff()
 
     def on_lease_lost(self) -> list[Action]:
         """The member's lease expired or was revoked (its leader key is gone with it)."""
@@ -264,6 +286,7 @@ class GroupCore:
             return []
         self.role = Role.STANDBY
         self.followers, self.changing, self.adding = {}, None, frozenset()
+        self.switchover_to, self.handoff = None, None
         self.following, self.installed, self.last_sync_ok = None, False, None
         return [BecomeStandby(reason), *self._evaluate()]
 
@@ -315,6 +338,8 @@ class GroupCore:
             return []
         if self.committed(self.lsn):
             self.last_sync_ok = now
+        if self.switchover_to is not None:
+            return self._switchover_tick(now)
         if self.changing is not None or self.config is None:
             return []
         sync = list(self.sync_set)
@@ -373,3 +398,77 @@ class GroupCore:
         """The standby made ``count`` more records durable and applied; returns its lsn."""
         self.lsn += count
         return self.lsn
+
+    # ------------------------------------------------------------------ switchover
+
+    @property
+    def handing_over(self) -> bool:
+        """Primary: a switchover is under way, so no new write is taken."""
+        return self.is_primary and self.switchover_to is not None
+
+    def request_switchover(self, target: str, term: int, now: float, timeout: float) -> str:
+        """An operator asks to hand leadership to ``target`` (the request names the term it
+        saw). Returns "" when accepted, else why not. Accepted: the primary takes no new write;
+        once every record is acked by the target (it is in the sync set, so every committed one
+        already is), ``tick`` returns the ``HandOff``. Given up after ``timeout`` seconds."""
+        if not self.is_primary:
+            return "this member is not the primary"
+        if term != self.term:
+            return f"the request is for term {term}, this primary's term is {self.term}"
+        if target == self.member:
+            return f"{target} is the primary already"
+        if target not in self.sync_set:
+            return (f"{target} is not in the sync set {list(self.sync_set)}: only an in-sync "
+                    "standby holds every acknowledged write")
+        if self.switchover_to == target:
+            return ""  # the same request seen again (a re-read of the key)
+        if self.switchover_to is not None:
+            return f"a switchover to {self.switchover_to} is under way"
+        self.switchover_to, self.switchover_deadline = target, now + timeout
+        return ""
+
+    def _switchover_tick(self, now: float) -> list[Action]:
+        target, cfg = self.switchover_to, self.config
+        assert target is not None
+        if self.handoff is not None:
+            return []  # its outcome comes with on_handoff_result
+        if now > self.switchover_deadline or cfg is None or target not in cfg.sync_set:
+            self.switchover_to = None  # given up: writes are taken again
+            return []
+        f = self.followers.get(target)
+        if (self.changing is not None or f is None or not f.installed or f.acked < self.lsn
+                or not self._live(target, now)):
+            return []
+        # The target holds every record of this term (acked) and every earlier one (it was
+        # installed), so a primary of term + 1 on its state lacks no acknowledged write.
+        self.handoff = HandOff(GroupConfig(term=self.term + 1, primary=target, sync_set=(),
+                                           epoch=cfg.epoch or self.epoch),
+                               self.config_revision, target)
+        return [self.handoff]
+
+    def on_handoff_result(self, succeeded: bool, revision: int) -> list[Action]:
+        """The switchover transaction's outcome (on failure writes are taken again; the watch
+        brings whatever the config is now)."""
+        handoff, self.handoff = self.handoff, None
+        if handoff is None or not self.is_primary:
+            return []
+        if not succeeded:
+            self.switchover_to = None
+            return []
+        return self.on_config(handoff.config, revision)  # names another primary: step down
+
+    def _take_handoff(self) -> list[Action]:
+        """Standby: the config names it primary of a term it never promised and the leader
+        key is its own (both put by the old primary's switchover transaction): it leads now.
+        Its state is the one the old primary saw acked, so it serves at once."""
+        cfg = self.config
+        if (self.is_primary or not self.handoff_term or cfg is None
+                or cfg.term != self.handoff_term or cfg.primary != self.member
+                or self.leader != self.member):
+            return []
+        self.handoff_term = 0
+        self.role, self.term, self.lsn = Role.PRIMARY, cfg.term, 0
+        self.following, self.installed = None, False
+        self.followers, self.changing, self.adding = {}, None, frozenset()
+        self.last_sync_ok = None
+        return [BecomePrimary(self.term)]

@@ -62,6 +62,7 @@ from broker.group import (
     ChangeConfig,
     FollowPrimary,
     GroupCore,
+    HandOff,
     PersistTerm,
     Verdict,
 )
@@ -79,6 +80,7 @@ from broker.replication import (
     RetainedLog,
     chunks,
 )
+from broker.switchover import SwitchoverRequest, switchover_key
 from broker.turn import Turn, persist
 
 if TYPE_CHECKING:
@@ -237,8 +239,15 @@ class GroupShell:
         return 20
 
     def refusal(self, request: object) -> Reply | None:
-        """A standby answers every request but Hello and Stats with NotPrimary."""
-        if self.g.is_primary or type(request) is Hello or type(request) is Stats:
+        """A standby (or a primary handing over) answers every request but Hello and Stats
+        with NotPrimary."""
+        if type(request) is Hello or type(request) is Stats:
+            return None
+        if self.g.handing_over:
+            # Not itself (a client would come straight back), nor yet the target (it refuses
+            # until it has seen the hand-off): nobody, so clients back off and rotate.
+            return NotPrimary(self.g.known_term, "")
+        if self.g.is_primary:
             return None
         return NotPrimary(self.g.known_term, self._primary_endpoint())
 
@@ -272,6 +281,41 @@ class GroupShell:
             # Records behind the followed primary, as its last Append showed (-1: unknown).
             counters["group_lag"] = max(0, self._primary_lsn - g.lsn) if g.installed else -1
         return counters
+
+    def member_table(self, now: float) -> dict[str, dict[str, int | str]]:
+        """Each member as this one sees it (``StatsReply.group``, ``sharedmem stats``, the
+        metrics). Only the primary knows every follower's acked position; a standby reports
+        itself and the primary's position as its last Append showed it. Members known only from
+        their ``members/`` record in etcd are "unknown" (role) with -1 for what is not known."""
+        g = self.g
+        sync = set(g.sync_set)
+        table: dict[str, dict[str, int | str]] = {}
+        for name, rec in self.members.items():
+            table[name] = {"role": "unknown", "term": rec.term, "seq": -1, "lag": -1,
+                           "sync": int(name in sync)}
+        for name in sync:
+            table.setdefault(name, {"role": "unknown", "term": -1, "seq": -1, "lag": -1,
+                                    "sync": 1})
+        if g.is_primary:
+            table[self.member] = {"role": "primary", "term": g.term, "seq": g.lsn, "lag": 0,
+                                  "sync": 0}
+            for name, f in g.followers.items():
+                live = now - f.last_ack <= g.ack_timeout
+                table[name] = {"role": "standby" if f.installed and live else "unknown",
+                               "term": g.term, "seq": f.acked,
+                               "lag": g.lsn - max(f.acked, 0) if f.installed else -1,
+                               "sync": int(name in sync)}
+            return table
+        installed = g.installed and g.following is not None
+        table[self.member] = {"role": "standby", "term": g.known_term,
+                              "seq": g.lsn if installed else -1,
+                              "lag": max(0, self._primary_lsn - g.lsn) if installed else -1,
+                              "sync": int(self.member in sync)}
+        if g.primary is not None and g.primary != self.member:
+            table[g.primary] = {"role": "primary", "term": g.term,
+                                "seq": self._primary_lsn if installed else -1, "lag": 0,
+                                "sync": 0}
+        return table
 
     def on_poll(self, ready: dict[Any, int], now: float) -> None:
         """Between turns: the etcd inbox, the replication sockets, the link's timers."""
@@ -332,7 +376,7 @@ class GroupShell:
         for a in actions:
             if isinstance(a, PersistTerm):
                 write_small_file(self.durable.data_dir / TERM_FILE, f"{a.term}\n")
-            elif isinstance(a, (Campaign, ChangeConfig)):
+            elif isinstance(a, (Campaign, ChangeConfig, HandOff)):
                 self._outbox.put(a)
             elif isinstance(a, BecomePrimary):
                 self._close_dealer()
@@ -383,6 +427,8 @@ class GroupShell:
                              ",".join(g.changing.config.sync_set) if g.changing else "?",
                              g.term)
                 self._do(g.on_config_changed(item[1], item[2]))
+            elif kind in ("switchover", "handoff"):
+                self._on_switchover_item(item, now)
 
     # ------------------------------------------------------------------ primary side
 
@@ -695,6 +741,9 @@ class GroupShell:
             elif event.key == keys.config:
                 cfg = GroupConfig.decode(event.value) if put else None
                 self._inbox.put(("config", cfg, event.mod_revision if put else 0))
+            elif event.key == switchover_key(keys):
+                self._inbox.put(("switchover",
+                                 SwitchoverRequest.decode(event.value) if put else None))
             elif event.key.startswith(keys.members_prefix):
                 name = keys.member_name(event.key)
                 self._inbox.put(("member", name,
@@ -734,6 +783,8 @@ class GroupShell:
                         # revision (or the primary learns its leader key is gone).
                         self._report_current(result.current)
                     self._inbox.put(("changed", result.succeeded, result.revision))
+                elif isinstance(action, HandOff):
+                    self._hand_off(etcd, action)
                 elif action == ("member",):
                     with self._lease_lock:
                         lease = self._lease
@@ -750,7 +801,54 @@ class GroupShell:
                     self._inbox.put(("campaign", False, 0))
                 elif isinstance(action, ChangeConfig):
                     self._inbox.put(("changed", False, 0))
+                elif isinstance(action, HandOff):
+                    self._inbox.put(("handoff", False, 0))
 
+
+    # ------------------------------------------------------------------ switchover
+
+    def _on_switchover_item(self, item: tuple[Any, ...], now: float) -> None:
+        """Loop thread: a switchover request seen in etcd, or the hand-off's outcome."""
+        g = self.g
+        if item[0] == "handoff":
+            succeeded, revision = item[1], item[2]
+            target = g.switchover_to
+            self._do(g.on_handoff_result(succeeded, revision))
+            if succeeded:
+                log.warning("switchover: leadership handed to %s (term %d)", target,
+                            g.known_term)
+            else:
+                log.warning("switchover to %s failed: taking writes again", target)
+            return
+        request: SwitchoverRequest | None = item[1]
+        if request is None or not g.is_primary:
+            return
+        why = g.request_switchover(request.to, request.term, now, request.timeout)
+        if why:
+            log.warning("switchover to %s refused: %s", request.to, why)
+        else:
+            log.warning("switchover to %s: taking no new write until it has acked everything",
+                        request.to)
+
+    def _hand_off(self, etcd: EtcdCoordinator, action: HandOff) -> None:
+        """Action thread: the switchover transaction. The leader key moves to the target's own
+        lease (read from its ``members/`` record, which lives under it), so the target keeps
+        it alive as if it had won an election; guarded by this member holding the leader key
+        and the config being the one the hand-off was decided on."""
+        keys = self.keys
+        record = etcd.get(keys.member(action.target)).first
+        if record is None or not record.lease:
+            log.warning("switchover: %s has no live member record", action.target)
+            self._inbox.put(("handoff", False, 0))
+            return
+        result = etcd.transact(
+            [ValueIs(keys.leader, self.member.encode()),
+             ModRevisionIs(keys.config, action.revision)],
+            [Put(keys.leader, action.target.encode(), Lease(record.lease, 0)),
+             Put(keys.config, action.config.encode())])
+        if not result.succeeded:
+            self._report_current(result.current)
+        self._inbox.put(("handoff", result.succeeded, result.revision))
 
     def _report_current(self, current: Mapping[str, KeyValue | None]) -> None:
         """A failed transaction's read-back of the leader and config keys, to the loop."""

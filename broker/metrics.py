@@ -79,6 +79,34 @@ def metric_families(stats: StatsReply) -> Iterator[Any]:
         for ns, values in sorted(stats.namespaces.items()):
             g.add_metric([ns], values[field])
         yield g
+    yield from group_families(stats)
+
+
+# StatsReply.group field -> (metric name, help); labels member and role
+GROUP_GAUGES: dict[str, tuple[str, str]] = {
+    "term": ("sharedmem_group_member_term", "The member's term (-1: not known here)."),
+    "seq": ("sharedmem_group_member_seq",
+            "The member's durable position in the term (-1: not known here)."),
+    "lag": ("sharedmem_group_member_lag",
+            "Records the member is behind the primary (-1: not known here)."),
+    "sync": ("sharedmem_group_member_in_sync_set",
+             "1 if the member is in the sync set (a commit waits for its ack)."),
+}
+
+
+def group_families(stats: StatsReply) -> Iterator[Any]:
+    """A broker group's per-member gauges (nothing for a single broker)."""
+    if not stats.group:
+        return
+    from prometheus_client.core import GaugeMetricFamily
+
+    for field, (metric, help_text) in GROUP_GAUGES.items():
+        g = GaugeMetricFamily(metric, help_text, labels=["member", "role"])
+        for name, m in sorted(stats.group.items()):
+            value = m.get(field, -1)
+            g.add_metric([name, str(m.get("role", "unknown"))],
+                         float(value) if isinstance(value, int) else -1.0)
+        yield g
 
 
 def render(stats: StatsReply) -> str:

@@ -396,6 +396,11 @@ class StatsReply(msgspec.Struct, tag=True, frozen=True):
     epoch: str
     namespaces: dict[str, dict[str, int]]
     counters: dict[str, int]
+    # Broker groups (docs/groups.md, docs/operations.md): member name -> {"role": "primary" |
+    # "standby" | "unknown", "term", "seq" (its position in the term, -1 unknown), "lag"
+    # (records behind the primary, -1 unknown), "sync" (1 if in the sync set)}, as this member
+    # sees it (the primary's view is the authoritative one). A single broker sends {}.
+    group: dict[str, dict[str, int | str]] = {}
 
 
 class DigestReply(msgspec.Struct, tag=True, frozen=True):

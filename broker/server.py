@@ -268,7 +268,8 @@ class Broker(BrokerLifecycle):
             self._events_per_s = int((events - e0) / (now - t0))
             self._rate_mark = (now, events)
         counters["events_per_s"] = self._events_per_s
-        return StatsReply(base.epoch, base.namespaces, counters)
+        members = self.group.member_table(now) if self.group is not None else {}
+        return StatsReply(base.epoch, base.namespaces, counters, members)
 
     def _send_reply(self, envelope: list[bytes], reply: Reply, extra: bytes | None = None
                     ) -> None:

@@ -667,7 +667,8 @@ def cmd_stats(args: argparse.Namespace, s: Session) -> int:
     namespaces = dict(sorted(st.namespaces.items()))
     if args.json:
         _out(_json_line({"broker": s.address, "epoch": st.epoch, "counters": st.counters,
-                         "namespaces": namespaces}))
+                         "namespaces": namespaces,
+                         **({"group": dict(sorted(st.group.items()))} if st.group else {})}))
         return EXIT_OK
     _out(f"broker: {s.address}")
     _out(f"epoch: {st.epoch}")
@@ -683,7 +684,23 @@ def cmd_stats(args: argparse.Namespace, s: Session) -> int:
             mk = info.get("max_keys", 0)
             _out(f"  {name:<{w}}  {info.get('keys', 0):>10}  {info.get('seq', 0):>12}  "
                  f"{mk if mk else '0 (unlimited)'}")
+    if st.group:
+        _print_group(st.group)
     return EXIT_OK
+
+
+def _print_group(group: dict[str, dict[str, int | str]]) -> None:
+    """The broker group's members as the answering member sees them (the primary's view has
+    every follower's acked position; -1 is "not known here")."""
+    _out(f"group members: {len(group)}")
+    w = max(6, *(len(n) for n in group))
+    _out(f"  {'MEMBER':<{w}}  {'ROLE':<8}  {'TERM':>6}  {'SEQ':>12}  {'LAG':>8}  IN_SYNC_SET")
+    for name, m in sorted(group.items()):
+        sync = "primary" if m.get("role") == "primary" else (
+            "yes" if m.get("sync") else "no")
+        _out(f"  {name:<{w}}  {m.get('role', '?')!s:<8}  {m.get('term', -1):>6}  "
+             f"{m.get('seq', -1):>12}  {m.get('lag', -1):>8}  {sync}")
+
 
 
 def _dump_namespace(s: Session, pattern: str, out: IO[bytes]) -> None:

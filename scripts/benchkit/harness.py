@@ -116,7 +116,8 @@ def compare_with_peers(rows: list[Row]) -> None:
         if not r.compare:
             continue
         peers = [metric(p) for p in rows
-                 if p.workload == r.workload and p.system != SHAREDMEM and p.compare]
+                 if p.workload == r.workload and not p.system.startswith(SHAREDMEM)
+                 and p.compare]  # a group of sharedmem brokers is no peer
         peers = [m for m in peers if m]
         mine = metric(r)
         if peers and mine:

@@ -129,6 +129,10 @@ def bench_sets(ctx: Ctx) -> list[Row]:
             phase(f"sets: redis, {variant}")
             with RedisServer(ctx.peers.redis_server, *REDIS_CONF[variant]) as rs:
                 rows += redis_writes(rs, variant, n)
+        if variant == "fsync always":
+            from benchkit.workloads.group import group_rows
+
+            rows += group_rows(ctx, n, rows)
         if ctx.peers.nats_server and variant == "in memory":
             phase(f"sets: nats, {variant}")
             with NatsServer(ctx.peers.nats_server) as ns:
