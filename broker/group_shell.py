@@ -18,6 +18,15 @@ Sockets: the primary's replication ROUTER (bound on ``repl_endpoint``, always op
 Follow and Ack from standbys and sends Install and Append; a standby's DEALER (identity = its
 member name) connects to the followed primary's replication endpoint.
 
+Who may speak on the link (CLUSTER.md 4b; docs/security.md): with ``--config`` the ROUTER is a
+CURVE server in a ZAP domain of its own that admits only the ``[members]`` keys, every message
+must carry the User-Id of the member it names, and a standby's DEALER accepts only the followed
+primary's listed key as the server's. Without ``--config`` the link is loopback-only and its
+peers are not authenticated, so what a message could change is bounded instead: Install and
+Append count only on the DEALER to the followed primary (nobody else can write to it), and a
+Refuse of a higher term only makes the primary read the group's keys from etcd, which alone
+decides whether its term is over.
+
 The commit rule lives in ``commit``: the turn's records are shipped, appended and flushed
 locally, and then only the replication link is served until every sync-set member acked them
 (or the term ended: then nothing of the turn is answered).
@@ -36,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from broker.access import user_id
 from broker.coordination import (
     Absent,
     CoordinationError,
@@ -92,6 +102,8 @@ FOLLOW_RETRY = 1.0  # seconds of silence before a standby not yet installed send
 # (a Follow can reach the new primary before it has learnt it won: then it is ignored)
 INSTALL_GRACE = 2 * FOLLOW_RETRY  # a repeated Follow this soon after an Install is not one more
 REPL_HWM = 100_000  # messages queued per follower before it counts as gone
+RECONNECT_AFTER = 3 * FOLLOW_RETRY  # unanswered Follows for this long: reconnect the DEALER
+REFUSE_CHECK_EVERY = 0.5  # seconds: an unauthenticated Refuse asks etcd at most this often
 
 
 def default_repl_endpoint(endpoint: str) -> str:
@@ -157,6 +169,9 @@ class GroupShell:
         self._install_key: tuple[int, int] | None = None
         self._next_link_beat = 0.0
         self._ctl: zmq.Socket | None = None
+        self._etcd_ok_at = time.monotonic()  # when the last etcd call that succeeded began
+        self._last_refuse_check = 0.0
+        self._dealer_since = 0.0
         self._poller: zmq.Poller | None = None
         self.steps_down = 0
 
@@ -177,12 +192,17 @@ class GroupShell:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted standby takes its name back
+        # No ROUTER_HANDOVER: a second connection claiming a connected member's identity is
+        # refused rather than handed the route (and libzmq 4.3.5 aborts with
+        # "!_io_error (stream_engine_base.cpp:310)" when a route is handed over under
+        # traffic). A restarted member gets its name back once its old connection is gone
+        # (at once after a crash, within the ZMTP heartbeat timeout after a cut-off).
         router.setsockopt(zmq.SNDHWM, REPL_HWM)
         router.setsockopt(zmq.RCVHWM, REPL_HWM)
         router.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self.broker.access.secure_replication(router)  # member keys only (before the bind)
         bind = self.settings.repl_bind or default_repl_endpoint(self.broker.endpoints[0])
         router.bind(bind)
         self.repl_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -406,13 +426,23 @@ class GroupShell:
         assert router is not None
         for _ in range(10_000):
             try:
-                frames = router.recv_multipart(_NOBLOCK)
+                frames = router.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) != 2:
                 log.warning("replication: dropping a %d-frame message", len(frames))
                 continue
-            identity, body = frames
+            identity, body = frames[0].bytes, frames[1].bytes
+            secured = self.broker.access.security is not None
+            if secured:
+                # The key that completed the handshake names the member; the routing identity
+                # (chosen by the peer) must be that name, or the message is dropped.
+                peer = self.broker.access.member(user_id(frames[1]))
+                if peer is None or identity != peer.encode():
+                    log.warning("replication: dropping a message from %s as %r",
+                                f"member {peer}" if peer else "an unknown key",
+                                identity.decode(errors="replace"))
+                    continue
             try:
                 msg = self.codec.decode(body)
             except ProtocolError as exc:
@@ -434,10 +464,20 @@ class GroupShell:
                     self._installs[msg.member] = now
                     self._install(msg.member)
             elif t is Refuse:
-                # Only from a follower's link: a stray peer must not end the term (without
-                # CURVE on the link this is a guard against mistakes, not an attacker).
-                if identity.decode(errors="replace") in self.g.followers:
+                # Only from a follower's link: a stray peer must not end the term.
+                if identity.decode(errors="replace") not in self.g.followers:
+                    continue
+                if secured:  # an authenticated member: its promise is evidence
                     self._do(self.g.on_refuse(msg.term))
+                elif msg.term > self.g.term and now - self._last_refuse_check \
+                        >= REFUSE_CHECK_EVERY:
+                    # Unauthenticated (anyone local can claim a member's identity): the term
+                    # it announces is only a reason to ask etcd, whose config decides.
+                    self._last_refuse_check = now
+                    log.warning("replication: an unauthenticated Refuse of term %d as %r: "
+                                "asking etcd whether term %d ended", msg.term,
+                                identity.decode(errors="replace"), self.g.term)
+                    self._outbox.put(("check",))
             else:
                 log.warning("replication: unexpected %s from a follower", t.__name__)
 
@@ -465,6 +505,13 @@ class GroupShell:
 
     def _timers(self, now: float) -> None:
         g = self.g
+        if g.is_primary and now - self._etcd_ok_at > self.settings.lease_ttl \
+                and not g.fresh(now):
+            # Cut off: etcd has not answered for a TTL (the lease is gone or going) and the
+            # sync set is not acking, so nothing can commit here; give the role up rather than
+            # hold writers on a term that has likely ended.
+            self._do(g.step_down(f"no etcd for {now - self._etcd_ok_at:.1f}s and no sync "
+                                 "acks: cut off"))
         if g.is_primary:
             if now >= self._next_link_beat:
                 # The link's heartbeat: followers ack their position, so a silent one is
@@ -479,9 +526,14 @@ class GroupShell:
                 log.warning("no word from the primary for %.1fs: following again",
                             now - self._last_heard)
                 g.installed = False
+                # On a new connection: the old one may be alive at the TCP level but routed
+                # nowhere (a peer that claimed this member's identity took the route over).
+                self._close_dealer()
                 self._follow(now)
             elif not g.installed and now - max(self._last_follow, self._last_heard) \
                     >= FOLLOW_RETRY:  # install chunks arriving count as progress
+                if now - max(self._last_heard, self._dealer_since) > RECONNECT_AFTER:
+                    self._close_dealer()  # Follows unanswered this long: a new connection
                 self._follow(now)
 
     # ------------------------------------------------------------------ standby side
@@ -505,6 +557,10 @@ class GroupShell:
             dealer.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
             dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            if not self.broker.access.secure_follower(dealer, primary):
+                dealer.close(linger=0)
+                log.error("cannot follow %s: it has no key in the config's [members]", primary)
+                return
             try:
                 dealer.connect(record.endpoints[2])
             except zmq.ZMQError as exc:  # a member record is data from etcd: never trusted
@@ -512,6 +568,7 @@ class GroupShell:
                 log.warning("cannot follow %s at %r: %s", primary, record.endpoints[2], exc)
                 return
             self._dealer, self._dealer_target = dealer, target
+            self._dealer_since = now
             if self._poller is not None:
                 self._poller.register(dealer, zmq.POLLIN)
         self._last_follow = now
@@ -654,7 +711,9 @@ class GroupShell:
                 if not started:
                     self._start_watch()
                     started = True
+                began = time.monotonic()
                 etcd.keepalive(lease)
+                self._etcd_ok_at = began
             except LeaseLost as exc:
                 log.warning("lease lost: %s", exc)
                 with self._lease_lock:
@@ -735,6 +794,13 @@ class GroupShell:
                         lease = self._lease
                     if lease is not None:
                         etcd.put(keys.member(self.member), self._record().encode(), lease)
+                elif action == ("check",):
+                    # A Refuse announced a higher term: what do the leader and config say?
+                    current: dict[str, KeyValue | None] = {}
+                    for key in (keys.leader, keys.config):
+                        r = etcd.get(key)
+                        current[key] = r.kvs[0] if r.kvs else None
+                    self._report_current(current)
                 elif action == ("revoke",):
                     with self._lease_lock:
                         lease, self._lease = self._lease, None
