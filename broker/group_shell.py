@@ -15,8 +15,10 @@ They talk to the loop only through ``self._inbox`` (a queue the loop drains each
 are touched by the loop thread alone.
 
 Sockets: the primary's replication ROUTER (bound on ``repl_endpoint``, always open) receives
-Follow and Ack from standbys and sends Install and Append; a standby's DEALER (identity = its
-member name) connects to the followed primary's replication endpoint.
+Follow and Ack from standbys and sends Install and Append; a standby's DEALER (identity
+``<member>#<token>``, new for every connection) connects to the followed primary's replication
+endpoint; the primary routes to the connection a member last followed on and hears that member
+only there.
 
 Who may speak on the link (CLUSTER.md 4b; docs/security.md): with ``--config`` the ROUTER is a
 CURVE server in a ZAP domain of its own that admits only the ``[members]`` keys, every message
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -172,6 +175,7 @@ class GroupShell:
         self._etcd_ok_at = time.monotonic()  # when the last etcd call that succeeded began
         self._last_refuse_check = 0.0
         self._dealer_since = 0.0
+        self._routes: dict[str, bytes] = {}  # primary: member -> identity it followed on
         self._poller: zmq.Poller | None = None
         self.steps_down = 0
 
@@ -192,11 +196,10 @@ class GroupShell:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # No ROUTER_HANDOVER: a second connection claiming a connected member's identity is
-        # refused rather than handed the route (and libzmq 4.3.5 aborts with
-        # "!_io_error (stream_engine_base.cpp:310)" when a route is handed over under
-        # traffic). A restarted member gets its name back once its old connection is gone
-        # (at once after a crash, within the ZMTP heartbeat timeout after a cut-off).
+        # No ROUTER_HANDOVER: a standby's identity is new on every connection (see _follow),
+        # so none is needed, and a second connection claiming a connected identity is
+        # refused rather than handed the route (libzmq 4.3.5 aborted with "!_io_error
+        # (stream_engine_base.cpp:310)" when a route was handed over under traffic).
         router.setsockopt(zmq.SNDHWM, REPL_HWM)
         router.setsockopt(zmq.RCVHWM, REPL_HWM)
         router.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
@@ -413,12 +416,16 @@ class GroupShell:
 
     def _send_to(self, member: str, body: bytes) -> bool:
         assert self._router is not None
+        route = self._routes.get(member)
         try:
-            self._router.send_multipart([member.encode(), body], _NOBLOCK)
+            if route is None:
+                raise zmq.ZMQError(msg="no connection has followed as this member")
+            self._router.send_multipart([route, body], _NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
             log.info("follower %s dropped (%s): it must follow again", member, exc)
             self.g.forget_follower(member)
+            self._routes.pop(member, None)
             return False
 
     def _drain_router(self, now: float) -> None:
@@ -433,12 +440,14 @@ class GroupShell:
                 log.warning("replication: dropping a %d-frame message", len(frames))
                 continue
             identity, body = frames[0].bytes, frames[1].bytes
+            # A standby's routing identity is "<member>#<token>", new for every connection.
+            name = identity.partition(b"#")[0].decode(errors="replace")
             secured = self.broker.access.security is not None
             if secured:
                 # The key that completed the handshake names the member; the routing identity
-                # (chosen by the peer) must be that name, or the message is dropped.
+                # (chosen by the peer) must claim that name, or the message is dropped.
                 peer = self.broker.access.member(user_id(frames[1]))
-                if peer is None or identity != peer.encode():
+                if peer is None or name != peer:
                     log.warning("replication: dropping a message from %s as %r",
                                 f"member {peer}" if peer else "an unknown key",
                                 identity.decode(errors="replace"))
@@ -449,23 +458,26 @@ class GroupShell:
                 log.warning("replication: %s", exc)
                 continue
             t = type(msg)
+            # Only the connection a member last followed on speaks for it (its route).
+            on_route = self._routes.get(name) == identity
             if t is Ack:
-                if identity == msg.member.encode():
+                if on_route and msg.member == name:
                     self._do(self.g.on_ack(msg.member, msg.term, msg.lsn, now))
             elif t is Follow:
-                if identity != msg.member.encode():
+                if msg.member != name:
                     continue
                 sent = self._installs.get(msg.member)
                 f = self.g.followers.get(msg.member)
-                if sent is not None and now - sent < INSTALL_GRACE and f is not None \
-                        and not f.installed:
+                if on_route and sent is not None and now - sent < INSTALL_GRACE \
+                        and f is not None and not f.installed:
                     continue  # its Install is on the way: a full state is costly to rebuild
                 if self.g.on_follow(msg.member, msg.term, now):
+                    self._routes[msg.member] = identity
                     self._installs[msg.member] = now
                     self._install(msg.member)
             elif t is Refuse:
                 # Only from a follower's link: a stray peer must not end the term.
-                if identity.decode(errors="replace") not in self.g.followers:
+                if not on_route or name not in self.g.followers:
                     continue
                 if secured:  # an authenticated member: its promise is evidence
                     self._do(self.g.on_refuse(msg.term))
@@ -485,7 +497,11 @@ class GroupShell:
         """Send ``member`` the whole state at the current lsn (v1: every join is in full)."""
         core, g = self.broker.core, self.g
         mono, wall = time.monotonic(), time.time()
-        snapshot = core.frozen_view(0, mono, wall)()
+        build = core.frozen_view(0, mono, wall)
+        # The view is copied by the loop (advance_freezes, a chunk per turn), and this is the
+        # loop: copy it, and any view open before it, all now, or build() waits forever.
+        core.finish_freezes()
+        snapshot = build()
         retained = []
         log_ = core.log
         for name in core.namespaces:
@@ -551,7 +567,9 @@ class GroupShell:
             self._close_dealer()
             dealer = self._ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.IDENTITY, self.member.encode())
+            # A new identity per connection: the primary routes to the one that last sent
+            # Follow, so a reconnect never waits for the old connection to be noticed gone.
+            dealer.setsockopt(zmq.IDENTITY, f"{self.member}#{secrets.token_hex(4)}".encode())
             dealer.setsockopt(zmq.RCVHWM, REPL_HWM)
             dealer.setsockopt(zmq.SNDHWM, REPL_HWM)
             dealer.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
