@@ -20,7 +20,7 @@ Follow and Ack from standbys and sends Install and Append; a standby's DEALER (i
 endpoint; the primary routes to the connection a member last followed on and hears that member
 only there.
 
-Who may speak on the link (CLUSTER.md 4b; docs/security.md): with ``--config`` the ROUTER is a
+Who may speak on the link (docs/security.md, docs/groups.md): with ``--config`` the ROUTER is a
 CURVE server in a ZAP domain of its own that admits only the ``[members]`` keys, every message
 must carry the User-Id of the member it names, and a standby's DEALER accepts only the followed
 primary's listed key as the server's. Without ``--config`` the link is loopback-only and its

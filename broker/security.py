@@ -22,7 +22,7 @@ of its matching entries grants (``admin`` implies ``write`` implies ``read``); a
 AccessDenied. A key that is not listed cannot even complete the CURVE handshake.
 
 ``[members.NAME]`` lists the group's members by ``--member`` name: only those keys complete the
-handshake on a member's replication endpoint (CLUSTER.md 4b), and only they may ship records,
+handshake on a member's replication endpoint, and only they may ship records,
 ack, or announce a term. Member keys and client keys are kept apart (a key may not be both), so
 a client key can never speak on the replication link, and a member key makes no requests.
 """

@@ -1,4 +1,4 @@
-"""The replication link's security (CLUSTER.md 4b; docs/security.md, docs/groups.md) with real
+"""The replication link's security (docs/security.md, docs/groups.md) with real
 processes: 3 etcd members and 3 ``python -m broker --group`` members.
 
 - With ``--config`` (CURVE) the group forms and replicates between the ``[members]`` keys; a
