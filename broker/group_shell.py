@@ -172,7 +172,9 @@ class GroupShell:
         self._install_key: tuple[int, int] | None = None
         self._next_link_beat = 0.0
         self._ctl: zmq.Socket | None = None
-        self._etcd_ok_at = time.monotonic()  # when the last etcd call that succeeded began
+        # When the last keepalive that succeeded began (written by the lease thread, read by
+        # the loop: one float, no lock needed).
+        self._etcd_ok_at = time.monotonic()
         self._last_refuse_check = 0.0
         self._dealer_since = 0.0
         self._routes: dict[str, bytes] = {}  # primary: member -> identity it followed on
@@ -417,16 +419,17 @@ class GroupShell:
     def _send_to(self, member: str, body: bytes) -> bool:
         assert self._router is not None
         route = self._routes.get(member)
-        try:
-            if route is None:
-                raise zmq.ZMQError(msg="no connection has followed as this member")
-            self._router.send_multipart([route, body], _NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
-            log.info("follower %s dropped (%s): it must follow again", member, exc)
-            self.g.forget_follower(member)
-            self._routes.pop(member, None)
-            return False
+        error: object = "no connection followed as it"
+        if route is not None:
+            try:
+                self._router.send_multipart([route, body], _NOBLOCK)
+                return True
+            except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+                error = exc
+        log.info("follower %s dropped (%s): it must follow again", member, error)
+        self.g.forget_follower(member)
+        self._routes.pop(member, None)
+        return False
 
     def _drain_router(self, now: float) -> None:
         router = self._router
