@@ -6,8 +6,9 @@ processes: 3 etcd members and 3 ``python -m broker --group`` members.
   member's replication endpoint, and what they send there changes nothing.
 - Without ``--config`` (loopback), forged higher-term ``Append`` and ``Refuse`` messages, sent
   as a stranger and under a connected member's routing identity, change nothing and get no
-  answer: same primary, same term, no step-down, and the history and every member's digest
-  hold.
+  answer; and a ``Refuse`` sent on a route taken over by a forged ``Follow`` only makes the
+  primary ask etcd. Same primary, same term, no step-down, and the history and every member's
+  digest hold.
 """
 
 from __future__ import annotations
@@ -293,6 +294,26 @@ def test_without_curve_forged_higher_term_append_and_refuse_change_nothing(
                 assert not s.poll(300), f"{target.name} answered a forged {identity!r}"
                 s.close()
         wait_progress(writers, 30, 30, "writes after the forged messages", group)
+        assert_unchanged(group, primary, term)
+
+        # The worst a local process can do without CURVE: Follow as a standby (a fresh
+        # identity), which takes that standby's route (the Install comes to it), and then
+        # Refuse a higher term on that route. The primary only asks etcd, and stays.
+        victim = standbys[0]
+        codec = ReplCodec()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 1000)
+        s.setsockopt(zmq.IDENTITY, f"{victim.name}#forged".encode())
+        assert connect_watched(s, f"tcp://127.0.0.1:{primary.port + 2}") == "succeeded"
+        s.send(codec.encode(Follow(victim.name, term)))
+        assert s.poll(10_000), "the primary sent no Install to a Follow on a fresh identity"
+        s.send(codec.encode(Refuse(term + 100, "intruder")))
+        # It reached the primary (which logs either outcome); then nothing may have changed.
+        wait_until(lambda: any(m in primary.stderr() for m in (
+            "an unauthenticated Refuse of term", "steps down")), 10, 0.05,
+            "the primary to act on the forged Refuse on the taken route")
+        s.close()
+        wait_progress(writers, 30, 30, "writes after the taken route", group)
         assert_unchanged(group, primary, term)
         check_end(group, history, writers)
 
