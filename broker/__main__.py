@@ -200,10 +200,19 @@ def group_shell(args: argparse.Namespace, broker: Broker) -> GroupShell:
     from broker.security import is_loopback_endpoint
 
     repl = settings.repl_bind or default_repl_endpoint(bind)  # raises without a fixed port
-    if not is_loopback_endpoint(repl) and not args.insecure:
-        # CLUSTER.md 4b (member keys on the link) is not built yet: the link is plain.
-        raise ValueError(f"refusing a replication endpoint {repl} off loopback: the link "
-                         "between members has no CURVE yet; use --insecure to accept that "
+    security = broker.config.security
+    if security is not None:
+        # With --config the link is CURVE between listed member keys (docs/security.md).
+        own = security.members.get(settings.member)
+        if own is None:
+            raise ValueError(f"--config lists no [members.{settings.member}]: a group member "
+                             "needs its own key among the group's members")
+        if own != security.public_key:
+            raise ValueError(f"--config: [members.{settings.member}] is not the key of this "
+                             "broker's secret_key_file")
+    elif not is_loopback_endpoint(repl) and not args.insecure:
+        raise ValueError(f"refusing a replication endpoint {repl} off loopback without "
+                         "--config (CURVE between member keys); use --insecure to accept that "
                          "anyone who reaches it can read the whole state")
     return GroupShell(settings, broker)
 

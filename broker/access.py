@@ -18,6 +18,9 @@ from broker.protocol import PERMISSION_NEEDED, Error, Open, StatsReply
 from broker.security import Security
 
 ZAP_DOMAIN = "sharedmem"
+# The replication endpoint of a group member has a ZAP domain of its own, whose handler
+# accepts only the keys of ``[members]``: a client key cannot complete that handshake.
+GROUP_ZAP_DOMAIN = "sharedmem-group"
 
 
 def user_id(frame: zmq.Frame) -> str | None:
@@ -36,6 +39,16 @@ class _KnownKeys:
 
     def callback(self, domain: str, key: bytes) -> bool:
         return self._sec.is_known_key(key)
+
+
+class _MemberKeys:
+    """ZAP credentials provider of the replication endpoint: member keys only."""
+
+    def __init__(self, sec: Security) -> None:
+        self._sec = sec
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self._sec.is_member_key(key)
 
 
 class Access:
@@ -62,16 +75,43 @@ class Access:
         auth.start()
         auth.configure_curve_callback(domain=ZAP_DOMAIN,
                                       credentials_provider=_KnownKeys(self.security))
+        auth.configure_curve_callback(domain=GROUP_ZAP_DOMAIN,
+                                      credentials_provider=_MemberKeys(self.security))
         self._auth = auth
 
-    def secure(self, sock: zmq.Socket) -> None:
-        """Make ``sock`` a CURVE server in the ZAP domain (nothing without security)."""
+    def secure(self, sock: zmq.Socket, domain: str = ZAP_DOMAIN) -> None:
+        """Make ``sock`` a CURVE server in the ZAP ``domain`` (nothing without security)."""
         sec = self.security
         if sec is not None:
             sock.curve_server = True
             sock.curve_secretkey = sec.secret_key
             sock.curve_publickey = sec.public_key
-            sock.zap_domain = ZAP_DOMAIN.encode()
+            sock.zap_domain = domain.encode()
+
+    def secure_replication(self, sock: zmq.Socket) -> None:
+        """A member's replication ROUTER: a CURVE server in the group's domain (member keys
+        only). Nothing without security (the loopback rule applies then)."""
+        self.secure(sock, GROUP_ZAP_DOMAIN)
+
+    def secure_follower(self, sock: zmq.Socket, primary: str) -> bool:
+        """A standby's DEALER to ``primary``: a CURVE client with this broker's own key pair
+        that accepts only ``primary``'s listed key as the server's. False: ``primary`` has no
+        listed key (the standby must not follow it)."""
+        sec = self.security
+        if sec is None:
+            return True
+        key = sec.members.get(primary)
+        if key is None:
+            return False
+        sock.curve_secretkey = sec.secret_key
+        sock.curve_publickey = sec.public_key
+        sock.curve_serverkey = key
+        return True
+
+    def member(self, user: str | None) -> str | None:
+        """The member name of an authenticated replication peer (None without security, or
+        for a key that is no member's)."""
+        return self.security.member_named(user) if self.security is not None else None
 
     def stop(self) -> None:
         if self._auth is not None:

@@ -1,4 +1,4 @@
-"""The decisions of one broker-group member, pure (CLUSTER.md sections 2 and 3; GROUP_SPEC.md).
+"""The decisions of one broker-group member, pure (docs/groups.md).
 
 Owns: the member's role (standby or primary), its term and its promise ("ack nothing below
 ``promised``", persisted by the shell in the TERM file), the group config as last seen in etcd,

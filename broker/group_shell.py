@@ -15,8 +15,19 @@ They talk to the loop only through ``self._inbox`` (a queue the loop drains each
 are touched by the loop thread alone.
 
 Sockets: the primary's replication ROUTER (bound on ``repl_endpoint``, always open) receives
-Follow and Ack from standbys and sends Install and Append; a standby's DEALER (identity = its
-member name) connects to the followed primary's replication endpoint.
+Follow and Ack from standbys and sends Install and Append; a standby's DEALER (identity
+``<member>#<token>``, new for every connection) connects to the followed primary's replication
+endpoint; the primary routes to the connection a member last followed on and hears that member
+only there.
+
+Who may speak on the link (docs/security.md, docs/groups.md): with ``--config`` the ROUTER is a
+CURVE server in a ZAP domain of its own that admits only the ``[members]`` keys, every message
+must carry the User-Id of the member it names, and a standby's DEALER accepts only the followed
+primary's listed key as the server's. Without ``--config`` the link is loopback-only and its
+peers are not authenticated, so what a message could change is bounded instead: Install and
+Append count only on the DEALER to the followed primary (nobody else can write to it), and a
+Refuse of a higher term only makes the primary read the group's keys from etcd, which alone
+decides whether its term is over.
 
 The commit rule lives in ``commit``: the turn's records are shipped, appended and flushed
 locally, and then only the replication link is served until every sync-set member acked them
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from broker.access import user_id
 from broker.coordination import (
     Absent,
     CoordinationError,
@@ -94,6 +107,8 @@ FOLLOW_RETRY = 1.0  # seconds of silence before a standby not yet installed send
 # (a Follow can reach the new primary before it has learnt it won: then it is ignored)
 INSTALL_GRACE = 2 * FOLLOW_RETRY  # a repeated Follow this soon after an Install is not one more
 REPL_HWM = 100_000  # messages queued per follower before it counts as gone
+RECONNECT_AFTER = 3 * FOLLOW_RETRY  # unanswered Follows for this long: reconnect the DEALER
+REFUSE_CHECK_EVERY = 0.5  # seconds: an unauthenticated Refuse asks etcd at most this often
 
 
 def default_repl_endpoint(endpoint: str) -> str:
@@ -108,7 +123,7 @@ def default_repl_endpoint(endpoint: str) -> str:
 
 @dataclass(frozen=True)
 class GroupSettings:
-    """The command line's group options (CLUSTER.md section 1)."""
+    """The command line's group options (docs/groups.md)."""
 
     group: str
     member: str
@@ -159,6 +174,12 @@ class GroupShell:
         self._install_key: tuple[int, int] | None = None
         self._next_link_beat = 0.0
         self._ctl: zmq.Socket | None = None
+        # When the last keepalive that succeeded began (written by the lease thread, read by
+        # the loop: one float, no lock needed).
+        self._etcd_ok_at = time.monotonic()
+        self._last_refuse_check = 0.0
+        self._dealer_since = 0.0
+        self._routes: dict[str, bytes] = {}  # primary: member -> identity it followed on
         self._poller: zmq.Poller | None = None
         self.steps_down = 0
 
@@ -179,12 +200,16 @@ class GroupShell:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted standby takes its name back
+        # No ROUTER_HANDOVER: a standby's identity is new on every connection (see _follow),
+        # so none is needed, and a second connection claiming a connected identity is
+        # refused rather than handed the route (libzmq 4.3.5 aborted with "!_io_error
+        # (stream_engine_base.cpp:310)" when a route was handed over under traffic).
         router.setsockopt(zmq.SNDHWM, REPL_HWM)
         router.setsockopt(zmq.RCVHWM, REPL_HWM)
         router.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self.broker.access.secure_replication(router)  # member keys only (before the bind)
         bind = self.settings.repl_bind or default_repl_endpoint(self.broker.endpoints[0])
         router.bind(bind)
         self.repl_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -327,7 +352,7 @@ class GroupShell:
         self._timers(now)
 
     def commit(self, turn: Turn) -> bool:
-        """The commit rule (CLUSTER.md section 2) for one turn of the primary: ship, append and
+        """The commit rule (docs/groups.md) for one turn of the primary: ship, append and
         flush, then serve only the replication link until every sync-set member acked the
         turn. True: send the turn's replies and publishes. False: send nothing (the term
         ended, the flush failed after shipping, or the broker is stopping)."""
@@ -439,53 +464,89 @@ class GroupShell:
 
     def _send_to(self, member: str, body: bytes) -> bool:
         assert self._router is not None
-        try:
-            self._router.send_multipart([member.encode(), body], _NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
-            log.info("follower %s dropped (%s): it must follow again", member, exc)
-            self.g.forget_follower(member)
-            return False
+        route = self._routes.get(member)
+        error: object = "no connection followed as it"
+        if route is not None:
+            try:
+                self._router.send_multipart([route, body], _NOBLOCK)
+                return True
+            except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
+                error = exc
+        log.info("follower %s dropped (%s): it must follow again", member, error)
+        self.g.forget_follower(member)
+        self._routes.pop(member, None)
+        return False
 
     def _drain_router(self, now: float) -> None:
         router = self._router
         assert router is not None
         for _ in range(10_000):
             try:
-                frames = router.recv_multipart(_NOBLOCK)
+                frames = router.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) != 2:
                 log.warning("replication: dropping a %d-frame message", len(frames))
                 continue
-            identity, body = frames
-            try:
-                msg = self.codec.decode(body)
-            except ProtocolError as exc:
-                log.warning("replication: %s", exc)
+            identity, body = frames[0].bytes, frames[1].bytes
+            # A standby's routing identity is "<member>#<token>", new for every connection.
+            name = identity.partition(b"#")[0].decode(errors="replace")
+            secured = self.broker.access.security is not None
+            if secured:
+                # The key that completed the handshake names the member; the routing identity
+                # (chosen by the peer) must claim that name, or the message is dropped.
+                peer = self.broker.access.member(user_id(frames[1]))
+                if peer is None or name != peer:
+                    log.warning("replication: dropping a message from %s as %r",
+                                f"member {peer}" if peer else "an unknown key",
+                                identity.decode(errors="replace"))
+                    continue
+            msg = self._decode(body)
+            if msg is None:
                 continue
             t = type(msg)
+            # Only the connection a member last followed on speaks for it (its route).
+            on_route = self._routes.get(name) == identity
             if t is Ack:
-                if identity == msg.member.encode():
+                if on_route and msg.member == name:
                     self._do(self.g.on_ack(msg.member, msg.term, msg.lsn, now))
             elif t is Follow:
-                if identity != msg.member.encode():
+                if msg.member != name:
                     continue
                 sent = self._installs.get(msg.member)
                 f = self.g.followers.get(msg.member)
-                if sent is not None and now - sent < INSTALL_GRACE and f is not None \
-                        and not f.installed:
+                if on_route and sent is not None and now - sent < INSTALL_GRACE \
+                        and f is not None and not f.installed:
                     continue  # its Install is on the way: a full state is costly to rebuild
                 if self.g.on_follow(msg.member, msg.term, now):
+                    self._routes[msg.member] = identity
                     self._installs[msg.member] = now
                     self._install(msg.member)
             elif t is Refuse:
-                # Only from a follower's link: a stray peer must not end the term (without
-                # CURVE on the link this is a guard against mistakes, not an attacker).
-                if identity.decode(errors="replace") in self.g.followers:
+                # Only from a follower's link: a stray peer must not end the term.
+                if not on_route or name not in self.g.followers:
+                    continue
+                if secured:  # an authenticated member: its promise is evidence
                     self._do(self.g.on_refuse(msg.term))
+                elif msg.term > self.g.term and now - self._last_refuse_check \
+                        >= REFUSE_CHECK_EVERY:
+                    # Unauthenticated (anyone local can claim a member's identity): the term
+                    # it announces is only a reason to ask etcd, whose config decides.
+                    self._last_refuse_check = now
+                    log.warning("replication: an unauthenticated Refuse of term %d as %r: "
+                                "asking etcd whether term %d ended", msg.term,
+                                identity.decode(errors="replace"), self.g.term)
+                    self._outbox.put(("check",))
             else:
                 log.warning("replication: unexpected %s from a follower", t.__name__)
+
+    def _decode(self, body: bytes) -> object | None:
+        """A replication message, or None for garbage (logged): it never ends the loop."""
+        try:
+            return self.codec.decode(body)
+        except ProtocolError as exc:
+            log.warning("replication: %s", exc)
+            return None
 
     def _install(self, member: str) -> None:
         """Send ``member`` the whole state at the current lsn (v1: every join is in full)."""
@@ -515,6 +576,13 @@ class GroupShell:
 
     def _timers(self, now: float) -> None:
         g = self.g
+        if g.is_primary and now - self._etcd_ok_at > self.settings.lease_ttl \
+                and not g.fresh(now):
+            # Cut off: etcd has not answered for a TTL (the lease is gone or going) and the
+            # sync set is not acking, so nothing can commit here; give the role up rather than
+            # hold writers on a term that has likely ended.
+            self._do(g.step_down(f"no etcd for {now - self._etcd_ok_at:.1f}s and no sync "
+                                 "acks: cut off"))
         if g.is_primary:
             if now >= self._next_link_beat:
                 # The link's heartbeat: followers ack their position, so a silent one is
@@ -529,9 +597,14 @@ class GroupShell:
                 log.warning("no word from the primary for %.1fs: following again",
                             now - self._last_heard)
                 g.installed = False
+                # On a new connection: the old one may be alive at the TCP level but routed
+                # nowhere (a peer that claimed this member's identity took the route over).
+                self._close_dealer()
                 self._follow(now)
             elif not g.installed and now - max(self._last_follow, self._last_heard) \
                     >= FOLLOW_RETRY:  # install chunks arriving count as progress
+                if now - max(self._last_heard, self._dealer_since) > RECONNECT_AFTER:
+                    self._close_dealer()  # Follows unanswered this long: a new connection
                 self._follow(now)
 
     # ------------------------------------------------------------------ standby side
@@ -549,12 +622,18 @@ class GroupShell:
             self._close_dealer()
             dealer = self._ctx.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.IDENTITY, self.member.encode())
+            # A new identity per connection: the primary routes to the one that last sent
+            # Follow, so a reconnect never waits for the old connection to be noticed gone.
+            dealer.setsockopt(zmq.IDENTITY, f"{self.member}#{secrets.token_hex(4)}".encode())
             dealer.setsockopt(zmq.RCVHWM, REPL_HWM)
             dealer.setsockopt(zmq.SNDHWM, REPL_HWM)
             dealer.setsockopt(zmq.MAXMSGSIZE, self.broker.config.max_message_bytes)
             dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
             dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            if not self.broker.access.secure_follower(dealer, primary):
+                dealer.close(linger=0)
+                log.error("cannot follow %s: it has no key in the config's [members]", primary)
+                return
             try:
                 dealer.connect(record.endpoints[2])
             except zmq.ZMQError as exc:  # a member record is data from etcd: never trusted
@@ -562,6 +641,7 @@ class GroupShell:
                 log.warning("cannot follow %s at %r: %s", primary, record.endpoints[2], exc)
                 return
             self._dealer, self._dealer_target = dealer, target
+            self._dealer_since = now
             if self._poller is not None:
                 self._poller.register(dealer, zmq.POLLIN)
         self._last_follow = now
@@ -598,10 +678,8 @@ class GroupShell:
             except zmq.Again:
                 return
             self._last_heard = now
-            try:
-                msg = self.codec.decode(body)
-            except ProtocolError as exc:
-                log.warning("replication: %s", exc)
+            msg = self._decode(body)
+            if msg is None:
                 continue
             t = type(msg)
             if t is Append:
@@ -704,7 +782,9 @@ class GroupShell:
                 if not started:
                     self._start_watch()
                     started = True
+                began = time.monotonic()
                 etcd.keepalive(lease)
+                self._etcd_ok_at = began
             except LeaseLost as exc:
                 log.warning("lease lost: %s", exc)
                 with self._lease_lock:
@@ -790,6 +870,13 @@ class GroupShell:
                         lease = self._lease
                     if lease is not None:
                         etcd.put(keys.member(self.member), self._record().encode(), lease)
+                elif action == ("check",):
+                    # A Refuse announced a higher term: what do the leader and config say?
+                    current: dict[str, KeyValue | None] = {}
+                    for key in (keys.leader, keys.config):
+                        r = etcd.get(key)
+                        current[key] = r.kvs[0] if r.kvs else None
+                    self._report_current(current)
                 elif action == ("revoke",):
                     with self._lease_lock:
                         lease, self._lease = self._lease, None

@@ -1,4 +1,4 @@
-"""The replication link of a broker group: wire structs and their codec (GROUP_SPEC.md item 3).
+"""The replication link of a broker group: wire structs and their codec (docs/groups.md).
 
 Used only between members of one group: a standby's DEALER talks to the primary's ROUTER
 (port + 2 of the request endpoint, or ``--repl-bind``). Nodes never see these messages.

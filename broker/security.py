@@ -14,9 +14,17 @@ Config file (``python -m broker --config FILE``)::
     public_key_file = "keys/alice.key"            # or public_key = "<z85>"
     permissions = { "app1" = ["read", "write"], "app2" = ["read"], "logs_*" = ["read"] }
 
+    [members.m1]                                  # broker groups (docs/groups.md):
+    public_key_file = "keys/m1.key"               # the key of member m1's [broker] pair
+
 Namespace keys are glob patterns (the ``list_keys`` syntax). A client may do exactly what one
 of its matching entries grants (``admin`` implies ``write`` implies ``read``); anything else is
 AccessDenied. A key that is not listed cannot even complete the CURVE handshake.
+
+``[members.NAME]`` lists the group's members by ``--member`` name: only those keys complete the
+handshake on a member's replication endpoint, and only they may ship records,
+ack, or announce a term. Member keys and client keys are kept apart (a key may not be both), so
+a client key can never speak on the replication link, and a member key makes no requests.
 """
 
 from __future__ import annotations
@@ -54,6 +62,20 @@ class Security:
     public_key: bytes
     secret_key: bytes
     clients: dict[bytes, Client]
+    members: dict[str, bytes] = field(default_factory=dict)  # member name -> z85 public key
+
+    def member_named(self, user_id: bytes | str | None) -> str | None:
+        """The member whose key authenticated ``user_id`` (a ZAP User-Id), if any."""
+        if user_id is None:
+            return None
+        key = user_id.encode() if isinstance(user_id, str) else user_id
+        for name, k in self.members.items():
+            if k == key:
+                return name
+        return None
+
+    def is_member_key(self, z85_key: bytes) -> bool:
+        return z85_key in self.members.values()
 
     def client(self, user_id: bytes | str | None) -> Client | None:
         if user_id is None:
@@ -118,7 +140,20 @@ def load_security(path: str | Path) -> tuple[Security, dict]:
         if key in clients:
             raise SecurityConfigError(f"clients.{name}: same key as {clients[key].name}")
         clients[key] = Client(name, key, grants)
-    return Security(public, secret, clients), broker
+    members: dict[str, bytes] = {}
+    for name, table in (data.get("members") or {}).items():
+        if not isinstance(table, dict):
+            raise SecurityConfigError(f"members.{name}: must be a table with public_key_file "
+                                      "or public_key")
+        key, _ = _read_key(base, table, f"members.{name}", secret=False)
+        if key in clients:
+            raise SecurityConfigError(f"members.{name}: same key as client "
+                                      f"{clients[key].name}: a member key is never a client's")
+        other = next((n for n, k in members.items() if k == key), None)
+        if other is not None:
+            raise SecurityConfigError(f"members.{name}: same key as member {other}")
+        members[name] = key
+    return Security(public, secret, clients, members), broker
 
 
 def keygen(directory: str | Path, name: str) -> tuple[Path, Path]:

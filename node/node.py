@@ -6,7 +6,7 @@ the calling threads; and the ``Replica`` of every open namespace. The I/O thread
 under ``lock`` and signals ``changed``; readers take ``lock`` briefly, so a read reflects
 exactly the events up to some seq (a batch is never half-visible).
 
-With a broker group (a seed list, CLUSTER.md section 4) the node's ``SharedRoute`` says where
+With a broker group (a seed list, docs/groups.md) the node's ``SharedRoute`` says where
 requests go; the SUB is connected to every member's event endpoint (only the primary
 publishes), and the DEALER follows the route's target: it is reconnected when the primary
 changes, and the pending snapshot/fetch is asked again there at once. When the primary is

@@ -22,7 +22,7 @@ Theory of operation:
   still served; the new one is built from the snapshot alone and swapped in whole.
 Every request carries an id; replies with another id are stale and dropped.
 
-Broker groups (CLUSTER.md section 4): every batch and heartbeat carries the term of the primary
+Broker groups (docs/groups.md): every batch and heartbeat carries the term of the primary
 that sent it. One of a term below the highest seen for this namespace comes from a deposed
 primary and is dropped before anything else looks at it (it does not even count as hearing
 from the broker); an equal or higher term is accepted and continues the same epoch and seqs,

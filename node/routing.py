@@ -7,7 +7,7 @@ term seen. The shell (node/requests.py, node/node.py) asks ``target()`` before e
 reports what happened (a Hello answer, a ``NotPrimary``, a timeout); each report returns the
 endpoint to use next.
 
-Rules (CLUSTER.md section 4):
+Rules (docs/groups.md):
 - Requests go to the primary when one is known, else to the member under the cursor.
 - ``NotPrimary(term, primary)`` of a term not below ours: go to ``primary`` at once (it joins
   the member list if new); with ``primary == ""`` (an election is running) rotate to the next
@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 
 
 def derived_pub_endpoint(endpoint: str) -> str:
-    """The event endpoint beside a member's request endpoint, by the group's layout (GROUP_SPEC
-    decision 2, broker/server.py ``default_pub_endpoint``): tcp port + 1, else ``<ep>-pub``.
+    """The event endpoint beside a member's request endpoint, by the group's layout
+    (docs/groups.md, broker/config.py ``default_pub_endpoint``): tcp port + 1, else
+    ``<ep>-pub``.
 
     Used only for a member whose own Hello could not be had (down at start-up, or learned later
     from a redirect), so the SUB is connected before it becomes primary."""

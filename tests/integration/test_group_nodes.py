@@ -1,4 +1,4 @@
-"""Nodes through a broker-group failover, end to end (issue 10, CLUSTER.md section 4): a
+"""Nodes through a broker-group failover, end to end (issue 10, docs/groups.md): a
 ``SharedMemory`` given the group's seed list keeps writing through a kill -9 of the primary, and
 a node that only reads keeps serving reads throughout and then shows the new term and primary
 in ``status()``. The history checker holds every acknowledged write to the final log.
@@ -10,13 +10,14 @@ lacks the broker side) this module skips.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from broker.errors import BrokerUnavailable
+from broker.errors import BrokerUnavailable, StorageError
 from node import SharedMemory, SharedMemoryConfig
 from tests.history import History, observe
 from tests.processes import wait_until
@@ -89,10 +90,46 @@ class NodeReader:
         assert not self.thread.is_alive()
 
 
+class StatusSampler:
+    """Samples the read-only node's ``status()`` every 20 ms: (time, staleness, term)."""
+
+    def __init__(self, shm: SharedMemory) -> None:
+        self.shm = shm
+        self.samples: list[tuple[float, float | None, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="status-sampler", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                st = self.shm.status()
+            except StorageError:  # closed (the test ended early)
+                return
+            self.samples.append((time.monotonic(), st.namespace.last_heard_age, st.term))
+            self.stop.wait(0.02)  # poll: the sampling interval
+
+    def max_age(self, since: float, until: float) -> float:
+        return max((age for t, age, _ in list(self.samples)
+                    if since <= t <= until and age is not None), default=0.0)
+
+    def join(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+HEARTBEAT = 0.5  # the brokers' default heartbeat interval (broker/config.py)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_node_keeps_writing_and_a_reader_keeps_reading_through_a_kill_9_of_the_primary(
-        group: Any) -> None:
+@pytest.mark.parametrize("fault", ["kill-9", "sigstop"])
+def test_a_node_keeps_writing_and_a_reader_keeps_reading_through_a_failover_of_the_primary(
+        group: Any, fault: str) -> None:
+    """kill -9, or SIGSTOP for 3x the lease TTL then SIGCONT, of the primary: the read-only
+    node serves every read throughout, its staleness rises while no member publishes, and its
+    ``status()`` then shows the new term and primary on the same epoch."""
     primary = group.wait_formed(30)
     old_term = harness.current_term(primary)
     seeds = group.addresses()
@@ -110,19 +147,35 @@ def test_a_node_keeps_writing_and_a_reader_keeps_reading_through_a_kill_9_of_the
         assert (st.term, st.primary) == (old_term, primary.address), st
         writer = NodeWriter(writer_shm, history)
         reader = NodeReader(reader_shm, history)
+        sampler = StatusSampler(reader_shm)
         t0 = time.monotonic()
         wait_until(lambda: writer.acked_after(t0) >= 30, 30, 0.02, "writes before the kill")
         epoch_before = reader_shm.status().epoch
 
-        primary.kill()
         killed_at = time.monotonic()
+        if fault == "kill-9":
+            primary.kill()
+        else:
+            primary.signal(signal.SIGSTOP)
         # Writes resume through the same handle: the node finds the new primary itself.
         wait_until(lambda: writer.acked_after(killed_at) >= 30, 60, 0.02,
-                   "node writes to resume after kill -9 of the primary")
+                   f"node writes to resume after {fault} of the primary")
+        resumed_at = time.monotonic()
+        if fault == "sigstop":
+            # 3x the lease TTL in all, then it runs again (and rejoins as a standby).
+            wait_until(lambda: time.monotonic() - killed_at >= 3 * harness.LEASE_TTL, 10,
+                       0.05, "3x the lease TTL of pause")
+            primary.signal(signal.SIGCONT)
         new = group.primary()
         assert new is not None and new is not primary
         new_term = harness.current_term(new)
         assert new_term > old_term
+        # While no member published (the old primary gone or paused, the new one not yet
+        # elected), the reader's staleness rose past a heartbeat interval, far above what it
+        # was while writes flowed.
+        before = sampler.max_age(killed_at - 1.0, killed_at)
+        during = sampler.max_age(killed_at, resumed_at)
+        assert during > HEARTBEAT and during > 5 * before, (before, during)
 
         # The read-only node shows the new term and primary, on the same epoch (no resync).
         def reader_moved_on() -> bool:
@@ -131,6 +184,12 @@ def test_a_node_keeps_writing_and_a_reader_keeps_reading_through_a_kill_9_of_the
         wait_until(reader_moved_on, 30, 0.05, "the reader's status() to show the new term")
         s = reader_shm.status()
         assert s.epoch == epoch_before and s.namespace.resyncs == 0, s
+        # ...and then it is fresh again, under the new term.
+        fresh_from = time.monotonic()
+        wait_until(lambda: any(t > fresh_from and age is not None and age < 2 * HEARTBEAT
+                               and term == new_term for t, age, term in list(sampler.samples)),
+                   10, 0.05, "the reader's staleness to fall under the new term")
+        sampler.join()
         assert s.namespace.term == new_term and writer_shm.status().term == new_term
 
         writer.join()
