@@ -24,17 +24,13 @@ Skips, with the reason, when not root, without ``ip netns``, or without the ``et
 from __future__ import annotations
 
 import json
-import os
 import queue
-import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +42,7 @@ from broker.durable import DurableLog
 from broker.protocol import DigestReply, Event
 from tests.conftest import ROOT, child_env, terminate, wait_until
 from tests.history import History, replay_digest
+from tests.netlab import NetLab, lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -124,58 +121,6 @@ for line in sys.stdin:
 """
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-
-
-def _must(*argv: str) -> None:
-    proc = _run(*argv)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-
-
-@dataclass
-class Lab:
-    """Four namespaces (switch, a, b, c) wired as a LAN; deleted on teardown."""
-
-    tag: str
-    created: list[str] = field(default_factory=list)
-
-    def ns(self, host: str) -> str:
-        return f"{self.tag}{host}"
-
-    def ip(self, host: str, *args: str) -> None:
-        _must("ip", "-n", self.ns(host), *args)
-
-    def build(self) -> None:
-        for host in ("sw", *HOSTS):
-            _must("ip", "netns", "add", self.ns(host))
-            self.created.append(self.ns(host))
-            self.ip(host, "link", "set", "lo", "up")
-        self.ip("sw", "link", "add", "br0", "type", "bridge")
-        self.ip("sw", "link", "set", "br0", "up")
-        for host, addr in HOSTS.items():
-            _must("ip", "link", "add", "eth0", "netns", self.ns(host), "type", "veth",
-                  "peer", "name", f"p{host}", "netns", self.ns("sw"))
-            self.ip("sw", "link", "set", f"p{host}", "master", "br0")
-            self.ip("sw", "link", "set", f"p{host}", "up")
-            self.ip(host, "addr", "add", f"{addr}/24", "dev", "eth0")
-            self.ip(host, "link", "set", "eth0", "up")
-
-    def port(self, host: str, up: bool) -> None:
-        """``host``'s switch port down (a pulled cable: packets vanish) or up again."""
-        self.ip("sw", "link", "set", f"p{host}", "up" if up else "down")
-
-    def exec_argv(self, host: str, *argv: str) -> list[str]:
-        # ``ip netns exec`` execs the command: the child's PID is the command's own.
-        return ["ip", "netns", "exec", self.ns(host), *argv]
-
-    def teardown(self) -> None:
-        for name in reversed(self.created):
-            _run("ip", "netns", "del", name)
-        self.created.clear()
-
-
 class Proc:
     """A process inside a namespace; stdout lines collected by a thread (never blocks)."""
 
@@ -239,29 +184,15 @@ class Proc:
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the partition test needs root to create network namespaces (ip netns)")
-    if shutil.which("ip") is None:
-        pytest.skip("the partition test needs iproute2's 'ip' command, which is not installed")
+def net() -> Iterator[NetLab]:
     from tests.etcd_cluster import require_etcd
 
     require_etcd()
-    probe = _run("ip", "netns", "list")
-    if probe.returncode != 0:
-        pytest.skip(f"'ip netns' is unavailable here: {probe.stderr.strip()}")
-    lab = Lab(tag=f"sgp{os.getpid()}x{secrets.token_hex(2)}")
-    try:
-        try:
-            lab.build()
-        except RuntimeError as exc:
-            pytest.skip(f"cannot build network namespaces with 'ip netns': {exc}")
-        yield lab
-    finally:
-        lab.teardown()
+    with lab("sgp", HOSTS, "the partition test") as built:
+        yield built
 
 
-def start_etcd(lab: Lab, base: Path) -> list[Proc]:
+def start_etcd(net: NetLab, base: Path) -> list[Proc]:
     from tests.etcd_cluster import ELECTION_MS, HEARTBEAT_MS, etcd_binary
 
     binary = etcd_binary()
@@ -270,21 +201,21 @@ def start_etcd(lab: Lab, base: Path) -> list[Proc]:
     initial = ",".join(f"e{i}=http://{ip}:{p + 1}" for i, p in enumerate(ETCD_PORTS))
     procs = []
     for i, p in enumerate(ETCD_PORTS):
-        procs.append(Proc(f"etcd{i}", lab.exec_argv(
+        procs.append(Proc(f"etcd{i}", net.exec_argv(
             "b", binary, "--name", f"e{i}", "--data-dir", str(base / f"e{i}"),
             "--listen-client-urls", f"http://{ip}:{p}",
             "--advertise-client-urls", f"http://{ip}:{p}",
             "--listen-peer-urls", f"http://{ip}:{p + 1}",
             "--initial-advertise-peer-urls", f"http://{ip}:{p + 1}",
-            "--initial-cluster", initial, "--initial-cluster-token", f"sgp-{lab.tag}",
+            "--initial-cluster", initial, "--initial-cluster-token", f"sgp-{net.tag}",
             "--initial-cluster-state", "new", "--heartbeat-interval", str(HEARTBEAT_MS),
             "--election-timeout", str(ELECTION_MS), "--log-level", "warn")))
     return procs
 
 
-def start_member(lab: Lab, base: Path, name: str) -> Proc:
+def start_member(net: NetLab, base: Path, name: str) -> Proc:
     etcd = ",".join(f"http://{HOSTS['b']}:{p}" for p in ETCD_PORTS)
-    p = Proc(name, lab.exec_argv(
+    p = Proc(name, net.exec_argv(
         MEMBER_HOST[name], sys.executable, "-m", "broker", "--bind", address(name),
         "--log-level", "WARNING", "--data-dir", str(base / name), "--group", "g",
         "--member", name, "--etcd", etcd, "--lease-ttl", str(LEASE_TTL), "--insecure"))
@@ -304,14 +235,14 @@ def digest_of(data_dir: Path) -> tuple[int, str]:
 
 
 def test_the_primarys_host_cut_off_acknowledges_nothing_the_new_term_lacks_and_converges(
-        lab: Lab, tmp_path: Path) -> None:
+        net: NetLab, tmp_path: Path) -> None:
     procs: list[Proc] = []
     members: dict[str, Proc] = {}
     try:
-        procs += start_etcd(lab, tmp_path)
+        procs += start_etcd(net, tmp_path)
         agent_argv = [sys.executable, "-c", AGENT_CODE, ",".join(map(address, MEMBER_HOST))]
-        writer = Proc("writer", lab.exec_argv("a", *agent_argv), stdin=True)
-        probe = Proc("probe", lab.exec_argv("c", *agent_argv), stdin=True)
+        writer = Proc("writer", net.exec_argv("a", *agent_argv), stdin=True)
+        probe = Proc("probe", net.exec_argv("c", *agent_argv), stdin=True)
         procs += [writer, probe]
         writer.wait_line("ready", 30)
         probe.wait_line("ready", 30)
@@ -324,7 +255,7 @@ def test_the_primarys_host_cut_off_acknowledges_nothing_the_new_term_lacks_and_c
                 f"\n--- probe: {probe.records[-3:]}\n{probe.stderr()}" + \
                 f"\n--- writer: {writer.records[-3:]}\n{writer.stderr()}"
 
-        members["m0"] = start_member(lab, tmp_path, "m0")
+        members["m0"] = start_member(net, tmp_path, "m0")
         procs.append(members["m0"])
         # (A primary without --min-sync standbys answers nothing yet: its log says it won.)
         try:
@@ -333,7 +264,7 @@ def test_the_primarys_host_cut_off_acknowledges_nothing_the_new_term_lacks_and_c
         except AssertionError:
             raise AssertionError(diagnostics()) from None
         for name in ("m1", "m2"):
-            members[name] = start_member(lab, tmp_path, name)
+            members[name] = start_member(net, tmp_path, name)
             procs.append(members[name])
         wait_until(lambda: (stats(probe, "m0") or {}).get("group_sync_set") == 2, 60, 0.2,
                    "both standbys in m0's sync set")
@@ -343,7 +274,7 @@ def test_the_primarys_host_cut_off_acknowledges_nothing_the_new_term_lacks_and_c
         wait_until(lambda: len(writer.of_kind("ack")) >= 100, 60, 0.05,
                    "writes through m0 before the cut")
 
-        lab.port("a", up=False)
+        net.cut("a", "switch", up=False)
         cut_at_acks = len(writer.of_kind("ack"))
         tries_at_cut = writer.ask("tries", "tries")["timeouts"]
 
@@ -369,7 +300,7 @@ def test_the_primarys_host_cut_off_acknowledges_nothing_the_new_term_lacks_and_c
         assert writer.ask("tries", "tries")["timeouts"] >= tries_at_cut + 4  # still trying
         acked_during_cut = len(writer.of_kind("ack")) - cut_at_acks
 
-        lab.port("a", up=True)
+        net.cut("a", "switch", up=True)
         healed_at = len(writer.of_kind("ack"))
         wait_until(lambda: len(writer.of_kind("ack")) >= healed_at + 50, 90, 0.05,
                    "the writers in a to write through the new primary after healing")

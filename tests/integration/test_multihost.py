@@ -23,22 +23,19 @@ Skips, with the reason, only when not root or ``ip netns`` is unusable. Installs
 from __future__ import annotations
 
 import json
-import os
 import queue
-import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import IO, Any
 
 import pytest
 
 from tests.conftest import ROOT, child_env, terminate, wait_until
+from tests.netlab import NetLab, lab
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -107,83 +104,10 @@ emit(kind="bye")
 # ---------------------------------------------------------------------- namespaces
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-
-
-def _must(*argv: str) -> None:
-    proc = _run(*argv)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-
-
-@dataclass
-class NetLab:
-    """Four namespaces (switch, broker, n1, n2) wired as a LAN; deleted on teardown."""
-
-    tag: str
-    created: list[str] = field(default_factory=list)
-
-    def ns(self, host: str) -> str:
-        return f"{self.tag}{host}"
-
-    def ip(self, host: str, *args: str) -> None:
-        _must("ip", "-n", self.ns(host), *args)
-
-    def build(self) -> None:
-        for host in ("sw", "b", "n1", "n2"):
-            _must("ip", "netns", "add", self.ns(host))
-            self.created.append(self.ns(host))
-            self.ip(host, "link", "set", "lo", "up")
-        self.ip("sw", "link", "add", "br0", "type", "bridge")
-        self.ip("sw", "link", "set", "br0", "up")
-        for host, addr in HOST_IPS.items():
-            # Both ends are created directly inside their namespaces: nothing in the root one.
-            _must("ip", "link", "add", "eth0", "netns", self.ns(host), "type", "veth",
-                  "peer", "name", f"p{host}", "netns", self.ns("sw"))
-            self.ip("sw", "link", "set", f"p{host}", "master", "br0")
-            self.ip("sw", "link", "set", f"p{host}", "up")
-            self.ip(host, "addr", "add", f"{addr}/24", "dev", "eth0")
-            self.ip(host, "link", "set", "eth0", "up")
-
-    def cut(self, host: str, side: str, up: bool) -> None:
-        """Take ``host``'s link down (or back up) on its own interface or at the switch."""
-        state = "up" if up else "down"
-        if side == "host":
-            self.ip(host, "link", "set", "eth0", state)
-        else:
-            self.ip("sw", "link", "set", f"p{host}", state)
-
-    def exec_argv(self, host: str, *argv: str) -> list[str]:
-        # ``ip netns exec`` execs the command: the child's PID is the command's own.
-        return ["ip", "netns", "exec", self.ns(host), *argv]
-
-    def teardown(self) -> None:
-        for name in reversed(self.created):
-            _run("ip", "netns", "del", name)
-        self.created.clear()
-
-
 @pytest.fixture
 def netlab() -> Iterator[NetLab]:
-    if os.geteuid() != 0:
-        pytest.skip("multi-host test needs root to create network namespaces (ip netns)")
-    if shutil.which("ip") is None:
-        pytest.skip("multi-host test needs iproute2's 'ip' command, which is not installed")
-    probe = _run("ip", "netns", "list")
-    if probe.returncode != 0:
-        pytest.skip(f"'ip netns' is unavailable here: {probe.stderr.strip()}")
-    # Namespace names are files under /run/netns, not interface names: no 15-character limit,
-    # so the tag can be unique per run. Interface names (eth0, p<host>, br0) are per namespace.
-    lab = NetLab(tag=f"smh{os.getpid()}x{secrets.token_hex(2)}")
-    try:
-        try:
-            lab.build()
-        except RuntimeError as exc:
-            pytest.skip(f"cannot build network namespaces with 'ip netns': {exc}")
-        yield lab
-    finally:
-        lab.teardown()
+    with lab("smh", HOST_IPS, "multi-host test") as net:
+        yield net
 
 
 # ---------------------------------------------------------------------- child processes
