@@ -12,9 +12,7 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +42,7 @@ from broker.protocol import (
 )
 from tests.conftest import BrokerProcess, wait_until
 from tests.history import History, replay_digest
+from tests.processes import free_port_run
 
 NS = "grp"
 LEASE_TTL = 1
@@ -55,23 +54,10 @@ _replies = reply_codec()
 
 def free_port_triple() -> int:
     """A port P on 127.0.0.1 with P, P+1 and P+2 free right now (requests, events, repl),
-    below the kernel's ephemeral range: members are restarted on their ports while the others
-    keep reconnecting to them, and a reconnect from an ephemeral port equal to its target
-    (a TCP self-connect) would hold the port."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
-        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randrange(10_000, max(10_003, low - 3))
-        try:
-            with socket.socket() as s0, socket.socket() as s1, socket.socket() as s2:
-                s0.bind(("127.0.0.1", port))
-                s1.bind(("127.0.0.1", port + 1))
-                s2.bind(("127.0.0.1", port + 2))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port triple found")
+    below the kernel's ephemeral range (tests/processes.py free_port_run): members are
+    restarted on their ports while the others keep reconnecting to them, and a reconnect from
+    an ephemeral port equal to its target (a TCP self-connect) would hold the port."""
+    return free_port_run(3)
 
 
 def call(address: str, request: Any, timeout: float = 2.0) -> Any:
