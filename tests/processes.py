@@ -58,7 +58,8 @@ def _worker_slice() -> tuple[int, int]:
     return low, low + width
 
 
-def _bindable(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound right now."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -77,7 +78,7 @@ def free_port_run(n: int) -> int:
     for _ in range(high - low):
         port = _port_cursor
         _port_cursor = port + n if port + n < high - n else low
-        if port + n <= high and all(_bindable(port + i) for i in range(n)):
+        if port + n <= high and all(port_free(port + i) for i in range(n)):
             return port
     raise RuntimeError(f"no {n} consecutive free ports in {low}..{high}")
 

@@ -15,6 +15,7 @@ import pytest
 
 from node import BrokerUnavailable, SharedMemory, SharedMemoryConfig, StorageError
 from tests.conftest import ROOT, BrokerProcess, child_env, free_port_pair
+from tests.processes import port_free
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,15 +38,6 @@ def agent(*args: str) -> subprocess.CompletedProcess[str]:
     env.pop("SHAREDMEM_BROKER")
     return subprocess.run([sys.executable, "-c", AGENT, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_no_broker_anywhere_each_process_warns_once() -> None:
