@@ -17,19 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zmq
-
-from broker.protocol import Hello, HelloReply, Stats, StatsReply, reply_codec, request_codec
+from broker.protocol import Hello, HelloReply, Stats, StatsReply
 from tests.etcd_cluster import EtcdCluster, etcd_binary
 from tests.processes import ROOT, child_env, free_port_run, terminate
+from tests.raw_client import raw_call
 
 GROUP = "local"
 ETCD_HINT = ("etcd is not on PATH: install it (Debian/Ubuntu: apt-get install etcd-server; "
              "as root, scripts/test does that through scripts/_etcd.sh) or put an etcd 3.4+ "
              "binary from https://github.com/etcd-io/etcd/releases on PATH")
 
-_requests = request_codec()
-_replies = reply_codec()
 
 
 def have_etcd() -> bool:
@@ -44,16 +41,7 @@ def free_port_triple() -> int:
 
 def call(address: str, request: Any, timeout: float = 1.0) -> Any:
     """One request to one member (None on timeout)."""
-    s = zmq.Context.instance().socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    try:
-        s.connect(address)
-        s.send(_requests.encode(request))
-        if not s.poll(int(timeout * 1000)):
-            return None
-        return _replies.decode(s.recv())
-    finally:
-        s.close(linger=0)
+    return raw_call(address, request, timeout)
 
 
 @dataclass

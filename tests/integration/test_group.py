@@ -43,6 +43,7 @@ from broker.protocol import (
 from tests.conftest import BrokerProcess, wait_until
 from tests.history import History, replay_digest
 from tests.processes import free_port_run
+from tests.raw_client import raw_call
 
 NS = "grp"
 LEASE_TTL = 1
@@ -62,17 +63,7 @@ def free_port_triple() -> int:
 
 def call(address: str, request: Any, timeout: float = 2.0) -> Any:
     """One request to one member; None on timeout."""
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    try:
-        s.connect(address)
-        s.send(_requests.encode(request))
-        if not s.poll(int(timeout * 1000)):
-            return None
-        return _replies.decode(s.recv())
-    finally:
-        s.close(linger=0)
+    return raw_call(address, request, timeout)
 
 
 @dataclass
