@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from broker.errors import StorageError
-from broker.log import MemoryLog
+from broker.log import LogInDoubt, MemoryLog
 from broker.protocol import Event
 from broker.records import BatchRecord, LogRecord, NamespaceRecord, SnapshotFile
 
@@ -341,19 +341,21 @@ class DurableLog(MemoryLog):
                                                cid, no, changed))
 
     def flush(self) -> None:
-        """Write the turn's records (and fsync under ``always``); raise StorageError on failure
-        after truncating the segment back, so the turn can be rolled back."""
+        """Write the turn's records (and fsync under ``always``). On failure the segment is cut
+        back to where the turn began and StorageError raised, so the turn can be rolled back
+        and refused -- or, when that cut fails too, LogInDoubt: the turn's bytes may be in the
+        file, and it must be neither acknowledged nor refused until ``in_doubt`` is False."""
         if not self._buf:
             self._turn_events.clear()
             return
         assert self._fd is not None
         data = bytes(self._buf)
         start = self._seg_size
+        wrote = False
         try:
-            if self._truncate_to is not None:
-                # An earlier failed turn's bytes must go before anything is appended after them.
-                self.ops.ftruncate(self._fd, self._truncate_to)
-                self._truncate_to = None
+            # An earlier failed turn's bytes must go before anything is appended after them.
+            self._cut_owed()
+            wrote = True
             written = 0
             view = memoryview(data)
             while written < len(data):
@@ -367,12 +369,38 @@ class DurableLog(MemoryLog):
             # Last, just before the turn is acknowledged: is the file still the log?
             self._check_segment()
         except OSError as exc:
-            self._abort_turn(start)
+            cut = self._abort_turn(start)
+            if wrote and not cut:
+                raise LogInDoubt(
+                    f"write to the log failed ({exc.strerror or exc}) and its bytes could not "
+                    "be cut away; the write is in doubt until they are") from exc
             raise StorageError(f"write to the log failed ({exc.strerror or exc}); the write "
                                "was refused and nothing changed") from exc
         self._seg_size = start + len(data)
         self._buf.clear()
         self._turn_events.clear()
+
+    @property
+    def in_doubt(self) -> bool:
+        """True while a failed turn's bytes may still be in the segment (the cut is owed)."""
+        return self._truncate_to is not None
+
+    def _cut(self, size: int) -> None:
+        """Cut the segment back to ``size`` durably: ftruncate, then fsync (a cut that a machine
+        crash could undo would bring a refused turn back). Raises OSError."""
+        assert self._fd is not None
+        self.ops.ftruncate(self._fd, size)
+        self.ops.fsync(self._fd)
+
+    def _cut_owed(self) -> None:
+        """Make the cut an earlier failed turn still owes (nothing if none). Raises OSError
+        while it fails; once it succeeds the turn in doubt is refused for good."""
+        if self._truncate_to is None:
+            return
+        self._cut(self._truncate_to)
+        logger.warning("cut %s back to %d at last: the turn that was in doubt is refused",
+                       seg_path(self.data_dir, self._segment), self._truncate_to)
+        self._truncate_to = None
 
     def _check_segment(self) -> None:
         """Raise OSError when the open segment is no longer the file at its path: deleted (its
@@ -400,7 +428,14 @@ class DurableLog(MemoryLog):
         self._unsynced = False
 
     def tick(self) -> None:
-        """``everysec``: fsync once a second when something was written since."""
+        """Retry an owed cut (a turn in doubt), then, under ``everysec``, fsync once a second
+        when something was written since."""
+        if self._truncate_to is not None and self._fd is not None:
+            try:
+                self._cut_owed()
+            except OSError as exc:
+                logger.debug("cutting %s back to %d failed again: %s",
+                             seg_path(self.data_dir, self._segment), self._truncate_to, exc)
         if self.fsync == "everysec" and self._unsynced and \
                 time.monotonic() - self._last_fsync >= 1.0:
             try:
@@ -408,19 +443,24 @@ class DurableLog(MemoryLog):
             except OSError as exc:
                 logger.error("background fsync failed: %s", exc)
 
-    def _abort_turn(self, start: int) -> None:
+    def _abort_turn(self, start: int) -> bool:
+        """Forget the failed turn and cut the segment back to ``start``; False when the cut
+        failed (it is then owed: retried every tick and before any append or rotation)."""
         self._buf.clear()
         for ns, count in self._turn_events.items():
             self.drop_newest(ns, count)
         self._turn_events.clear()
         try:
-            assert self._fd is not None
-            self.ops.ftruncate(self._fd, start)
+            self._cut(start)
         except OSError as exc:
-            # Retried before the next append; until it succeeds every flush is refused.
+            if self._truncate_to is None:
+                logger.error("could not cut %s back to %d (%s): the failed turn is in doubt "
+                             "until a retry succeeds", seg_path(self.data_dir, self._segment),
+                             start, exc)
             self._truncate_to = start
-            logger.error("could not truncate %s back to %d: %s",
-                      seg_path(self.data_dir, self._segment), start, exc)
+            return False
+        self._truncate_to = None
+        return True
 
     def close(self) -> None:
         """Close the segment (``close_segment``), then release the directory's lock."""
@@ -437,6 +477,12 @@ class DurableLog(MemoryLog):
             self._compaction.join()
         if self._fd is not None:
             try:
+                try:
+                    self._cut_owed()
+                except OSError as exc:  # the next start replays them: its dedup says applied
+                    logger.error("closing with a turn in doubt: %s could not be cut back to "
+                                 "%d (%s)", seg_path(self.data_dir, self._segment),
+                                 self._truncate_to, exc)
                 if self._unsynced:
                     self.ops.fsync(self._fd)
             finally:
@@ -470,9 +516,7 @@ class DurableLog(MemoryLog):
         """
         assert self.epoch is not None and self._fd is not None
         try:
-            if self._truncate_to is not None:  # owed to this segment, not to the next one
-                self.ops.ftruncate(self._fd, self._truncate_to)
-                self._truncate_to = None
+            self._cut_owed()  # owed to this segment, not to the next one
             self._do_fsync()
             self.open_segment(self._segment + 1, self.epoch)
         except OSError as exc:
