@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,16 @@ import pytest
 import zmq
 
 from broker.core import BrokerCore
-from broker.durable import BatchRecord, DurableLog, FileOps, NamespaceRecord, scan_segment, seg_path
+from broker.durable import (
+    BatchRecord,
+    DurableLog,
+    FileOps,
+    NamespaceRecord,
+    scan_segment,
+    seg_path,
+    snap_path,
+    write_snapshot,
+)
 from broker.errors import StorageError
 from broker.protocol import Digest, DigestReply, Error, Set, WriteOk, reply_codec, request_codec
 from broker.recovery import CorruptLog, recover, repair
@@ -221,6 +231,10 @@ class FaultyOps(FileOps):
         self._step("listdir")
         return super().listdir(path)
 
+    def read(self, path: Path) -> bytes:
+        self._step("read")
+        return super().read(path)
+
 
 class PlannedOps(FileOps):
     """Fails the next call of each operation in ``plan``, in order (``["fsync", "ftruncate"]``:
@@ -377,13 +391,21 @@ def run_with_fault(data: Path, fail_at: int, err: int, persistent: bool) -> str 
     restart recovers every acknowledged write and none that was refused (a turn whose bytes
     could not be cut away answers nothing: its outcome is in doubt). Returns the operation that
     failed, if any."""
+    # a first generation (snap-2 over segment 1), so that this compaction has older files
+    # to delete: its clean-up (listdir, unlink) is among the operations failed in turn
+    core0, log0 = open_core(data, compact_bytes=1 << 30)
+    try:
+        write(core0, "k_pre", VALUE, client=b"p" * 12)
+        compact(core0, log0)
+    finally:
+        log0.close()
     ops = FaultyOps()
     durable = DurableLog(data, compact_bytes=4000, ops=ops)
     durable.compaction_retry = 0.0
     broker = Broker(BrokerConfig(bind=[f"tcp://127.0.0.1:{free_port_pair()}"]),
                     core=BrokerCore(log=durable)).start()
     client = Client(broker.endpoints[0], withheld=lambda: durable.in_doubt)
-    acked: dict[str, bytes] = {}
+    acked: dict[str, bytes] = {"k_pre": VALUE}
     refused: set[str] = set()
     try:
         for i in range(3):
@@ -449,5 +471,147 @@ def test_each_file_operation_of_a_rotation_and_a_compaction_failing_in_turn(
     else:
         raise AssertionError("the fault kept firing")
     # every kind of operation the rotation and compaction make was failed at least once
-    assert {"write", "fsync", "open", "close", "replace", "listdir", "unlink"} <= set(failed)
+    assert {"write", "fsync", "open", "close", "replace", "read", "listdir", "unlink"} \
+        <= set(failed)
     assert len(failed) > 20
+
+
+# ---------------------------------------------------------------------- snapshot generations
+
+
+class ReadbackOps(FileOps):
+    """Garbles (``garble``) or fails (``fail``) the read-back of a snapshot."""
+
+    garble = False
+    fail = False
+
+    def read(self, path: Path) -> bytes:
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error (injected into read)")
+        raw = super().read(path)
+        return raw[:-1] + bytes([raw[-1] ^ 0xFF]) if self.garble else raw
+
+
+def compact(core: BrokerCore, log: DurableLog) -> None:
+    """One compaction as the broker's loop runs it: rotate, freeze, snapshot on the thread,
+    then finish (delete what is older than the fallback generation, or log a failure)."""
+    assert log.start_compaction(core.frozen_view(log.segment + 1, time.monotonic(), time.time()))
+    core.finish_freezes()
+    wait_until(lambda: (log.finish_compaction(), not log.compacting)[1], 10,
+               message="the compaction to end")
+
+
+def numbered(data: Path) -> list[str]:
+    return sorted(p.name for p in data.iterdir() if p.name.startswith(("seg-", "snap-")))
+
+
+def _fill(core: BrokerCore, start: int, n: int) -> None:
+    for i in range(start, start + n):
+        write(core, f"k{i}", b'"%d"' % i, request_no=i + 1)
+
+
+def test_compaction_keeps_the_previous_generation(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    core, log = open_core(data, compact_bytes=1 << 30)
+    try:
+        _fill(core, 0, 5)
+        compact(core, log)  # the first: segment 1 (from nothing) is the fallback
+        assert numbered(data) == ["seg-00000001.log", "seg-00000002.log", "snap-00000002.snap"]
+        _fill(core, 5, 5)
+        compact(core, log)
+        _fill(core, 10, 5)
+        compact(core, log)  # snap-3 and its segments are the fallback now
+        assert numbered(data) == ["seg-00000003.log", "seg-00000004.log",
+                                  "snap-00000003.snap", "snap-00000004.snap"]
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("how", ["garbled", "failed"])
+def test_a_snapshot_that_does_not_read_back_keeps_the_old_files(tmp_path: Path,
+                                                                 how: str) -> None:
+    data = tmp_path / "data"
+    ops = ReadbackOps()
+    core, log = open_core(data, compact_bytes=1 << 30, ops=ops)
+    try:
+        _fill(core, 0, 5)
+        compact(core, log)
+        _fill(core, 5, 5)
+        before = numbered(data)
+        failures = log.compaction_failures
+        ops.garble, ops.fail = how == "garbled", how == "failed"
+        compact(core, log)
+        assert log.compaction_failures == failures + 1
+        # nothing deleted; the unverified snapshot is gone, so start-up never prefers it
+        assert numbered(data) == sorted([*before, "seg-00000003.log"])
+        ops.garble = ops.fail = False
+        _fill(core, 10, 2)
+        digest = core.namespaces["ns"].digest()
+    finally:
+        log.close()
+    core2, log2 = open_core(data)
+    try:
+        assert core2.namespaces["ns"].digest() == digest
+    finally:
+        log2.close()
+
+
+def test_an_unreadable_newest_snapshot_falls_back_or_refuses_naming_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    core, log = open_core(data, compact_bytes=1 << 30)
+    try:
+        for k in range(3):
+            _fill(core, 5 * k, 5)
+            compact(core, log)
+        _fill(core, 15, 2)
+        digest = core.namespaces["ns"].digest()
+    finally:
+        log.close()
+    newest = snap_path(data, 4)
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    core2, log2 = open_core(data)  # falls back to snap-3 and segments 3, 4
+    log2.close()
+    assert core2.namespaces["ns"].digest() == digest
+    assert log2.base_snapshot == 3  # the next compaction keeps the good one, not the bad
+    # without the older generation (as a directory from before it was kept) start-up refuses
+    # naming the snapshot, and so does repair: only a backup helps
+    spare = tmp_path / "spare"
+    shutil.copytree(data, spare)
+    snap_path(data, 3).unlink()
+    seg_path(data, 3).unlink()
+    with pytest.raises(CorruptLog, match=str(newest)) as refused:
+        open_core(data)
+    assert "backup" in str(refused.value)
+    with pytest.raises(CorruptLog, match="backup"):
+        repair(data)
+    # with it, repair moves the bad snapshot aside and loses nothing
+    shutil.rmtree(data)
+    shutil.copytree(spare, data)
+    said = repair(data)
+    assert any(f"{newest}.bad" in line for line in said), said
+    assert not any("new epoch" in line for line in said)
+    assert not newest.exists()
+    core3, log3 = open_core(data)
+    log3.close()
+    assert core3.namespaces["ns"].digest() == digest
+
+
+def test_a_snapshot_whose_rows_are_misframed_is_caught_by_the_read_back(tmp_path: Path) -> None:
+    """The rows are framed by hand (an array header around slices, ``core._encoded_rows``): a
+    wrong count passes the checksum (computed over the same bytes) but not the read-back."""
+    import msgspec
+
+    from broker.records import NamespaceFile, SnapEntryFile, SnapshotFile
+
+    rows = [SnapEntryFile(f"k{i}", b'"v"', 1, 1.0, 1.0, None) for i in range(2)]
+    good = msgspec.msgpack.encode(rows)
+    bad = msgspec.Raw(bytes([0x93]) + good[1:])  # says 3 rows, holds 2
+    view = SnapshotFile("e" * 16, 2, 1.0, [NamespaceFile("ns", 0, 2, bad)], [])  # type: ignore[arg-type]
+    (tmp_path / "d").mkdir()
+    with pytest.raises(CorruptLog, match="does not decode"):
+        write_snapshot(tmp_path / "d", view)
+    assert not snap_path(tmp_path / "d", 2).exists()  # never left for start-up to prefer
+    ok = SnapshotFile("e" * 16, 2, 1.0, [NamespaceFile("ns", 0, 2, msgspec.Raw(good))], [])  # type: ignore[arg-type]
+    assert write_snapshot(tmp_path / "d", ok) == snap_path(tmp_path / "d", 2)
