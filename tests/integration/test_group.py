@@ -131,11 +131,25 @@ class Group:
         return {m.name: (m.stats(0.5) if m.alive else None) for m in self.members}
 
     def primary(self) -> Member | None:
-        """The one member that says it is primary (None unless exactly one does)."""
-        found = [m for m, s in zip(self.members, [m.stats(0.5) if m.alive else None
+        """The one member that says it is primary (None unless exactly one does). Each
+        member gets 1.5 s to answer: on a loaded machine (two test workers on two cores) a
+        live primary can take longer than 0.5 s, and a missed answer reads as "no primary"."""
+        found = [m for m, s in zip(self.members, [m.stats(1.5) if m.alive else None
                                                   for m in self.members], strict=True)
                  if s is not None and s.get("group_primary") == 1]
         return found[0] if len(found) == 1 else None
+
+    def wait_new_primary(self, old: Member, timeout: float = 30.0) -> Member:
+        """Exactly one member says it is primary, and it is not ``old``. Waited for, not read
+        once: after a fault a stats request can time out on a loaded machine, and a primary
+        resumed from SIGSTOP says "primary" until its loop sees its lease gone (it commits
+        nothing meanwhile: the standbys follow the new term)."""
+
+        def found() -> Member | None:
+            p = self.primary()
+            return p if p is not None and p is not old else None
+
+        return wait_until(found, timeout, 0.05, "exactly one primary, not the old one")  # type: ignore
 
     def wait_formed(self, timeout: float = 30.0, sync: int = 2) -> Member:
         """One primary whose sync set holds ``sync`` members, the rest standbys."""
@@ -453,8 +467,7 @@ def test_kill_9_of_the_primary_under_writers_loses_no_acknowledged_write(
         resumed = first_ack_of_term_above(writers, term)
         assert resumed is not None
         pauses.append(resumed - killed_at)
-        new = group.primary()
-        assert new is not None and new is not primary
+        group.wait_new_primary(primary)
         primary.start()  # the old primary rejoins as a standby
         assert group.wait_formed(30) is not primary
     pauses.sort()
@@ -542,8 +555,7 @@ def test_sigstop_of_the_primary_past_its_lease_hands_over_and_it_rejoins(
     t.start()
     wait_until(lambda: first_ack_of_term_above(writers, term) is not None, 30, 0.02,
                "a standby to take over while the primary is stopped")
-    new = group.primary()
-    assert new is not None and new is not primary
+    new = group.wait_new_primary(primary)
     wait_until(lambda: time.monotonic() - stopped_at >= 3 * LEASE_TTL, 10, 0.05,
                "3x the lease TTL")
     wait_progress(writers, 30, 30, "writes under the new primary", group)
@@ -817,8 +829,7 @@ def test_a_former_primarys_unacknowledged_tail_is_replaced_when_it_rejoins(
     reply = retry._request(request)
     assert isinstance(reply, WriteOk)
     history.ack("tail", "set", "tail", {"t": 1}, reply.seq)
-    new = group.primary()
-    assert new is not None and new is not primary
+    new = group.wait_new_primary(primary)
     primary.start()  # rejoins: its tail is replaced by the new primary's state
     assert group.wait_formed(30) is new
     more = [Writer("w1", group.addresses(), history).start()]
