@@ -294,8 +294,8 @@ def run_with_fault(data: Path, fail_at: int, err: int, persistent: bool) -> str 
     assert broker.loop_failed is False
     core, log = open_core(data)  # no manual step
     try:
-        entries = core.namespaces["ns"].entries
-        assert {k: entries[k].value for k in acked} == acked
+        state = core.namespaces["ns"]
+        assert {k: state.entry(k).value for k in acked} == acked
     finally:
         log.close()
     return fired
