@@ -75,10 +75,9 @@ from broker.records import (
     LogRecord,
     NamespaceFile,
     NamespaceRecord,
-    SnapEntryFile,
     SnapshotFile,
 )
-from broker.state import Entry, NamespaceState, decode_entry, snapshot_row
+from broker.state import Entry, NamespaceState, snapshot_row, unpack_entries
 from broker.turn import Outgoing, Turn, TurnRequest, merge_publishes
 from broker.validation import (
     DEFAULT_MAX_VALUE_BYTES,
@@ -214,7 +213,7 @@ def _encoded_rows(keys: list[str], entries: list[bytes], mono: float, wall: floa
     holds it for ~200 ms (a C call never yields). Slices of 10 000 rows yield between them,
     and only one slice of row structs lives at a time. The bytes are those of encoding the
     whole list at once: an array header for the count, then each row's encoding. Each stored
-    entry is decoded into its file row here (the file format predates the packed entry)."""
+    entry is unpacked into its file row here (the file format predates the packed entry)."""
     n = len(keys)
     if n < 16:
         header = bytes([0x90 | n])
@@ -225,12 +224,10 @@ def _encoded_rows(keys: list[str], entries: list[bytes], mono: float, wall: floa
     parts = [header]
     encode = msgspec.msgpack.encode
     for at in range(0, n, _ROWS_PER_PIECE):
-        piece = encode([
-            SnapEntryFile(k, e.value, e.version, e.created_at, e.modified_at,
-                          None if e.deadline is None else wall + (e.deadline - mono))
-            for k, e in zip(keys[at:at + _ROWS_PER_PIECE],
-                            map(decode_entry, entries[at:at + _ROWS_PER_PIECE]), strict=True)
-        ])
+        # (key, value, version, created_at, modified_at, expires_at) tuples: the bytes of
+        # the array_like SnapEntryFile rows, without a struct per row
+        piece = encode(unpack_entries(keys[at:at + _ROWS_PER_PIECE],
+                                      entries[at:at + _ROWS_PER_PIECE], wall - mono))
         count = min(_ROWS_PER_PIECE, n - at)
         parts.append(piece[1 if count < 16 else 3 if count < 1 << 16 else 5:])
     return msgspec.Raw(b"".join(parts))

@@ -118,6 +118,32 @@ def decode_entry(raw: bytes) -> Entry:
     return Entry(v, c, m, d, raw, 33)
 
 
+def unpack_entries(keys: Sequence[str], raws: Sequence[bytes], shift: float
+                   ) -> list[tuple[str, bytes, int, float, float, float | None]]:
+    """``(key, value, version, created_at, modified_at, deadline + shift)`` per entry (None:
+    no deadline), for writing entries out field by field (a compaction's snapshot file).
+    ``decode_entry`` inlined, with tuples instead of structs: this runs once per key of every
+    namespace on the snapshot thread, and every row it costs is GIL time taken from the loop."""
+    h0, h1, h3 = _H0.unpack_from, _H1.unpack_from, _H3.unpack_from
+    out: list[tuple[str, bytes, int, float, float, float | None]] = []
+    add = out.append
+    for key, raw in zip(keys, raws, strict=True):
+        flag = raw[0]
+        if flag == 0:
+            _, v, c = h0(raw)
+            add((key, raw[17:], v, c, c, None))
+        elif flag == MODIFIED:
+            _, v, c, m = h1(raw)
+            add((key, raw[25:], v, c, m, None))
+        elif flag == EXPIRES:
+            _, v, c, d = h1(raw)
+            add((key, raw[25:], v, c, c, d + shift))
+        else:
+            _, v, c, d, m = h3(raw)
+            add((key, raw[33:], v, c, m, d + shift))
+    return out
+
+
 def entry_version(raw: bytes) -> int:
     return _VERSION.unpack_from(raw, 1)[0]
 
