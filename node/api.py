@@ -269,7 +269,12 @@ class SharedMemory:
             if not _fast_key_ok(key):
                 check_key(key)
             self.sync_with_broker()
-        value = live_value(self._stored(key), time.monotonic, _MISSING)
+        elif not _fast_key_ok(key):
+            check_key(key)
+        # _stored inlined (the hottest read): only the lookup holds the lock
+        with self._lock:
+            raw = self._state().entries.get(key)
+        value = live_value(raw, time.monotonic, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
                 raise KeyNotFound(f"key {key!r} not found in namespace {self.namespace!r}")
@@ -298,8 +303,10 @@ class SharedMemory:
 
     def exists(self, key: str) -> bool:
         """True if ``key`` holds a value that has not expired."""
-        raw = self._stored(key)
-        return raw is not None and entry_is_live(raw, time.monotonic())
+        if not _fast_key_ok(key):
+            check_key(key)
+        with self._lock:
+            return self._state().is_live(key, time.monotonic())
 
     def get_metadata(self, key: str) -> Metadata:
         """Size, timestamps, expiry and version of ``key``; KeyNotFound if absent/expired."""
