@@ -19,7 +19,7 @@ from broker.validation import scheme_hint
 
 SUBCOMMANDS_HELP = """\
 other commands:
-  {prog} repair --data-dir DIR   truncate a corrupt log at its last good record
+  {prog} repair --data-dir DIR   make a data dir that start-up refuses startable again
   {prog} keygen NAME [--dir DIR] create a CURVE key pair (DIR/NAME.key, DIR/NAME.key_secret)
   {prog} switchover --group G --etcd URLS --to MEMBER
                                  hand a group's leadership to an in-sync standby
@@ -113,18 +113,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def repair_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"{prog_name()} repair",
-                                description="Truncate a corrupt log at its last good record.")
+    p = argparse.ArgumentParser(
+        prog=f"{prog_name()} repair",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Make a data directory that start-up refuses startable again, and\n"
+                    "print what changed:\n"
+                    "- an unreadable newest snapshot is renamed to *.bad and the state is\n"
+                    "  recovered from the older snapshot generation compaction keeps\n"
+                    "  (nothing is lost);\n"
+                    "- a corrupt log record: its segment is truncated at the last good\n"
+                    "  record and every later segment removed (what goes was acknowledged\n"
+                    "  once: a new epoch is started so nodes resync);\n"
+                    "- a bad segment header is rewritten (its records are kept);\n"
+                    "- a missing segment: every segment after the gap is removed.\n"
+                    "Stop the broker first (repair takes the directory's lock). Exit 1 when\n"
+                    "the directory is in use, or no readable snapshot generation is left\n"
+                    "(restore from a backup then).")
     p.add_argument("--data-dir", required=True, metavar="DIR")
     args = p.parse_args(argv)
     from pathlib import Path
 
-    from broker.durable import DataDirLocked
+    from broker.durable import CorruptLog, DataDirLocked
     from broker.recovery import repair
 
     try:
         lines = repair(Path(args.data_dir))
-    except DataDirLocked as exc:
+    except (DataDirLocked, CorruptLog) as exc:
         print(f"broker repair: {exc}", file=sys.stderr)
         return 1
     for line in lines:

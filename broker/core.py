@@ -12,6 +12,12 @@ A refused request produces no events and changes nothing.
 Exactly-once: each write carries ``(client_id, request_no)``. The last reply per client is kept
 (bounded LRU); a repeat of the same request number gets that reply again and is not re-applied.
 A node sends one write at a time per client id, so "last reply" is enough.
+
+A turn *in doubt* (its flush failed and its bytes could not be cut away, ``LogInDoubt``) is
+rolled back like a refused one, but none of its replies is sent and its writes are marked
+``IN_DOUBT``: a retry gets no answer either (it is not decided again) until
+``settle_in_doubt`` finds the log cut back (the writes are refused for good), or a restart
+replays the records (the rebuilt table answers them as applied). docs/persistence.md.
 """
 
 from __future__ import annotations
@@ -150,14 +156,25 @@ class SnapshotJob:
         return reply
 
 
+# What ``DedupTable.lookup`` returns for a write whose turn is in doubt: the shell sends no
+# reply to it (compared by identity; never sent).
+IN_DOUBT: Reply = Error("StorageError", "the outcome of this write is in doubt")
+
+
 class DedupTable:
-    """Last reply per client id, least recently used evicted beyond ``capacity``."""
+    """Last reply per client id, least recently used evicted beyond ``capacity``; plus the
+    writes in doubt (``mark_in_doubt``), which are never evicted: a retry of one that was
+    forgotten would be decided as a new write and could be refused while the first one may
+    still come back."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
         self._last: OrderedDict[bytes, tuple[int, Reply]] = OrderedDict()
+        self._in_doubt: dict[bytes, int] = {}
 
     def lookup(self, client_id: bytes, request_no: int) -> Reply | None:
+        if self._in_doubt and self._in_doubt.get(client_id) == request_no:
+            return IN_DOUBT
         item = self._last.get(client_id)
         if item is None:
             return None
@@ -193,6 +210,26 @@ class DedupTable:
             self._last.pop(client_id, None)
         else:
             self._last[client_id] = entry
+
+    def mark_in_doubt(self, client_id: bytes, request_no: int) -> None:
+        """This write's turn is in doubt: until ``settle_in_doubt``, its retries get IN_DOUBT."""
+        self._in_doubt[client_id] = request_no
+
+    @property
+    def in_doubt(self) -> int:
+        """How many writes are in doubt."""
+        return len(self._in_doubt)
+
+    def settle_in_doubt(self, reply: Reply) -> int:
+        """The bytes of the writes in doubt are gone: remember ``reply`` (a refusal) for each,
+        unless its client has since had a newer request answered. Returns how many."""
+        n = len(self._in_doubt)
+        for client_id, no in self._in_doubt.items():
+            entry = self._last.get(client_id)
+            if entry is None or entry[0] <= no:
+                self.remember(client_id, no, reply)
+        self._in_doubt.clear()
+        return n
 
     def rename_epoch(self, epoch: str) -> None:
         """Make every remembered WriteOk name ``epoch``: after recovery starts a new epoch, the
@@ -564,6 +601,8 @@ class BrokerCore:
                         Outgoing(tag, Error("StorageError", f"internal broker error: {exc!r}")))
                     continue
                 reply = decision.reply
+                if reply is IN_DOUBT:
+                    continue  # a retry of a write in doubt: no answer yet (the client retries)
                 if decision.duplicate:
                     turn.replies.append(Outgoing(tag, reply, None, decision.client))
                 elif decision.events and type(reply) is WriteOk:
@@ -605,12 +644,19 @@ class BrokerCore:
         turn.undo.clear()
         turn.committed = True
 
-    def rollback(self, turn: Turn, reason: str) -> None:
+    def rollback(self, turn: Turn, reason: str, *, in_doubt: bool = False) -> None:
         """The turn's log flush failed: put state, namespaces and dedup table back, and turn
         the turn's replies into refusals (``StorageError`` saying ``reason``); nothing is
         published. A resent reply of an earlier, durable write -- still in the dedup table
         once the turn is undone -- stays what it was; a ``HelloReply`` reads no state and stays.
+
+        ``in_doubt`` (``LogInDoubt``: the turn's bytes may still be in the log): the replies
+        that would be refusals are dropped instead -- a refusal would be false if a restart
+        replays the bytes -- and every write of the turn with a log record is marked in doubt
+        in the dedup table, so its retry is not decided again (``settle_in_doubt``).
         """
+        doubtful = [(r.client, r.request_no) for r in turn.records
+                    if type(r) is BatchRecord and r.client is not None] if in_doubt else []
         for item in reversed(turn.undo):
             if item[0] == "events":
                 _, state, old_seq, olds = item
@@ -631,13 +677,30 @@ class BrokerCore:
                              if type(r) is NamespaceRecord and r.namespace in self.namespaces
                              and self.namespaces[r.namespace].max_keys == r.max_keys]
         refusal = Error("StorageError", reason)
-        turn.replies = [
-            out if type(out.reply) is HelloReply or self._still_durable(out)
-            else Outgoing(out.tag, refusal)
-            for out in turn.replies
-        ]
+        if in_doubt:
+            for client_id, request_no in doubtful:
+                self.dedup.mark_in_doubt(client_id, request_no)
+            turn.replies = [out for out in turn.replies
+                            if type(out.reply) is HelloReply or self._still_durable(out)]
+        else:
+            turn.replies = [
+                out if type(out.reply) is HelloReply or self._still_durable(out)
+                else Outgoing(out.tag, refusal)
+                for out in turn.replies
+            ]
         turn.records = []
         turn.publishes = []
+
+    def settle_in_doubt(self) -> None:
+        """Once the log owes no cut any more, the writes in doubt are refused for good: their
+        bytes are gone, so their retries get StorageError. The shell calls this after every
+        flush and every log tick (cheap when nothing is in doubt)."""
+        if not self.dedup.in_doubt or self.log.in_doubt:
+            return
+        n = self.dedup.settle_in_doubt(Error(
+            "StorageError", "write to the log failed and its bytes were cut away afterwards; "
+                            "the write was refused and nothing changed"))
+        logger.warning("the log was cut back: %d write(s) in doubt are refused for good", n)
 
     def _still_durable(self, out: Outgoing) -> bool:
         """After a rollback: is this resent reply's original write still in the table (it was

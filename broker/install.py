@@ -48,6 +48,8 @@ def install_image(core: BrokerCore, durable: DurableLog, image: InstallImage) ->
         if m and int(m.group(1) or m.group(2)) < n:
             path.unlink(missing_ok=True)
     fsync_dir(data_dir)
+    # The installed snapshot is the only generation: what was older is another history.
+    durable.base_snapshot = n
     mono, wall = time.monotonic(), time.time()
     core.namespaces.clear()
     core.dedup = DedupTable()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from broker.errors import StorageError
 from broker.protocol import Event, KeySet, KeyTouched
 from broker.records import LogRecord, NamespaceRecord, SnapshotFile
 from broker.ttl import deadline_after, ttl_left
@@ -25,6 +26,17 @@ if TYPE_CHECKING:
     from broker.recovery import RecoveryReport
 
 
+class LogInDoubt(StorageError):
+    """A turn's flush failed *and* its bytes could not be cut away afterwards: they may still
+    be in the log file, so a restart may replay them. Such a turn must be neither acknowledged
+    nor refused: ``persist`` withholds its replies and the dedup table marks its writes in
+    doubt, until the log has cut the bytes away (``Log.in_doubt`` turns False: the writes are
+    refused for good) or a restart has replayed them (the rebuilt table answers them as
+    applied, which is then true). docs/persistence.md, "A turn in doubt"."""
+
+    kind = "StorageError"
+
+
 class Log(Protocol):
     """What the broker shell and core need of a log; ``MemoryLog`` and ``DurableLog`` are both
     one, so no caller asks which kind it has (the hooks that only mean something on disk are
@@ -32,6 +44,11 @@ class Log(Protocol):
 
     @property
     def compacting(self) -> bool: ...
+
+    @property
+    def in_doubt(self) -> bool:
+        """True while the bytes of a failed turn may be in the log (``LogInDoubt``)."""
+        ...
 
     def append_records(self, records: Sequence[LogRecord], now: float) -> None: ...
 
@@ -143,6 +160,7 @@ class MemoryLog:
         """Release files (none in memory)."""
 
     compacting = False
+    in_doubt = False  # memory writes nothing that could come back
     segment = 0
 
     def wants_compaction(self) -> bool:

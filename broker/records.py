@@ -63,3 +63,23 @@ class SnapshotFile(msgspec.Struct):
     wall: float
     namespaces: list[NamespaceFile]
     dedup: list[DedupFile]
+
+
+class NamespaceOutline(msgspec.Struct, array_like=True):
+    """A ``NamespaceFile`` with its rows left undecoded: decoding into ``Raw`` still walks
+    their msgpack framing (count and lengths), without building a million structs."""
+
+    name: str
+    max_keys: int
+    seq: int
+    entries: msgspec.Raw
+
+
+class SnapshotOutline(msgspec.Struct):
+    """A ``SnapshotFile`` as compaction's read-back checks it (``verify_snapshot``)."""
+
+    epoch: str
+    segment: int
+    wall: float
+    namespaces: list[NamespaceOutline]
+    dedup: list[DedupFile]

@@ -149,17 +149,15 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
     epoch_path = data_dir / EPOCH_FILE
     epoch = epoch_path.read_text().strip() if epoch_path.exists() else None
 
-    snapshot = None
-    snapshot_path = None
-    for n in reversed(list_numbered(data_dir, SNAP_RE)):
-        path = snap_path(data_dir, n)
-        try:
-            snapshot = read_snapshot(path)
-            snapshot_path = path
-            break
-        except CorruptLog as exc:
-            logger.error("skipping unreadable snapshot: %s", exc)
     segments = list_numbered(data_dir, SEG_RE)
+    snapshot, unreadable = choose_snapshot(data_dir, segments)
+    snapshot_path = snap_path(data_dir, snapshot.segment) if snapshot is not None else None
+    if unreadable:
+        logger.error("snapshot %s is unreadable (%s); falling back to %s and the segments "
+                     "after it (nothing is lost: compaction keeps that generation for this). "
+                     "'python -m broker repair --data-dir %s' moves the bad file aside",
+                     unreadable[0].path, unreadable[0].reason,
+                     snapshot_path or "segment 1, from an empty state", data_dir)
     start = snapshot.segment if snapshot is not None else (segments[0] if segments else 1)
     replay = [n for n in segments if n >= start]
     for a, b in zip(replay, replay[1:], strict=False):
@@ -167,6 +165,7 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
             raise CorruptLog(seg_path(data_dir, a + 1), 0, "segment is missing")
     if snapshot is not None and replay and replay[0] != start:
         raise CorruptLog(seg_path(data_dir, start), 0, "segment after the snapshot is missing")
+    durable.base_snapshot = snapshot.segment if snapshot is not None else None
     last = replay[-1] if replay else start
     headerless = None
     if replay and _is_headerless(seg_path(data_dir, replay[-1])):
@@ -221,6 +220,38 @@ def load(core: BrokerCore, durable: DurableLog) -> RecoveryReport:
                           changed_epoch or fresh, last, torn_path, torn_at, headerless)
 
 
+def choose_snapshot(data_dir: Path, segments: list[int]
+                    ) -> tuple[SnapshotFile | None, list[CorruptLog]]:
+    """The newest readable snapshot (None: replay from segment 1), and why each newer one is
+    unreadable (newest first).
+
+    An unreadable snapshot may be passed over only for a generation that really holds the
+    state: an older readable snapshot with every segment from its number on, or -- with no
+    snapshot left -- segments that start at 1 (the first compaction keeps them). Anything else
+    (say, a directory from before two generations were kept) would replay segments whose base
+    state is gone: CorruptLog naming the unreadable snapshot, which only a backup can fix."""
+    unreadable: list[CorruptLog] = []
+    for n in reversed(list_numbered(data_dir, SNAP_RE)):
+        try:
+            snapshot = read_snapshot(snap_path(data_dir, n))
+        except CorruptLog as exc:
+            unreadable.append(exc)
+            continue
+        if unreadable:
+            after = [s for s in segments if s >= n]
+            if not after or after != list(range(n, n + len(after))):
+                break  # that generation is incomplete: no fallback
+        return snapshot, unreadable
+    else:
+        if not unreadable or (segments and segments[0] == 1 and
+                              segments == list(range(1, len(segments) + 1))):
+            return None, unreadable
+    bad = unreadable[0]
+    raise CorruptLog(bad.path, 0, bad.reason, advice=(
+        "no older snapshot with all its segments is left to fall back on, so start-up (and "
+        f"repair) cannot rebuild the state: restore {data_dir} from a backup"))
+
+
 def open_for_writing(durable: DurableLog, report: RecoveryReport) -> None:
     """The writes start-up owes the directory, once the lock is held and the sockets are
     bound: drop temp files, the torn tail and a header-less last segment, record the epoch
@@ -256,9 +287,13 @@ def mark_clean(durable: DurableLog) -> None:
 
 
 def repair(data_dir: Path) -> list[str]:
-    """Truncate the log at its first bad record and drop every later segment; say what went.
+    """Make a directory start-up refuses startable again, and say what changed: move
+    unreadable snapshots aside (to ``*.bad``) when an older generation holds the state,
+    truncate the log at its first bad record and drop every later segment, fix a bad segment
+    header, drop the segments after a gap (``_repair_locked``).
 
-    Holds the directory's lock while it works: raises DataDirLocked while a broker runs."""
+    Holds the directory's lock while it works: raises DataDirLocked while a broker runs, and
+    CorruptLog when no readable snapshot generation is left (only a backup helps then)."""
     lock_fd = lock_data_dir(data_dir)
     try:
         return _repair_locked(data_dir)
@@ -268,6 +303,9 @@ def repair(data_dir: Path) -> list[str]:
 
 def _repair_locked(data_dir: Path) -> list[str]:
     """Every state start-up refuses, made startable:
+    - an unreadable newest snapshot is renamed to ``snap-N.snap.bad`` (kept for a post-mortem;
+      start-up ignores it), and the log is repaired from the older generation compaction
+      kept (``choose_snapshot``; nothing is lost by this);
     - a segment whose header is bad or missing gets its header back (its records are
       checksummed on their own, so they are kept);
     - a bad record: the segment is cut at the last good record, every later segment removed;
@@ -277,8 +315,16 @@ def _repair_locked(data_dir: Path) -> list[str]:
     the old one's."""
     said: list[str] = []
     segments = list_numbered(data_dir, SEG_RE)
-    snaps = list_numbered(data_dir, SNAP_RE)
-    start = snaps[-1] if snaps else (segments[0] if segments else 1)
+    snapshot, unreadable = choose_snapshot(data_dir, segments)  # raises: no generation left
+    for bad in unreadable:
+        aside = bad.path.with_name(bad.path.name + ".bad")
+        os.replace(bad.path, aside)
+        said.append(f"renamed the unreadable snapshot {bad.path} to {aside} ({bad.reason}); "
+                    "recovering from "
+                    + (str(snap_path(data_dir, snapshot.segment)) if snapshot is not None
+                       else "segment 1")
+                    + " and the segments after it instead (nothing is lost)")
+    start = snapshot.segment if snapshot is not None else (segments[0] if segments else 1)
     epoch_path = data_dir / EPOCH_FILE
     epoch = epoch_path.read_text().strip() if epoch_path.exists() else None
     cut_from: int | None = None

@@ -119,7 +119,8 @@ class Broker(BrokerLifecycle):
             subs.step()
             if self.core.frozen:
                 self.core.advance_freezes()  # a compaction's view: one chunk per turn
-            event_log.tick()
+            event_log.tick()  # retries an owed cut (a turn in doubt), then everysec fsyncs
+            self.core.settle_in_doubt()
             if event_log.compacting:
                 event_log.finish_compaction()
             elif event_log.wants_compaction():

@@ -10,7 +10,8 @@ returns a ``Turn``. Its fields say what to do, in the order they must be done:
 If the flush fails, ``BrokerCore.rollback(turn, reason)`` puts the state back and rewrites the
 turn's replies into refusals (a resent reply of an earlier, durable write stays what it was);
 if it succeeds, ``BrokerCore.commit_turn(turn)`` forgets the undo information. Either way the
-shell then sends what the turn holds. This module owns the shape of that value and the
+shell then sends what the turn holds (a turn in doubt, ``LogInDoubt``, holds no reply that a
+refusal would have replaced: see ``persist``). This module owns the shape of that value and the
 per-namespace merge of the turn's batches; it never does I/O.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from broker.errors import StorageError
+from broker.log import LogInDoubt
 from broker.protocol import (
     Delete,
     DeleteMany,
@@ -89,16 +91,25 @@ class Turn:
 def persist(core: BrokerCore, event_log: Log, turn: Turn) -> bool:
     """Make the turn durable: append its records and flush, then ``commit_turn`` -- or, if
     the flush fails, ``rollback`` (the turn's replies become refusals, nothing is published).
+    If the failed turn's bytes could not even be cut away (``LogInDoubt``), its replies are
+    withheld instead, and its writes stay in doubt until ``core.settle_in_doubt`` (called here
+    after every flush, and by the shell after every log tick) finds the log cut back.
     Returns whether the flush succeeded. Only after this may the shell send what the turn
     holds; every shell (the broker's loop, the simulation) goes through here."""
     try:
         event_log.append_records(turn.records, turn.now)
         event_log.flush()
+    except LogInDoubt as exc:
+        logger.error("%s", exc)
+        core.rollback(turn, str(exc), in_doubt=True)
+        return False
     except StorageError as exc:
         logger.error("%s", exc)
         core.rollback(turn, str(exc))
+        core.settle_in_doubt()
         return False
     core.commit_turn(turn)
+    core.settle_in_doubt()
     return True
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
+
+from tests.processes import free_port_run
 
 HEARTBEAT_MS = 50
 ELECTION_MS = 500
@@ -45,17 +46,10 @@ def require_etcd() -> str:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now (all held bound until all are picked)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """``n`` consecutive loopback ports free right now, from this xdist worker's slice below
+    the ephemeral range (tests/processes.py free_port_run)."""
+    base = free_port_run(n)
+    return list(range(base, base + n))
 
 
 def _http_json(url: str, payload: dict[str, Any] | None = None,

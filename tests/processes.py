@@ -38,27 +38,60 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0,
         time.sleep(interval)  # poll
 
 
+# Ports for the tests' listeners come from below the kernel's ephemeral range (32768-60999 by
+# default), so that no outgoing connection's source port takes one between our check and the
+# broker's bind, and each pytest-xdist worker has a slice of its own, so that two workers never
+# pick the same "free" port at the same moment (the race that asking the kernel for port 0
+# leaves open). Within a process the ports are handed out walking forward from a random start,
+# so a port just released (a stopped broker's) is not handed out again soon.
+_PORT_LOW, _PORT_HIGH = 20000, 32000
+_port_cursor: int | None = None
+
+
+def _worker_slice() -> tuple[int, int]:
+    """This process's ``[low, high)`` of ports: the xdist worker's share, or all of them."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = (_PORT_HIGH - _PORT_LOW) // max(count, 1)
+    low = _PORT_LOW + (index % max(count, 1)) * width
+    return low, low + width
+
+
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` can be bound right now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_run(n: int) -> int:
+    """A port P on 127.0.0.1 such that P .. P+n-1 are all free right now, from this worker's
+    slice (a broker binds P and P+1; a group member three ports)."""
+    global _port_cursor
+    low, high = _worker_slice()
+    if _port_cursor is None or not low <= _port_cursor < high:
+        _port_cursor = low + int.from_bytes(os.urandom(2), "big") % (high - low)
+    for _ in range(high - low):
+        port = _port_cursor
+        _port_cursor = port + n if port + n < high - n else low
+        if port + n <= high and all(port_free(port + i) for i in range(n)):
+            return port
+    raise RuntimeError(f"no {n} consecutive free ports in {low}..{high}")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_run(1)
 
 
 def free_port_pair() -> int:
     """A port P on 127.0.0.1 such that P and P+1 are both free right now (a broker binds its
     request port P and its event port P+1)."""
-    for _ in range(200):
-        port = free_port()
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair found")
+    return free_port_run(2)
 
 
 def child_env() -> dict[str, str]:

@@ -9,9 +9,7 @@ tests use); ``etcd`` must be on PATH (``shutil.which``): see ``ETCD_HINT``.
 
 from __future__ import annotations
 
-import random
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zmq
-
-from broker.protocol import Hello, HelloReply, Stats, StatsReply, reply_codec, request_codec
+from broker.protocol import Hello, HelloReply, Stats, StatsReply
 from tests.etcd_cluster import EtcdCluster, etcd_binary
-from tests.processes import ROOT, child_env, terminate
+from tests.processes import ROOT, child_env, free_port_run, terminate
+from tests.raw_client import raw_call
 
 GROUP = "local"
 ETCD_HINT = ("etcd is not on PATH: install it (Debian/Ubuntu: apt-get install etcd-server; "
              "as root, scripts/test does that through scripts/_etcd.sh) or put an etcd 3.4+ "
              "binary from https://github.com/etcd-io/etcd/releases on PATH")
 
-_requests = request_codec()
-_replies = reply_codec()
 
 
 def have_etcd() -> bool:
@@ -41,31 +36,12 @@ def have_etcd() -> bool:
 def free_port_triple() -> int:
     """P with P, P+1 and P+2 free on 127.0.0.1 (requests, events, replication), below the
     ephemeral range so a member's own reconnects never hold its ports."""
-    for _ in range(500):
-        port = random.randrange(10_000, 30_000)
-        try:
-            with socket.socket() as a, socket.socket() as b, socket.socket() as c:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-                c.bind(("127.0.0.1", port + 2))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port triple on 127.0.0.1")
+    return free_port_run(3)
 
 
 def call(address: str, request: Any, timeout: float = 1.0) -> Any:
     """One request to one member (None on timeout)."""
-    s = zmq.Context.instance().socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    try:
-        s.connect(address)
-        s.send(_requests.encode(request))
-        if not s.poll(int(timeout * 1000)):
-            return None
-        return _replies.decode(s.recv())
-    finally:
-        s.close(linger=0)
+    return raw_call(address, request, timeout)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -194,6 +195,45 @@ def echo() -> None:
         sock.send_multipart(sock.recv_multipart())
 
 
+def fsync_primary(path: str, *standby_ports: str) -> None:
+    """A ROUTER that appends and fsyncs each request, ships it to every standby first
+    and replies once its own fsync and every standby's ack are in."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    front = ctx.socket(zmq.ROUTER)
+    links = []
+    for port in standby_ports:
+        s = ctx.socket(zmq.DEALER)
+        s.connect(f"tcp://127.0.0.1:{port}")
+        links.append(s)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    print(front.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+    while True:
+        frames = front.recv_multipart()
+        for s in links:
+            s.send(frames[-1])
+        os.write(fd, frames[-1])
+        os.fsync(fd)
+        for s in links:
+            s.recv()
+        front.send_multipart(frames)
+
+
+def fsync_standby(path: str) -> None:
+    """A ROUTER that appends and fsyncs what the primary ships, then acks it."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+    while True:
+        peer, body = sock.recv_multipart()
+        os.write(fd, body)
+        os.fsync(fd)
+        sock.send_multipart([peer, b"ack"])
+
+
 MODES: dict[str, Callable[..., None]] = {
     "sm-writer": sm_writer,  # ADDRESS N NAME
     "redis-writer": redis_writer,  # PORT N NAME
@@ -203,6 +243,8 @@ MODES: dict[str, Callable[..., None]] = {
     "sm-fan": sm_fan,  # ADDRESS NAMESPACE
     "sm-join": sm_join,  # ADDRESS NAMESPACE
     "echo": echo,
+    "fsync-primary": fsync_primary,  # PATH STANDBY_PORT...
+    "fsync-standby": fsync_standby,  # PATH
 }
 
 

@@ -791,3 +791,85 @@ def test_read_refuses_bad_input_with_the_documented_kind() -> None:
     for request, kind in cases:
         reply = core.read(request, now=0.0)
         assert isinstance(reply, Error) and reply.kind == kind, (request, reply)
+
+
+# ---------------------------------------------------------------- a turn in doubt (LogInDoubt)
+
+
+class DoubtfulLog(MemoryLog):
+    """A log whose next flush raises LogInDoubt (its bytes "could not be cut away") and that
+    stays in doubt until the test says the cut succeeded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next = False
+        self.owed = False
+
+    @property  # type: ignore[override]
+    def in_doubt(self) -> bool:
+        return self.owed
+
+    def flush(self) -> None:
+        from broker.log import LogInDoubt
+
+        if self.fail_next:
+            self.fail_next, self.owed = False, True
+            raise LogInDoubt("write to the log failed (injected) and its bytes could not be cut")
+
+
+def _turn(core: BrokerCore, *requests: WriteRequest) -> list[object]:
+    from broker.turn import persist
+
+    turn = core.run_turn([(i, r) for i, r in enumerate(requests)], 0.0, 1.0)
+    persist(core, core.log, turn)
+    return [out.reply for out in turn.replies]
+
+
+def test_a_turn_in_doubt_answers_nothing_and_its_retry_is_not_decided_again() -> None:
+    from broker.core import IN_DOUBT
+
+    log = DoubtfulLog()
+    core = BrokerCore(EPOCH, log=log)
+    a, b = b"a" * 12, b"b" * 12
+    assert _turn(core, Set(a, 1, NS, 0, "k", b"1", None)) == [WriteOk(EPOCH, 1)]
+    log.fail_next = True
+    # the write in doubt, a retry of it in the same turn, and another client's write
+    replies = _turn(core, Set(a, 2, NS, 0, "k", b"2", None), Set(a, 2, NS, 0, "k", b"2", None),
+                    Set(b, 1, NS, 0, "j", b"3", None))
+    assert replies == []  # neither WriteOk nor StorageError: the outcome is not known yet
+    assert core.namespaces[NS].seq == 1 and core.namespaces[NS].entry("k").value == b"1"
+    assert core.dedup.lookup(a, 2) is IN_DOUBT and core.dedup.lookup(b, 1) is IN_DOUBT
+    # retries while the log is in doubt: still no answer, and not decided as new writes
+    assert _turn(core, Set(a, 2, NS, 0, "k", b"2", None)) == []
+    assert core.namespaces[NS].seq == 1
+    # a write of a client not in doubt is decided as usual (here the log refuses nothing)
+    c = b"c" * 12
+    assert _turn(core, Set(c, 1, NS, 0, "x", b"4", None)) == [WriteOk(EPOCH, 2)]
+    # an older request of the client in doubt is still answered from the table
+    assert _turn(core, Set(a, 1, NS, 0, "k", b"1", None)) == [WriteOk(EPOCH, 1)]
+    # the cut succeeded: the writes in doubt are refused for good, their retries told so
+    log.owed = False
+    core.settle_in_doubt()
+    assert core.dedup.in_doubt == 0
+    retry = _turn(core, Set(a, 2, NS, 0, "k", b"2", None))
+    assert len(retry) == 1 and isinstance(retry[0], Error) and retry[0].kind == "StorageError"
+    assert core.namespaces[NS].entry("k").value == b"1"  # it was never applied
+
+
+def test_writes_in_doubt_are_never_evicted_from_the_dedup_table() -> None:
+    """An evicted write in doubt would be decided again as a new write, and could be refused
+    while the first may still come back."""
+    from broker.core import IN_DOUBT
+
+    table = DedupTable(capacity=2)
+    table.mark_in_doubt(b"a", 5)
+    for i in range(10):
+        table.remember(bytes([i]) * 12, 1, WriteOk(EPOCH, i))
+    assert table.lookup(b"a", 5) is IN_DOUBT
+    # a newer request of that client answered meanwhile is not overwritten by the refusal
+    table.remember(b"b", 1, WriteOk(EPOCH, 1))
+    table.mark_in_doubt(b"b", 0)
+    assert table.settle_in_doubt(Error("StorageError", "cut")) == 2
+    assert table.lookup(b"b", 1) == WriteOk(EPOCH, 1)
+    refused = table.lookup(b"a", 5)
+    assert isinstance(refused, Error) and refused.message == "cut"

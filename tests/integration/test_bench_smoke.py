@@ -23,6 +23,7 @@ HEADER = ("workload                                       system                
 # and go with what is installed; these may not). A missing split row of the write path means
 # a name in scripts/benchkit/internals.py is gone from node/.
 WRITE_PATH = "acknowledged set, where the time goes"
+FLOOR = "replication floor: pyzmq + fsync only"
 SHAREDMEM_ROWS = [
     ("get small JSON (fresh copy)", "sharedmem"),
     ("exists", "sharedmem"),
@@ -36,6 +37,10 @@ SHAREDMEM_ROWS = [
     ("set, 4 writer processes, fsync always", "sharedmem"),
     ("set, 1 writer, group, fsync always", "sharedmem group of 3"),
     ("set, 4 writer processes, group, fsync always", "sharedmem group of 3"),
+    (FLOOR, "os.write + os.fsync alone"),
+    (FLOOR, "1 copy (no standby)"),
+    (FLOOR, "2 copies (1 standby)"),
+    (FLOOR, "3 copies (2 standbys)"),
     ("write on A visible on B", "sharedmem"),
     ("snapshot join, 20,000 keys", "sharedmem"),
     ("fan-out, 4 nodes at 2,000 writes/s", "sharedmem"),

@@ -15,6 +15,7 @@ import pytest
 
 from node import BrokerUnavailable, SharedMemory, SharedMemoryConfig, StorageError
 from tests.conftest import ROOT, BrokerProcess, child_env, free_port_pair
+from tests.processes import port_free
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,15 +38,6 @@ def agent(*args: str) -> subprocess.CompletedProcess[str]:
     env.pop("SHAREDMEM_BROKER")
     return subprocess.run([sys.executable, "-c", AGENT, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_no_broker_anywhere_each_process_warns_once() -> None:
@@ -148,7 +140,15 @@ def test_silent_listener_still_gets_connect_timeout() -> None:
 
 
 def test_cli_against_a_closed_port_exits_3_at_once() -> None:
+    """"At once" is issue 12's 2 s beyond what the same interpreter needs to start and import
+    the CLI (measured here, just before, with ``--version``): on a loaded machine the start-up
+    alone can take a second, and the point is the 30 s timeout not being waited out."""
     port = free_port_pair()
+    start = time.monotonic()
+    version = subprocess.run([sys.executable, "-m", "node", "--version"], cwd=ROOT,
+                             env=child_env(), capture_output=True, text=True, timeout=30)
+    startup = time.monotonic() - start
+    assert version.returncode == 0, version.stderr
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "node", "--broker", f"tcp://127.0.0.1:{port}",
                         "--timeout", "30", "get", "k"], cwd=ROOT, env=child_env(),
@@ -156,7 +156,8 @@ def test_cli_against_a_closed_port_exits_3_at_once() -> None:
     elapsed = time.monotonic() - start
     assert r.returncode == 3, r.stderr
     assert "connection refused" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert elapsed < 2.0, f"took {elapsed:.1f}s; --timeout is 30s"  # issue 12's bound
+    assert elapsed < startup + 2.0, (  # issue 12's bound
+        f"took {elapsed:.1f}s (start-up {startup:.1f}s); --timeout is 30s")
 
 
 # --------------------------------------------------------------------------- namespace settings

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.core import BrokerCore
-from broker.durable import DurableLog, scan_segment, seg_path
+from broker.durable import SNAP_HEADER, DurableLog, read_snapshot, scan_segment, seg_path
 from broker.errors import StorageError
 from broker.protocol import Set
 from broker.recovery import CorruptLog, recover
@@ -258,6 +258,69 @@ def test_compaction_under_load_keeps_all_data_and_restart_restores_digest(
             assert len(shm.list_keys("k*")) == len(expected)
             for key in random.Random(1).sample(sorted(expected), 200):
                 assert shm.get(key) == expected[key]
+    finally:
+        broker.stop()
+
+
+def flip_payload_byte(path: Path) -> None:
+    """Corrupt one byte in the middle of a snapshot's payload (its header stays valid)."""
+    raw = bytearray(path.read_bytes())
+    raw[SNAP_HEADER.size + (len(raw) - SNAP_HEADER.size) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_unreadable_newest_snapshot_after_compaction_falls_back_to_the_older_generation(
+    tmp_path: Path,
+) -> None:
+    """docs/consistency.md section 7, fixed defect: compaction used to delete every older
+    snapshot and segment, so one bad byte in the newest snapshot left a directory no restart
+    and no repair could read. Now the previous generation stays: start-up falls back to it
+    (naming the bad file), and repair moves the bad file aside."""
+    port = free_port_pair()
+    data = tmp_path / "data"
+    broker = durable_broker(port, data, "--compact-bytes", "100000")
+    cfg = SharedMemoryConfig(namespace="compact", broker=broker.address, max_keys=0, ttl=0)
+    try:
+        with SharedMemory(cfg) as shm:
+            expected = {}
+            for i in range(300):
+                batch = {f"k{i}_{j}": {"i": i, "j": j, "pad": "p" * 40} for j in range(10)}
+                shm.set_many(batch)  # acknowledged: it must survive
+                expected.update(batch)
+                if i % 7 == 0:
+                    shm.delete(f"k{i}_0")
+                    expected.pop(f"k{i}_0")
+            # two generations on disk: the newest snapshot and the one before it
+            snaps = wait_until(lambda: (s := sorted(data.glob("snap-*.snap")))[1:] and s, 30,
+                               message="two snapshots")
+            before = shm.broker_digest()
+        broker.kill()
+        newest = sorted(data.glob("snap-*.snap"))[-1]
+        assert len(snaps) >= 2
+        flip_payload_byte(newest)
+        with pytest.raises(CorruptLog):
+            read_snapshot(newest)
+        broker = durable_broker(port, data)  # falls back, no manual step
+        broker.stderr_file.seek(0)
+        said = broker.stderr_file.read()
+        assert str(newest) in said and "falling back" in said, said
+        with SharedMemory(cfg) as shm:
+            assert shm.broker_digest() == before  # every acknowledged write is there
+            assert len(shm.list_keys("k*")) == len(expected)
+            for key in random.Random(2).sample(sorted(expected), 100):
+                assert shm.get(key) == expected[key]
+        broker.stop()
+        repaired = subprocess.run(
+            [sys.executable, "-m", "broker", "repair", "--data-dir", str(data)],
+            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+        assert repaired.returncode == 0, repaired.stderr
+        assert f"{newest}.bad" in repaired.stdout and "new epoch" not in repaired.stdout
+        assert not newest.exists() and Path(f"{newest}.bad").exists()
+        broker = durable_broker(port, data)
+        with SharedMemory(cfg) as shm:
+            assert shm.broker_digest() == before
     finally:
         broker.stop()
 

@@ -12,9 +12,7 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +42,8 @@ from broker.protocol import (
 )
 from tests.conftest import BrokerProcess, wait_until
 from tests.history import History, replay_digest
+from tests.processes import free_port_run
+from tests.raw_client import raw_call
 
 NS = "grp"
 LEASE_TTL = 1
@@ -55,38 +55,15 @@ _replies = reply_codec()
 
 def free_port_triple() -> int:
     """A port P on 127.0.0.1 with P, P+1 and P+2 free right now (requests, events, repl),
-    below the kernel's ephemeral range: members are restarted on their ports while the others
-    keep reconnecting to them, and a reconnect from an ephemeral port equal to its target
-    (a TCP self-connect) would hold the port."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
-        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randrange(10_000, max(10_003, low - 3))
-        try:
-            with socket.socket() as s0, socket.socket() as s1, socket.socket() as s2:
-                s0.bind(("127.0.0.1", port))
-                s1.bind(("127.0.0.1", port + 1))
-                s2.bind(("127.0.0.1", port + 2))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port triple found")
+    below the kernel's ephemeral range (tests/processes.py free_port_run): members are
+    restarted on their ports while the others keep reconnecting to them, and a reconnect from
+    an ephemeral port equal to its target (a TCP self-connect) would hold the port."""
+    return free_port_run(3)
 
 
 def call(address: str, request: Any, timeout: float = 2.0) -> Any:
     """One request to one member; None on timeout."""
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    try:
-        s.connect(address)
-        s.send(_requests.encode(request))
-        if not s.poll(int(timeout * 1000)):
-            return None
-        return _replies.decode(s.recv())
-    finally:
-        s.close(linger=0)
+    return raw_call(address, request, timeout)
 
 
 @dataclass
@@ -154,11 +131,25 @@ class Group:
         return {m.name: (m.stats(0.5) if m.alive else None) for m in self.members}
 
     def primary(self) -> Member | None:
-        """The one member that says it is primary (None unless exactly one does)."""
-        found = [m for m, s in zip(self.members, [m.stats(0.5) if m.alive else None
+        """The one member that says it is primary (None unless exactly one does). Each
+        member gets 1.5 s to answer: on a loaded machine (two test workers on two cores) a
+        live primary can take longer than 0.5 s, and a missed answer reads as "no primary"."""
+        found = [m for m, s in zip(self.members, [m.stats(1.5) if m.alive else None
                                                   for m in self.members], strict=True)
                  if s is not None and s.get("group_primary") == 1]
         return found[0] if len(found) == 1 else None
+
+    def wait_new_primary(self, old: Member, timeout: float = 30.0) -> Member:
+        """Exactly one member says it is primary, and it is not ``old``. Waited for, not read
+        once: after a fault a stats request can time out on a loaded machine, and a primary
+        resumed from SIGSTOP says "primary" until its loop sees its lease gone (it commits
+        nothing meanwhile: the standbys follow the new term)."""
+
+        def found() -> Member | None:
+            p = self.primary()
+            return p if p is not None and p is not old else None
+
+        return wait_until(found, timeout, 0.05, "exactly one primary, not the old one")  # type: ignore
 
     def wait_formed(self, timeout: float = 30.0, sync: int = 2) -> Member:
         """One primary whose sync set holds ``sync`` members, the rest standbys."""
@@ -476,8 +467,7 @@ def test_kill_9_of_the_primary_under_writers_loses_no_acknowledged_write(
         resumed = first_ack_of_term_above(writers, term)
         assert resumed is not None
         pauses.append(resumed - killed_at)
-        new = group.primary()
-        assert new is not None and new is not primary
+        group.wait_new_primary(primary)
         primary.start()  # the old primary rejoins as a standby
         assert group.wait_formed(30) is not primary
     pauses.sort()
@@ -565,8 +555,7 @@ def test_sigstop_of_the_primary_past_its_lease_hands_over_and_it_rejoins(
     t.start()
     wait_until(lambda: first_ack_of_term_above(writers, term) is not None, 30, 0.02,
                "a standby to take over while the primary is stopped")
-    new = group.primary()
-    assert new is not None and new is not primary
+    new = group.wait_new_primary(primary)
     wait_until(lambda: time.monotonic() - stopped_at >= 3 * LEASE_TTL, 10, 0.05,
                "3x the lease TTL")
     wait_progress(writers, 30, 30, "writes under the new primary", group)
@@ -840,8 +829,7 @@ def test_a_former_primarys_unacknowledged_tail_is_replaced_when_it_rejoins(
     reply = retry._request(request)
     assert isinstance(reply, WriteOk)
     history.ack("tail", "set", "tail", {"t": 1}, reply.seq)
-    new = group.primary()
-    assert new is not None and new is not primary
+    new = group.wait_new_primary(primary)
     primary.start()  # rejoins: its tail is replaced by the new primary's state
     assert group.wait_formed(30) is new
     more = [Writer("w1", group.addresses(), history).start()]

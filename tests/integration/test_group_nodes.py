@@ -166,8 +166,7 @@ def test_a_node_keeps_writing_and_a_reader_keeps_reading_through_a_failover_of_t
             wait_until(lambda: time.monotonic() - killed_at >= 3 * harness.LEASE_TTL, 10,
                        0.05, "3x the lease TTL of pause")
             primary.signal(signal.SIGCONT)
-        new = group.primary()
-        assert new is not None and new is not primary
+        new = group.wait_new_primary(primary)
         new_term = harness.current_term(new)
         assert new_term > old_term
         # While no member published (the old primary gone or paused, the new one not yet

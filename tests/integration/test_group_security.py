@@ -36,8 +36,6 @@ from broker.protocol import (
     Stats,
     StatsReply,
     WriteOk,
-    reply_codec,
-    request_codec,
 )
 from broker.records import NamespaceRecord
 from broker.replication import Ack, Append, Follow, Refuse, ReplCodec
@@ -54,9 +52,8 @@ from tests.integration.test_group import (
     running_group,
     wait_progress,
 )
+from tests.raw_client import raw_call
 
-_requests = request_codec()
-_replies = reply_codec()
 MEMBERS = ("m0", "m1", "m2")
 
 
@@ -100,16 +97,9 @@ class CurveMember(Member):
 
     def request(self, request: Any, timeout: float = 2.0) -> Any:
         assert self.keys is not None
-        s = curve(zmq.Context.instance().socket(zmq.REQ), self.keys, "alice", self.name)
-        s.setsockopt(zmq.LINGER, 0)
-        try:
-            s.connect(self.address)
-            s.send(_requests.encode(request))
-            if not s.poll(int(timeout * 1000)):
-                return None
-            return _replies.decode(s.recv())
-        finally:
-            s.close(linger=0)
+        keys, name = self.keys, self.name
+        return raw_call(self.address, request, timeout,
+                        prepare=lambda s: curve(s, keys, "alice", name))
 
     def stats(self, timeout: float = 1.0) -> dict[str, int] | None:
         r = self.request(Stats(), timeout)

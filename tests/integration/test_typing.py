@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,23 +17,31 @@ from tests.conftest import ROOT, child_env
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_mypy_strict_accepts_a_user_script() -> None:
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache for both checks, fresh per run: the second check reuses what the first
+    learnt of node/ and the standard library instead of checking them again, and no cache from
+    an earlier run can hide an error."""
+    return tmp_path_factory.mktemp("mypy-cache")
+
+
+def test_mypy_strict_accepts_a_user_script(mypy_cache: Path) -> None:
     pytest.importorskip("mypy", reason="mypy is in the test extra; install .[test]")
     r = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
-         "--no-incremental", "tests/typing/user_script.py"],
+         "--cache-dir", str(mypy_cache), "tests/typing/user_script.py"],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=220)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Success" in r.stdout
 
 
-def test_mypy_strict_rejects_a_wrong_op() -> None:
+def test_mypy_strict_rejects_a_wrong_op(mypy_cache: Path) -> None:
     """The check can fail: a comparison with an op that does not exist is an error."""
     pytest.importorskip("mypy", reason="mypy is in the test extra; install .[test]")
     bad = ("from typing import Literal\nfrom node import ChangeEvent\n"
            "def f(c: ChangeEvent) -> None:\n    x: Literal['sett'] = c.op\n")
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
-                        "--no-incremental", "-c", bad], cwd=ROOT, env=child_env(),
+                        "--cache-dir", str(mypy_cache), "-c", bad], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=220)
     assert r.returncode == 1 and "Incompatible types" in r.stdout, r.stdout + r.stderr
 

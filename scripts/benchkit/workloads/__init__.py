@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from benchkit.harness import Ctx, Row
 from benchkit.workloads.compaction import bench_compaction
+from benchkit.workloads.floor import bench_replication_floor
 from benchkit.workloads.join import bench_join
 from benchkit.workloads.reads import bench_list_keys, bench_reads
 from benchkit.workloads.watching import bench_fanout, bench_visibility
@@ -16,6 +17,7 @@ WORKLOADS: dict[str, Callable[[Ctx], list[Row]]] = {
     "reads": bench_reads,
     "list_keys": bench_list_keys,
     "sets": bench_sets,
+    "replication_floor": bench_replication_floor,
     "visibility": bench_visibility,
     "join": bench_join,
     "fanout": bench_fanout,
