@@ -67,7 +67,6 @@ from broker.protocol import (
     Set,
     SetMany,
     SetMaxKeys,
-    SnapEntry,
     Snapshot,
     SnapshotReply,
     StatsReply,
@@ -82,11 +81,9 @@ from broker.records import (
     LogRecord,
     NamespaceFile,
     NamespaceRecord,
-    SnapEntryFile,
     SnapshotFile,
 )
-from broker.state import Entry, NamespaceState
-from broker.ttl import ttl_left
+from broker.state import Entry, NamespaceState, snapshot_row, unpack_entries
 from broker.turn import Outgoing, Turn, TurnRequest, merge_publishes
 from broker.validation import (
     DEFAULT_MAX_VALUE_BYTES,
@@ -151,13 +148,10 @@ class SnapshotJob:
     def next_chunk(self, now: float, size: int) -> SnapshotReply:
         """The next ``size`` entries, TTLs as seconds remaining at ``now``."""
         keys, part = self.freeze.take(size)
-        rows = [
-            SnapEntry(k, e.value, e.version, e.created_at, e.modified_at,
-                      ttl_left(e.deadline, now))
-            for k, e in zip(keys, part, strict=True)
-        ]
+        # The stored entries themselves: only those with a deadline are rewritten (TTL left).
+        rows = [snapshot_row(raw, now) for raw in part]
         reply = SnapshotReply(self.snap_id, self.namespace, self.epoch, self.seq,
-                              self.max_keys, rows, self.chunk, self.freeze.done)
+                              self.max_keys, keys, rows, self.chunk, self.freeze.done)
         self.chunk += 1
         return reply
 
@@ -248,14 +242,15 @@ class DedupTable:
 _ROWS_PER_PIECE = 10_000
 
 
-def _encoded_rows(keys: list[str], entries: list[Entry], mono: float, wall: float
+def _encoded_rows(keys: list[str], entries: list[bytes], mono: float, wall: float
                   ) -> msgspec.Raw:
     """A namespace's ``SnapEntryFile`` rows as one msgpack array, encoded a slice at a time.
 
     Why: the snapshot thread shares the GIL with the loop, and one encode of a million rows
     holds it for ~200 ms (a C call never yields). Slices of 10 000 rows yield between them,
     and only one slice of row structs lives at a time. The bytes are those of encoding the
-    whole list at once: an array header for the count, then each row's encoding."""
+    whole list at once: an array header for the count, then each row's encoding. Each stored
+    entry is unpacked into its file row here (the file format predates the packed entry)."""
     n = len(keys)
     if n < 16:
         header = bytes([0x90 | n])
@@ -266,12 +261,10 @@ def _encoded_rows(keys: list[str], entries: list[Entry], mono: float, wall: floa
     parts = [header]
     encode = msgspec.msgpack.encode
     for at in range(0, n, _ROWS_PER_PIECE):
-        piece = encode([
-            SnapEntryFile(k, e.value, e.version, e.created_at, e.modified_at,
-                          None if e.deadline is None else wall + (e.deadline - mono))
-            for k, e in zip(keys[at:at + _ROWS_PER_PIECE],
-                            entries[at:at + _ROWS_PER_PIECE], strict=True)
-        ])
+        # (key, value, version, created_at, modified_at, expires_at) tuples: the bytes of
+        # the array_like SnapEntryFile rows, without a struct per row
+        piece = encode(unpack_entries(keys[at:at + _ROWS_PER_PIECE],
+                                      entries[at:at + _ROWS_PER_PIECE], wall - mono))
         count = min(_ROWS_PER_PIECE, n - at)
         parts.append(piece[1 if count < 16 else 3 if count < 1 << 16 else 5:])
     return msgspec.Raw(b"".join(parts))
@@ -391,13 +384,13 @@ class BrokerCore:
             if request.key not in entries:
                 return Decision(WriteOk(self.epoch, seq, changed=False), ns_name, [], create)
             # A due-but-unexpired key is still deleted (and reported absent, as a reader saw).
-            existed = state.live(request.key, now) is not None
+            existed = state.is_live(request.key, now)
             event = KeyDeleted(seq + 1, request.key)
             return Decision(WriteOk(self.epoch, seq + 1, changed=existed), ns_name, [event], create)
         if type(request) is Touch:
             ttl = _check_ttl(request.ttl)
             check_key(request.key)
-            if state.live(request.key, now) is None:
+            if not state.is_live(request.key, now):
                 raise KeyNotFound(f"key {request.key!r} not found in namespace {ns_name!r}")
             event = KeyTouched(seq + 1, request.key, ttl)
             return Decision(WriteOk(self.epoch, seq + 1), ns_name, [event], create)
@@ -410,7 +403,7 @@ class BrokerCore:
             # Stored keys, each once, in the order given; a due-but-unexpired key is deleted
             # too (as delete does), and counts as existing only if it is still live.
             doomed = [k for k in dict.fromkeys(request.keys) if k in entries]
-            existed = any(state.live(k, now) is not None for k in doomed)
+            existed = any(state.is_live(k, now) for k in doomed)
             return self._deletes(state, doomed, existed, create)
         if type(request) is DeletePattern:
             p = compile_pattern(request.pattern)
@@ -423,7 +416,7 @@ class BrokerCore:
             return self._deletes(state, doomed, bool(doomed), create)
         if type(request) is DropNamespace:
             doomed = list(state.index)
-            existed = any(state.live(k, now) is not None for k in doomed)
+            existed = any(state.is_live(k, now) for k in doomed)
             return self._deletes(state, doomed, existed, None)
         if type(request) is SetMaxKeys:
             live = len(state.entries)
@@ -789,7 +782,7 @@ class BrokerCore:
                     entries.append(ReadEntry(
                         key, e.value if with_value else b"", e.version, e.created_at,
                         e.modified_at, None if e.deadline is None else e.deadline - now,
-                        len(e.value)))
+                        e.size))
         return ReadReply(self.epoch, name, True, state.seq, len(state.entries), state.max_keys,
                          entries, keys)
 

@@ -16,7 +16,7 @@ Rules:
   once copied, later changes do not concern the view;
 - a key that existed at the freeze and was deleted before the walk reached it is not in the
   index any more: its shadowed entry is handed out after the walk ends (``leftover``).
-Entries are immutable values, so handing out the live object is a copy.
+Entries are immutable ``bytes`` (broker/state.py), so handing out the live object is a copy.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from broker.state import Entry, NamespaceState
+    from broker.state import NamespaceState
 
 _MISSING: object = object()
 
@@ -44,9 +44,9 @@ class Freeze:
         self.seq = state.seq
         self.max_keys = state.max_keys
         self.cursor: str | None = None  # last key copied; None: none yet
-        self.shadow: dict[str, Entry | None] = {}  # key -> its entry at the freeze (None: absent)
+        self.shadow: dict[str, bytes | None] = {}  # key -> its entry at the freeze (None: absent)
         self.walked = False  # the walk passed the last key: nothing more to shadow
-        self._leftover: list[tuple[str, Entry]] = []
+        self._leftover: list[tuple[str, bytes]] = []
         if len(state.entries):
             state.freezes.append(self)
         else:
@@ -63,11 +63,11 @@ class Freeze:
         """Everything was handed out."""
         return self.walked and not self._leftover
 
-    def take(self, n: int) -> tuple[list[str], list[Entry]]:
+    def take(self, n: int) -> tuple[list[str], list[bytes]]:
         """Up to ``n`` more (keys, entries) of the view (fewer only at its end). Costs O(n
         plus the keys added since the freeze that the walk passes over)."""
         keys: list[str] = []
-        values: list[Entry] = []
+        values: list[bytes] = []
         if not self.walked:
             state = self.state
             index = state.index
@@ -107,10 +107,10 @@ class Freeze:
             values.extend(e for _, e in part)
         return keys, values
 
-    def take_all(self) -> tuple[list[str], list[Entry]]:
+    def take_all(self) -> tuple[list[str], list[bytes]]:
         """The rest of the view at once (shutdown, tests)."""
         keys: list[str] = []
-        values: list[Entry] = []
+        values: list[bytes] = []
         while not self.done:
             k, v = self.take(1 << 20)
             keys += k
@@ -148,7 +148,7 @@ class FrozenStates:
 
         self.freezes = [Freeze(s) for s in states]
         # name, max_keys, seq, keys, entries: the view, complete once ``ready`` is set
-        self.copies: list[tuple[str, int, int, list[str], list[Entry]]] = [
+        self.copies: list[tuple[str, int, int, list[str], list[bytes]]] = [
             (f.name, f.max_keys, f.seq, [], []) for f in self.freezes
         ]
         self._next = 0

@@ -25,7 +25,9 @@ import msgspec
 
 from broker.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: snapshot chunks carry keys and rows in the stored form (SnapshotReply). A broker refuses
+# a Hello of another version, so a node and a broker of different versions never talk.
+PROTOCOL_VERSION = 2
 TOPIC_END = b"\x00"  # no namespace contains NUL, so "ns1\0" never prefixes "ns10\0"
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -336,26 +338,23 @@ class OpenReply(msgspec.Struct, tag=True, frozen=True):
     seq: int
 
 
-class SnapEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    key: str
-    value: bytes
-    version: int
-    created_at: float
-    modified_at: float
-    ttl: float | None  # remaining seconds when the snapshot was taken
-
-
 class SnapshotReply(msgspec.Struct, tag=True, frozen=True):
     """One chunk of a snapshot (the state at ``seq``): chunks ``0..`` in order, the one with
     ``last`` True completes it. The broker sends one chunk per loop turn, so a big snapshot
-    never holds up writes."""
+    never holds up writes.
+
+    ``rows[i]`` is the entry of ``keys[i]`` in the stored form of broker/state.py (a packed
+    header, then the value's JSON), its expiry slot holding the seconds left when the
+    snapshot was taken (0 once due). Two flat lists, so decoding a chunk builds one str and
+    one bytes per key and nothing else, and the node stores the bytes as they are."""
 
     snap_id: int
     namespace: str
     epoch: str
     seq: int
     max_keys: int
-    entries: list[SnapEntry]
+    keys: list[str]
+    rows: list[bytes]
     chunk: int = 0
     last: bool = True
 

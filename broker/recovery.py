@@ -40,7 +40,7 @@ from broker.durable import (
     snap_path,
 )
 from broker.protocol import WriteOk
-from broker.state import NamespaceState, SnapEntry
+from broker.state import NamespaceState, pack_entry
 
 logger = logging.getLogger("sharedmem.broker.recovery")
 
@@ -81,14 +81,14 @@ def load_snapshot(core: BrokerCore, snap: SnapshotFile, epoch: str, mono: float,
     """Fill ``core``'s namespaces and dedup table from a snapshot (TTLs from its wall clock);
     the remembered replies name ``epoch``, the one the writes live in now."""
     for ns in snap.namespaces:
-        entries = [
-            SnapEntry(e.key, e.value, e.version, e.created_at, e.modified_at,
-                      None if e.expires_at is None else e.expires_at - wall)
-            for e in sorted(ns.entries, key=lambda e: e.key)
-        ]
-        # from_snapshot turns a remaining TTL into a deadline; a negative one is already due.
+        # Snapshot rows (broker/state.py): the TTL left at ``wall`` in the expiry slot, which
+        # from_snapshot turns into a deadline; a negative one is already due.
+        keys = [e.key for e in ns.entries]
+        rows = [pack_entry(e.value, e.version, e.created_at, e.modified_at,
+                           None if e.expires_at is None else e.expires_at - wall)
+                for e in ns.entries]
         core.namespaces[ns.name] = NamespaceState.from_snapshot(ns.name, ns.max_keys, ns.seq,
-                                                                entries, mono)
+                                                                keys, rows, mono)
     for d in snap.dedup:
         # The epoch the writes live in now (a repair may have started a new one).
         core.dedup.remember(d.client, d.request_no, WriteOk(epoch, d.seq, d.changed))

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import msgspec
 import zmq
 
 from broker.errors import (
@@ -44,7 +43,15 @@ from broker.protocol import (
     Touch,
     WriteOk,
 )
-from broker.state import Entry, NamespaceState
+from broker.state import (
+    Entry,
+    NamespaceState,
+    decode_entry,
+    entry_is_live,
+    entry_json,
+    entry_version,
+    live_value,
+)
 from broker.validation import check_key, check_ttl_bound, check_version, encode_value
 from node import admin
 from node.config import DEFAULT_MAX_KEYS, EMBEDDED, SharedMemoryConfig, to_seconds
@@ -57,7 +64,6 @@ from node.watch import INITIAL_DONE, CallbackHandle, ChangeEvent, Watcher, chang
 logger = logging.getLogger("sharedmem.node")
 
 _MISSING: Any = object()
-_json_decode = msgspec.json.decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +235,20 @@ class SharedMemory:
     # ------------------------------------------------------------------ reads (local)
 
     def _entry(self, key: str) -> Entry | None:
+        """The entry of ``key`` decoded, unless absent or expired."""
+        raw = self._stored(key)
+        if raw is None or not entry_is_live(raw, time.monotonic()):
+            return None
+        return decode_entry(raw)
+
+    def _stored(self, key: str) -> bytes | None:
+        """The stored entry of ``key`` (broker/state.py), expired or not. Only the lookup
+        needs the lock: the bytes are immutable, so the caller checks the expiry and decodes
+        after releasing it, and the I/O thread's applies never wait for a decode."""
         if not _fast_key_ok(key):
             check_key(key)
         with self._lock:
-            return self._state().live(key, time.monotonic())
+            return self._state().entries.get(key)
 
     def sync_with_broker(self) -> int:
         """Wait until this replica has every event the broker had when asked; return that seq.
@@ -253,12 +269,17 @@ class SharedMemory:
             if not _fast_key_ok(key):
                 check_key(key)
             self.sync_with_broker()
-        entry = self._entry(key)
-        if entry is None:
+        elif not _fast_key_ok(key):
+            check_key(key)
+        # _stored inlined (the hottest read): only the lookup holds the lock
+        with self._lock:
+            raw = self._state().entries.get(key)
+        value = live_value(raw, time.monotonic, _MISSING)
+        if value is _MISSING:
             if default is _MISSING:
                 raise KeyNotFound(f"key {key!r} not found in namespace {self.namespace!r}")
             return default
-        return _json_decode(entry.value)
+        return value
 
     def get_many(self, keys: Iterable[str], *, consistent: bool = False) -> dict[str, Any]:
         """The values of several keys, read from the replica in one lock acquisition (so all
@@ -273,15 +294,19 @@ class SharedMemory:
                 check_key(key)
         if consistent:
             self.sync_with_broker()
-        now = time.monotonic()
         with self._lock:
-            state = self._state()
-            found = [(k, e.value) for k in wanted if (e := state.live(k, now)) is not None]
-        return {k: _json_decode(v) for k, v in found}  # decoding outside the lock
+            entries = self._state().entries
+            found = [(k, raw) for k in wanted if (raw := entries.get(k)) is not None]
+        now = time.monotonic()
+        # the expiry check and the decoding outside the lock (the stored bytes are immutable)
+        return {k: entry_json(raw) for k, raw in found if entry_is_live(raw, now)}
 
     def exists(self, key: str) -> bool:
         """True if ``key`` holds a value that has not expired."""
-        return self._entry(key) is not None
+        if not _fast_key_ok(key):
+            check_key(key)
+        with self._lock:
+            return self._state().is_live(key, time.monotonic())
 
     def get_metadata(self, key: str) -> Metadata:
         """Size, timestamps, expiry and version of ``key``; KeyNotFound if absent/expired."""
@@ -294,7 +319,7 @@ class SharedMemory:
                 time.time() + (entry.deadline - time.monotonic()), UTC
             )
         return Metadata(
-            size=len(entry.value),
+            size=entry.size,
             created_at=datetime.fromtimestamp(entry.created_at, UTC),
             last_modified=datetime.fromtimestamp(entry.modified_at, UTC),
             expires_at=expires,
@@ -476,7 +501,7 @@ class SharedMemory:
         deadline = time.monotonic() + self.config.request_timeout * max(1, retries)
         for _ in range(retries + 1):
             entry = self._entry(key)
-            current = default if entry is None else _json_decode(entry.value)
+            current = default if entry is None else entry.json()
             version = 0 if entry is None else entry.version
             new = fn(current)
             try:
@@ -491,8 +516,9 @@ class SharedMemory:
     def _wait_for_key_version(self, key: str, version: int, deadline: float) -> None:
         def shown() -> bool:
             state = self._state()
-            e = state.entries.get(key)
-            return (e.version if e is not None else 0) >= version or state.seq >= version
+            raw = state.entries.get(key)
+            return (entry_version(raw) if raw is not None else 0) >= version \
+                or state.seq >= version
 
         with self._node.changed:
             self._node.wait_until(
@@ -573,8 +599,9 @@ def _check_version(v: object) -> int | None:
     return check_version(v, "if_version")
 
 
-def _initial_change(key: str, e: Entry, *, resync: bool = False) -> ChangeEvent:
-    return ChangeEvent(key, "set", e.version, _json_decode(e.value),
+def _initial_change(key: str, raw: bytes, *, resync: bool = False) -> ChangeEvent:
+    e = decode_entry(raw)
+    return ChangeEvent(key, "set", e.version, e.json(),
                        datetime.fromtimestamp(e.modified_at, UTC), initial=True, resync=resync)
 
 

@@ -46,7 +46,7 @@ from broker.protocol import (
     KeySet,
     SnapshotReply,
 )
-from broker.state import NamespaceState, SeqGap
+from broker.state import BadSnapshotRow, NamespaceState, SeqGap, decode_entry
 
 logger = logging.getLogger("sharedmem.node")
 
@@ -64,8 +64,13 @@ def diff_events(old: NamespaceState, new: NamespaceState) -> list[Event]:
         a, b = old_e.get(key), new_e.get(key)
         if b is None:
             out.append(KeyDeleted(new.seq, key))
-        elif a is None or a.version != b.version or a.value != b.value:
-            out.append(KeySet(b.version, key, b.value, b.created_at, b.modified_at, None))
+        elif a is not b:  # the same object: unchanged (the stored bytes are immutable)
+            e = decode_entry(b)
+            if a is not None:
+                d = decode_entry(a)
+                if d.version == e.version and d.value == e.value:
+                    continue
+            out.append(KeySet(e.version, key, e.value, e.created_at, e.modified_at, None))
     return out
 
 
@@ -354,8 +359,13 @@ class Replica:
                            chunk.chunk)
             return actions
         fresh, _ = self._building
-        # Stored at once: the chunk's decoded entries are freed now, not at the last chunk.
-        fresh.add_snapshot_entries(chunk.entries, now)
+        # Stored at once: the chunk's rows become the entries, nothing else of it is kept.
+        try:
+            fresh.add_snapshot_rows(chunk.keys, chunk.rows, now)
+        except BadSnapshotRow as exc:
+            self._building = None
+            logger.warning("snapshot %d: chunk %d dropped: %s", chunk.snap_id, chunk.chunk, exc)
+            return actions
         self._building = (fresh, chunk.chunk + 1)
         # A chunk arrived: the request is not lost, do not ask again yet.
         self._pending_since = now
@@ -371,9 +381,13 @@ class Replica:
         alone, swap it in, and replay the events buffered meanwhile."""
         if reply.snap_id != self._pending_id or not self._accepts("snapshot"):
             return []  # stale or unasked-for
-        fresh = NamespaceState.from_snapshot(
-            reply.namespace, reply.max_keys, reply.seq, reply.entries, now
-        )
+        try:
+            fresh = NamespaceState.from_snapshot(
+                reply.namespace, reply.max_keys, reply.seq, reply.keys, reply.rows, now
+            )
+        except BadSnapshotRow as exc:
+            logger.warning("snapshot %d dropped: %s", reply.snap_id, exc)
+            return []  # asked again after its timeout
         return self._install(reply, fresh, now)
 
     def _install(self, reply: SnapshotReply, fresh: NamespaceState, now: float

@@ -143,19 +143,46 @@ def sm_fan(address: str, namespace: str) -> None:
                       "resyncs": st.resyncs, "cpu": cpu}), flush=True)
 
 
-def sm_join(address: str, namespace: str) -> None:
-    """Join, report (seconds, RSS growth, keys)."""
+def sm_join(address: str, namespace: str, traced: str = "0") -> None:
+    """Join, report (seconds, RSS growth, keys, then the RSS growth after glibc's
+    ``malloc_trim(0)``, or -1 where there is no glibc). ``traced`` "1": tracemalloc runs from
+    before the join and the last number is instead the Python bytes still allocated after it
+    (the join's seconds are then tracemalloc's, not comparable)."""
+    import gc
+    import tracemalloc
+
     import msgspec  # noqa: F401  -- imports are not the replica's cost
     import sortedcontainers  # noqa: F401
     import zmq  # noqa: F401
 
+    if traced == "1":
+        tracemalloc.start()
+    traced_before = tracemalloc.get_traced_memory()[0]
     before = rss_bytes()
     t = time.perf_counter()
     shm = SharedMemory(sm_config(namespace, address, connect_timeout=300))
     secs = time.perf_counter() - t
     grown = rss_bytes() - before
-    print(json.dumps([secs, grown, len(shm.list_keys())]), flush=True)
+    keys = len(shm.list_keys())
+    if traced == "1":
+        gc.collect()
+        last = tracemalloc.get_traced_memory()[0] - traced_before
+    else:
+        trimmed = _trimmed_rss()
+        last = trimmed - before if trimmed >= 0 else -1
+    print(json.dumps([secs, grown, keys, last]), flush=True)
     shm.close()
+
+
+def _trimmed_rss() -> int:
+    """RSS after glibc returned what it can of the freed heap to the OS (-1: no glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return -1
+    return rss_bytes()
 
 
 def echo() -> None:

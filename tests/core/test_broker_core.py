@@ -35,6 +35,7 @@ from broker.protocol import (
     read_batch_header,
 )
 from broker.records import BatchRecord, NamespaceRecord
+from broker.state import decode_entry
 
 NS = "ns"
 EPOCH = "epoch-a"
@@ -109,7 +110,7 @@ def test_set_returns_write_ok_with_seq_and_stores_the_value() -> None:
     assert d1.events == [KeySet(1, "a", b'"x"', 1000.0, 1000.0, None)]
     state = core.namespaces[NS]
     assert state.seq == 2
-    assert state.entries["a"].value == b'"x"'
+    assert state.entry("a").value == b'"x"'
     assert core.log.read(NS, 1, 10, 0.0) == d1.events + d2.events
 
 
@@ -119,7 +120,7 @@ def test_created_at_is_kept_on_overwrite_and_modified_at_moves() -> None:
     d = shell(core, c.set("a", b"2"), wall=2000.0)
     (event,) = d.events
     assert (event.created_at, event.modified_at) == (1000.0, 2000.0)
-    entry = core.namespaces[NS].entries["a"]
+    entry = core.namespaces[NS].entry("a")
     assert (entry.created_at, entry.modified_at, entry.version) == (1000.0, 2000.0, 2)
 
 
@@ -232,7 +233,7 @@ def test_set_many_is_one_contiguous_batch() -> None:
     # created_at: kept for a live key, the same within the batch for a repeated key.
     assert [e.created_at for e in d.events] == [500.0, 900.0, 500.0]
     state = core.namespaces[NS]
-    assert state.entries["a"].value == b"3"
+    assert state.entry("a").value == b"3"
     assert state.seq == 4
 
 
@@ -478,10 +479,12 @@ def test_a_snapshot_job_reflects_the_state_with_remaining_ttls_in_chunks() -> No
     for n, reply in enumerate((first, second)):
         assert (reply.snap_id, reply.namespace, reply.epoch, reply.seq, reply.max_keys,
                 reply.chunk, reply.last) == (42, NS, EPOCH, 3, 7, n, n == 1)
-    rows = {e.key: e for e in first.entries + second.entries}
+    rows = {k: decode_entry(r) for part in (first, second)
+            for k, r in zip(part.keys, part.rows, strict=True)}
     assert sorted(rows) == ["a", "b", "c"]
-    assert rows["b"].ttl == pytest.approx(6.0)
-    assert rows["a"].ttl is None
+    assert rows["b"].deadline == pytest.approx(6.0)  # a row carries the seconds left
+    assert rows["a"].deadline is None
+    assert (rows["a"].value, rows["a"].version) == (b"1", 2)
 
 
 def test_a_snapshot_job_of_a_missing_namespace_creates_it_empty() -> None:
@@ -489,7 +492,8 @@ def test_a_snapshot_job_of_a_missing_namespace_creates_it_empty() -> None:
     job = core.snapshot_job(Snapshot("fresh", 3, 1, b"n"))
     assert not isinstance(job, Error)
     reply = job.next_chunk(0.0, 100)
-    assert (reply.seq, reply.entries, reply.max_keys, reply.last) == (0, [], 3, True)
+    assert (reply.seq, reply.keys, reply.rows, reply.max_keys, reply.last) == (
+        0, [], [], 3, True)
     assert job.done
     assert core.namespaces["fresh"].max_keys == 3
 
@@ -833,7 +837,7 @@ def test_a_turn_in_doubt_answers_nothing_and_its_retry_is_not_decided_again() ->
     replies = _turn(core, Set(a, 2, NS, 0, "k", b"2", None), Set(a, 2, NS, 0, "k", b"2", None),
                     Set(b, 1, NS, 0, "j", b"3", None))
     assert replies == []  # neither WriteOk nor StorageError: the outcome is not known yet
-    assert core.namespaces[NS].seq == 1 and core.namespaces[NS].entries["k"].value == b"1"
+    assert core.namespaces[NS].seq == 1 and core.namespaces[NS].entry("k").value == b"1"
     assert core.dedup.lookup(a, 2) is IN_DOUBT and core.dedup.lookup(b, 1) is IN_DOUBT
     # retries while the log is in doubt: still no answer, and not decided as new writes
     assert _turn(core, Set(a, 2, NS, 0, "k", b"2", None)) == []
@@ -849,7 +853,7 @@ def test_a_turn_in_doubt_answers_nothing_and_its_retry_is_not_decided_again() ->
     assert core.dedup.in_doubt == 0
     retry = _turn(core, Set(a, 2, NS, 0, "k", b"2", None))
     assert len(retry) == 1 and isinstance(retry[0], Error) and retry[0].kind == "StorageError"
-    assert core.namespaces[NS].entries["k"].value == b"1"  # it was never applied
+    assert core.namespaces[NS].entry("k").value == b"1"  # it was never applied
 
 
 def test_writes_in_doubt_are_never_evicted_from_the_dedup_table() -> None:

@@ -18,7 +18,7 @@ from broker.protocol import (
     SetMany,
     Snapshot,
 )
-from broker.state import Entry, NamespaceState
+from broker.state import NamespaceState, decode_entry
 
 
 def random_event(rng: random.Random, state: NamespaceState, keys: list[str]) -> Event:
@@ -50,7 +50,7 @@ def test_interleaved_writes_never_change_what_a_freeze_hands_out(seed: int) -> N
     state = filled(rng, keys, 600)
     # Up to three freezes open at once, taken at different seqs, each compared with a full
     # copy of the entries at its own seq.
-    open_views: list[tuple[Freeze, dict[str, Entry], dict[str, Entry]]] = []
+    open_views: list[tuple[Freeze, dict[str, bytes], dict[str, bytes]]] = []
     done = 0
     for step in range(3000):
         roll = rng.random()
@@ -104,7 +104,8 @@ def test_a_snapshot_job_is_the_state_at_its_seq_despite_writes_between_chunks() 
     items = [(k, b"1") for k in keys[:1500]]
     core.run_turn([(None, SetMany(b"c" * 12, 1, "ns", 0, items))], 0.0, 1.0)
     state = core.namespaces["ns"]
-    at_freeze = {k: (e.value, e.version) for k, e in state.entries.items()}
+    at_freeze = {k: (e.value, e.version) for k, e in
+                 ((k, decode_entry(raw)) for k, raw in state.entries.items())}
     job = core.snapshot_job(Snapshot("ns", 0, 9, b"n"))
     assert isinstance(job, SnapshotJob) and job.seq == state.seq
     got: dict[str, tuple[bytes, int]] = {}
@@ -118,9 +119,10 @@ def test_a_snapshot_job_is_the_state_at_its_seq_despite_writes_between_chunks() 
                 state.apply_batch([KeyDeleted(state.seq + 1, k)], 0.0)
         no += 1
         reply = job.next_chunk(0.0, 100)
-        for e in reply.entries:
-            assert e.key not in got
-            got[e.key] = (e.value, e.version)
+        for k, row in zip(reply.keys, reply.rows, strict=True):
+            assert k not in got
+            e = decode_entry(row)
+            got[k] = (e.value, e.version)
         last = reply.last
     assert job.done and got == at_freeze
     assert state.seq > job.seq
@@ -156,7 +158,8 @@ def test_a_compaction_view_encodes_to_the_rows_of_the_state_at_the_freeze(total:
         items = [(f"k{i:06d}", b"%d" % i) for i in range(start, min(total, start + 5000))]
         core.run_turn([(None, SetMany(b"c" * 12, start + 1, "ns", 0, items))], 0.0, 1.0)
     core.run_turn([(None, SetMany(b"d" * 12, 1, "other", 0, [("x", b"1")]))], 0.0, 1.0)
-    expected = {name: {k: (e.value, e.version) for k, e in s.entries.items()}
+    expected = {name: {k: (e.value, e.version) for k, e in
+                       ((k, decode_entry(raw)) for k, raw in s.entries.items())}
                 for name, s in core.namespaces.items()}
     build = core.frozen_view(2, 0.0, 100.0)
     core.run_turn([(None, SetMany(b"c" * 12, 10**6, "ns", 0, [("k000001", b"new")]))], 0.0, 1.0)

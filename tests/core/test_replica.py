@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
 import pytest
 
 from broker.protocol import (
@@ -12,9 +13,9 @@ from broker.protocol import (
     Heartbeat,
     KeyDeleted,
     KeySet,
-    SnapEntry,
     SnapshotReply,
 )
+from broker.state import pack_entry
 from node.replica import (
     TRANSITIONS,
     DropBarrier,
@@ -43,13 +44,14 @@ def tick(r: Replica, now: float) -> list:
 
 def snap(snap_id: int, epoch: str, seq: int, entries: dict[str, bytes],
          max_keys: int = 0) -> SnapshotReply:
-    rows = [SnapEntry(k, v, seq, 0.0, 0.0, None) for k, v in sorted(entries.items())]
-    return SnapshotReply(snap_id, NS, epoch, seq, max_keys, rows)
+    keys = sorted(entries)
+    rows = [pack_entry(entries[k], seq, 0.0, 0.0, None) for k in keys]
+    return SnapshotReply(snap_id, NS, epoch, seq, max_keys, keys, rows)
 
 
 def values(r: Replica) -> dict[str, bytes]:
     assert r.state is not None
-    return {k: e.value for k, e in r.state.entries.items()}
+    return {k: r.state.entry(k).value for k in r.state.entries}
 
 
 def observe(r: Replica) -> tuple:
@@ -468,7 +470,7 @@ def test_a_batch_of_another_epoch_while_repairing_leads_to_a_snapshot_not_a_merg
     assert [type(a) for a in actions] == [RequestSnapshot]
     assert r.phase is Phase.RESYNCING
     assert "stale" not in r.state.entries
-    snap = SnapshotReply(r.pending_id, NS, B, 5, 0, [])
+    snap = SnapshotReply(r.pending_id, NS, B, 5, 0, [], [])
     r.on_snapshot(snap, 0.3)
     assert r.phase is Phase.LIVE and r.epoch == B and r.seq == 5
     assert "stale" not in r.state.entries
@@ -481,9 +483,10 @@ def test_a_batch_of_another_epoch_while_repairing_leads_to_a_snapshot_not_a_merg
 def chunks(snap_id: int, epoch: str, seq: int, entries: dict[str, bytes], size: int
            ) -> list[SnapshotReply]:
     whole = snap(snap_id, epoch, seq, entries)
-    parts = [whole.entries[i:i + size] for i in range(0, len(whole.entries), size)] or [[]]
-    return [SnapshotReply(snap_id, NS, epoch, seq, whole.max_keys, part, n, n == len(parts) - 1)
-            for n, part in enumerate(parts)]
+    starts = range(0, len(whole.keys), size) or range(1)
+    return [SnapshotReply(snap_id, NS, epoch, seq, whole.max_keys, whole.keys[i:i + size],
+                          whole.rows[i:i + size], n, n == len(starts) - 1)
+            for n, i in enumerate(starts)]
 
 
 def test_a_chunked_snapshot_is_installed_whole_at_its_last_chunk() -> None:
@@ -513,6 +516,27 @@ def test_a_chunk_out_of_order_drops_the_collection_and_the_request_is_asked_agai
     (again,) = tick(r, 3.6)
     assert isinstance(again, RequestSnapshot) and again.nonce == b"n2"
     assert again.snap_id != ask.snap_id
+
+
+def test_a_snapshot_with_a_malformed_row_is_dropped_and_asked_again() -> None:
+    """Rows are stored as they arrive (broker/state.py), so one not in the stored form drops
+    the snapshot before anything is installed, chunked or whole."""
+    nonces = iter([b"n1", b"n2", b"n3"])
+    r = Replica(NS, 0, request_timeout=3.0, nonce_source=lambda: next(nonces))
+    (ask,) = r.start(0.0)
+    parts = chunks(ask.snap_id, A, 5, {f"k{i}": b"1" for i in range(7)}, size=3)
+    bad = msgspec.structs.replace(parts[1], rows=[b"\x07" + bytes(40), *parts[1].rows[1:]])
+    assert r.on_snapshot_chunk(parts[0], 0.5) == []
+    assert r.on_snapshot_chunk(bad, 0.6) == []
+    assert r.on_snapshot_chunk(parts[2], 0.7) == [DropBarrier(NS, b"n1")]
+    assert r.state is None and r.phase is Phase.JOINING
+    (again,) = tick(r, 3.8)
+    assert isinstance(again, RequestSnapshot) and again.nonce == b"n2"
+    whole = snap(again.snap_id, A, 5, {"a": b"1"})
+    assert r.on_snapshot(msgspec.structs.replace(whole, rows=[b"\x00" * 5]), 3.9) == []
+    assert r.state is None
+    assert r.on_snapshot(whole, 4.0) == [] and r.phase is Phase.LIVE and values(r) == {
+        "a": b"1"}
 
 
 def test_barriers_of_answered_or_abandoned_snapshots_are_dropped() -> None:

@@ -10,8 +10,16 @@ import pytest
 from sortedcontainers import SortedList
 
 from broker.pattern import compile_pattern
-from broker.protocol import KeyDeleted, KeyExpired, KeySet, SnapEntry
-from broker.state import NamespaceState, SeqGap
+from broker.protocol import KeyDeleted, KeyExpired, KeySet, KeyTouched
+from broker.state import (
+    HEADER_SIZE,
+    BadSnapshotRow,
+    NamespaceState,
+    SeqGap,
+    decode_entry,
+    entry_json,
+    pack_entry,
+)
 
 
 def ks(seq: int, key: str, value: bytes = b"1", ttl: float | None = None,
@@ -24,7 +32,8 @@ def view(state: NamespaceState) -> tuple:
     return (
         state.seq,
         state.digest(),
-        {k: (e.value, e.version, e.deadline) for k, e in state.entries.items()},
+        {k: (e.value, e.version, e.deadline) for k, e in
+         ((k, decode_entry(raw)) for k, raw in state.entries.items())},
         list(state.index),
         state.next_deadline(),
     )
@@ -43,12 +52,12 @@ def test_apply_batch_advances_seq_and_stores_entries() -> None:
     s = NamespaceState("ns", max_keys=5)
     s.apply_batch([ks(1, "a", b'"x"'), ks(2, "b", b"2")], now=0.0)
     assert s.seq == 2
-    assert s.entries["a"].value == b'"x"'
-    assert s.entries["a"].version == 1
-    assert s.entries["b"].version == 2
+    assert s.entry("a").value == b'"x"'
+    assert s.entry("a").version == 1
+    assert s.entry("b").version == 2
     assert list(s.index) == ["a", "b"]
     s.apply_batch([ks(3, "a", b"3", created=11.0, modified=30.0)], now=0.0)
-    entry = s.entries["a"]
+    entry = s.entry("a")
     assert (entry.value, entry.version, entry.created_at, entry.modified_at) == (
         b"3", 3, 11.0, 30.0,
     )
@@ -109,8 +118,8 @@ def test_delete_or_expire_of_absent_key_still_advances_seq() -> None:
 def test_mixed_batch_applies_in_order() -> None:
     s = NamespaceState("ns")
     s.apply_batch([ks(1, "a", b"1"), KeyDeleted(2, "a"), ks(3, "a", b"3")], now=0.0)
-    assert s.entries["a"].value == b"3"
-    assert s.entries["a"].version == 3
+    assert s.entry("a").value == b"3"
+    assert s.entry("a").version == 3
     assert list(s.index) == ["a"]
 
 
@@ -120,7 +129,7 @@ def test_mixed_batch_applies_in_order() -> None:
 def test_ttl_is_a_view_until_key_expired_arrives() -> None:
     s = NamespaceState("ns")
     s.apply_batch([ks(1, "t", ttl=10.0), ks(2, "p")], now=100.0)
-    assert s.entries["t"].deadline == 110.0
+    assert s.entry("t").deadline == 110.0
     assert s.live("t", 109.999) is not None
     assert s.list_keys("*", 109.999) == ["p", "t"]
     assert s.live_count(109.999) == 2
@@ -152,7 +161,7 @@ def test_overwrite_without_ttl_clears_the_deadline() -> None:
     s = NamespaceState("ns")
     s.apply_batch([ks(1, "t", ttl=1.0)], now=0.0)
     s.apply_batch([ks(2, "t", b"2")], now=0.0)
-    assert s.entries["t"].deadline is None
+    assert s.entry("t").deadline is None
     assert s.live("t", 10.0) is not None
 
 
@@ -190,8 +199,8 @@ def test_due_expirations_skips_stale_heap_items_after_overwrite() -> None:
 def test_due_expirations_includes_keys_from_a_snapshot() -> None:
     src = NamespaceState("ns")
     src.apply_batch([ks(1, "a", ttl=4.0), ks(2, "b")], now=0.0)
-    copy = NamespaceState.from_snapshot("ns", 0, src.seq, src.snapshot_entries(1.0), now=100.0)
-    assert copy.entries["a"].deadline == 103.0
+    copy = NamespaceState.from_snapshot("ns", 0, src.seq, *src.snapshot_rows(1.0), now=100.0)
+    assert copy.entry("a").deadline == 103.0
     assert copy.due_expirations(102.9) == []
     assert copy.due_expirations(103.0) == ["a"]
 
@@ -262,7 +271,7 @@ def test_list_keys_matches_brute_force_on_random_data(seed: int) -> None:
         for pattern in patterns:
             p = compile_pattern(pattern)
             expected = sorted(
-                k for k, e in s.entries.items()
+                k for k, e in ((k, decode_entry(raw)) for k, raw in s.entries.items())
                 if p.matches(k) and (e.deadline is None or e.deadline > probe)
             )
             assert s.list_keys(pattern, probe) == expected, (pattern, probe)
@@ -285,26 +294,27 @@ def _populated() -> NamespaceState:
     return s
 
 
-def test_snapshot_entries_are_sorted_with_remaining_ttl() -> None:
+def test_snapshot_rows_are_sorted_with_remaining_ttl() -> None:
     s = _populated()
-    entries = s.snapshot_entries(now=120.0)
-    assert [e.key for e in entries] == ["a", "b", "c"]
-    a, b, c = entries
-    assert (a.value, a.version, a.created_at, a.modified_at, a.ttl) == (
+    keys, rows = s.snapshot_rows(now=120.0)
+    assert keys == ["a", "b", "c"]
+    a, b, c = map(decode_entry, rows)
+    assert (a.value, a.version, a.created_at, a.modified_at, a.deadline) == (
         b'"alpha2"', 5, 1.0, 5.0, None,
     )
-    assert b.ttl == pytest.approx(30.0)
-    assert c.ttl == 0.0  # due but not yet expired: zero, never negative
+    assert rows[0] is s.entries["a"]  # no TTL: the stored object itself, not a copy
+    assert b.deadline == pytest.approx(30.0)  # the row's expiry slot: the seconds left
+    assert c.deadline == 0.0  # due but not yet expired: zero, never negative
 
 
 def test_snapshot_round_trip_gives_equal_digest_and_entries() -> None:
     s = _populated()
-    copy = NamespaceState.from_snapshot("ns", 10, s.seq, s.snapshot_entries(110.0), now=500.0)
+    copy = NamespaceState.from_snapshot("ns", 10, s.seq, *s.snapshot_rows(110.0), now=500.0)
     assert copy.digest() == s.digest()
     assert copy.seq == s.seq == 5
     assert copy.max_keys == 10
     assert list(copy.index) == list(s.index)
-    assert copy.entries["b"].deadline == pytest.approx(540.0)
+    assert copy.entry("b").deadline == pytest.approx(540.0)
     assert copy.live("c", 500.0) is None  # was due at snapshot time: invisible at once
     # The copy keeps working as a state: the next event applies on top.
     copy.apply_batch([KeyExpired(6, "c")], now=500.0)
@@ -313,9 +323,9 @@ def test_snapshot_round_trip_gives_equal_digest_and_entries() -> None:
 
 
 def test_from_snapshot_is_built_fresh() -> None:
-    entries = [SnapEntry("x", b"1", 3, 0.0, 0.0, None)]
-    one = NamespaceState.from_snapshot("ns", 0, 3, entries, now=0.0)
-    two = NamespaceState.from_snapshot("ns", 0, 3, entries, now=0.0)
+    rows = [pack_entry(b"1", 3, 0.0, 0.0, None)]
+    one = NamespaceState.from_snapshot("ns", 0, 3, ["x"], rows, now=0.0)
+    two = NamespaceState.from_snapshot("ns", 0, 3, ["x"], rows, now=0.0)
     one.apply_batch([ks(4, "y")], now=0.0)
     assert "y" not in two.entries
     assert list(two.index) == ["x"]
@@ -350,27 +360,28 @@ def test_digest_differs_on_any_value_version_or_key_change(
     change: Callable[[_Row], _Row],
 ) -> None:
     s = _populated()
-    rows = [_Row(e.key, e.value, e.version, e.created_at, e.modified_at, e.ttl)
-            for e in s.snapshot_entries(100.0)]
-    unchanged = NamespaceState.from_snapshot(
-        "ns", 10, s.seq, [SnapEntry(*r) for r in rows], now=100.0
-    )
-    assert unchanged.digest() == s.digest()
+    keys, packed = s.snapshot_rows(100.0)
+    rows = [_Row(k, e.value, e.version, e.created_at, e.modified_at, e.deadline)
+            for k, e in zip(keys, map(decode_entry, packed), strict=True)]
+
+    def rebuilt(rows: list[_Row]) -> NamespaceState:
+        return NamespaceState.from_snapshot(
+            "ns", 10, s.seq, [r.key for r in rows],
+            [pack_entry(r.value, r.version, r.created_at, r.modified_at, r.ttl) for r in rows],
+            now=100.0)
+
+    assert rebuilt(rows).digest() == s.digest()
     rows[0] = change(rows[0])
-    other = NamespaceState.from_snapshot(
-        "ns", 10, s.seq, [SnapEntry(*r) for r in rows], now=100.0
-    )
-    assert other.digest() != s.digest()
+    assert rebuilt(rows).digest() != s.digest()
 
 
 def test_digest_ignores_metadata_and_deadlines() -> None:
     s = _populated()
-    entries = [
-        SnapEntry(e.key, e.value, e.version, e.created_at + 7, e.modified_at + 7,
-                  None if e.ttl is None else e.ttl + 99)
-        for e in s.snapshot_entries(100.0)
-    ]
-    other = NamespaceState.from_snapshot("ns", 0, s.seq, entries, now=0.0)
+    keys, rows = s.snapshot_rows(100.0)
+    entries = [decode_entry(r) for r in rows]
+    rows = [pack_entry(e.value, e.version, e.created_at + 7, e.modified_at + 7,
+                       None if e.deadline is None else e.deadline + 99) for e in entries]
+    other = NamespaceState.from_snapshot("ns", 0, s.seq, keys, rows, now=0.0)
     assert other.digest() == s.digest()
 
 
@@ -380,3 +391,61 @@ def test_digest_is_not_fooled_by_value_boundaries() -> None:
     two = NamespaceState("ns")
     two.apply_batch([ks(1, "a", b"1"), ks(2, "b", b"23")], now=0.0)
     assert one.digest() != two.digest()
+
+
+# --------------------------------------------------------------------------- the stored entry
+
+
+@pytest.mark.parametrize(("modified", "expiry", "size"), [
+    (10.0, None, 17), (11.5, None, 25), (10.0, 99.0, 25), (11.5, 99.0, 33),
+])
+def test_a_stored_entry_is_one_bytes_object_with_a_header_of_its_flags_size(
+    modified: float, expiry: float | None, size: int,
+) -> None:
+    raw = pack_entry(b'{"a":[1,2]}', 2**40 + 3, 10.0, modified, expiry)
+    assert type(raw) is bytes and HEADER_SIZE[raw[0]] == size
+    assert len(raw) == size + len(b'{"a":[1,2]}')
+    e = decode_entry(raw)
+    assert (e.value, e.version, e.created_at, e.modified_at, e.deadline, e.size) == (
+        b'{"a":[1,2]}', 2**40 + 3, 10.0, modified, expiry, 11)
+    assert entry_json(raw) == e.json() == {"a": [1, 2]}
+
+
+def test_applied_events_are_stored_packed_and_touch_keeps_all_but_the_deadline() -> None:
+    s = NamespaceState("ns")
+    s.apply_batch([ks(1, "a", b'"v"', created=5.0, modified=5.0)], now=0.0)
+    assert type(s.entries["a"]) is bytes and len(s.entries["a"]) == 17 + 3
+    s.apply_batch([KeyTouched(2, "a", 4.0)], now=10.0)
+    e = s.entry("a")
+    assert (e.value, e.version, e.created_at, e.modified_at, e.deadline) == (
+        b'"v"', 1, 5.0, 5.0, 14.0)
+    assert s.due_expirations(14.0) == ["a"]
+    s.apply_batch([KeyTouched(3, "a", None)], now=10.0)
+    assert s.entry("a").deadline is None and s.entries["a"] == pack_entry(b'"v"', 1, 5.0, 5.0,
+                                                                          None)
+    assert s.due_expirations(100.0) == []  # the old deadline's heap item is stale
+
+
+def test_snapshot_rows_without_ttl_are_stored_as_the_very_objects_given() -> None:
+    rows = [pack_entry(b"1", 1, 0.0, 0.0, None), pack_entry(b"2", 2, 0.0, 3.0, None),
+            pack_entry(b"3", 3, 0.0, 0.0, 7.0)]
+    s = NamespaceState.from_snapshot("ns", 0, 3, ["a", "b", "c"], rows, now=100.0)
+    assert s.entries["a"] is rows[0] and s.entries["b"] is rows[1]
+    assert s.entry("c").deadline == 107.0  # the TTL slot became a deadline on this clock
+    assert s.digest() == NamespaceState.from_snapshot("ns", 0, 3, ["a", "b", "c"], rows,
+                                                      now=0.0).digest()
+
+
+@pytest.mark.parametrize("row", [
+    b"", b"\x00" * 16, b"\x04" + b"\x00" * 40, b"\x01" + b"\x00" * 20,
+    b"\x03" + b"\x00" * 30,
+], ids=["empty", "short", "unknown-flag", "flag-1-short", "flag-3-short"])
+def test_a_malformed_snapshot_row_is_refused(row: bytes) -> None:
+    with pytest.raises(BadSnapshotRow):
+        NamespaceState.from_snapshot("ns", 0, 1, ["k"], [row], now=0.0)
+
+
+def test_snapshot_keys_and_rows_must_pair_up() -> None:
+    with pytest.raises(BadSnapshotRow):
+        NamespaceState.from_snapshot("ns", 0, 1, ["k", "j"], [pack_entry(b"1", 1, 0.0, 0.0,
+                                                                         None)], now=0.0)

@@ -109,7 +109,7 @@ def test_a_big_snapshot_comes_in_chunks_and_writes_interleave(
                 chunks.append(replies.decode(dealer.recv_multipart()[1]))
         assert write_acked_before_last
         assert [c.chunk for c in chunks] == list(range(len(chunks))) and len(chunks) >= 10
-        keys = [e.key for c in chunks for e in c.entries]
+        keys = [k for c in chunks for k in c.keys]
         assert len(keys) == len(set(keys)) == 50_000  # the state at the snapshot's seq
         assert all(c.seq == first.seq == 10 * 5000 for c in chunks)
     finally:

@@ -299,7 +299,7 @@ def test_a_turn_whose_bytes_could_not_be_cut_away_is_never_refused_then_applied(
         log.close()  # ... until the "crash": the bytes stay in the segment
     core2, log2 = open_core(data)
     try:
-        assert core2.namespaces["ns"].entries["k"].value == b"2"  # the bytes came back
+        assert core2.namespaces["ns"].entry("k").value == b"2"  # the bytes came back
         after = _persisted(core2, write)  # the client's retry after the restart
         assert len(after) == 1 and isinstance(after[0], WriteOk) and after[0].seq == 2
         told += after
@@ -336,8 +336,9 @@ def test_a_turn_in_doubt_is_refused_once_its_bytes_are_cut_away(tmp_path: Path) 
         log.close()
     core2, log2 = open_core(data)
     try:
-        entries = core2.namespaces["ns"].entries
-        assert "k" not in entries and "o" not in entries and entries["b"].value == b"4"
+        state = core2.namespaces["ns"]
+        assert "k" not in state.entries and "o" not in state.entries
+        assert state.entry("b").value == b"4"
         assert core2.namespaces["ns"].seq == 2
     finally:
         log2.close()
@@ -445,9 +446,9 @@ def run_with_fault(data: Path, fail_at: int, err: int, persistent: bool) -> str 
     assert broker.loop_failed is False
     core, log = open_core(data)  # no manual step
     try:
-        entries = core.namespaces["ns"].entries
-        assert {k: entries[k].value for k in acked} == acked
-        assert not refused & set(entries), "a write refused with StorageError came back"
+        state = core.namespaces["ns"]
+        assert {k: state.entry(k).value for k in acked} == acked
+        assert not refused & set(state.entries), "a write refused with StorageError came back"
     finally:
         log.close()
     return fired

@@ -613,7 +613,7 @@ def test_all_members_killed_at_once_restart_with_every_acknowledged_write(
         try:
             state = core.namespaces[NS]
             for key, value, version in acked:
-                entry = state.entries.get(key)
+                entry = state.entry(key)
                 assert entry is not None, f"{m.name} lost acknowledged {key!r}"
                 assert json.loads(entry.value) == value and entry.version == version, (
                     m.name, key, entry)
