@@ -49,17 +49,13 @@ from broker.protocol import (
     topic_for,
 )
 from broker.turn import TURN_TYPES, persist
+from broker.zmtp import readable, recv_message, send_message
 
 __all__ = ["Broker", "BrokerConfig", "default_pub_endpoint"]  # re-exported: the old home
 
 logger = logging.getLogger("sharedmem.broker")
 
 MAX_REQUESTS_PER_TURN = 512
-# Plain ints: pyzmq's enum flags cost an Enum construction per call on the hot path.
-_NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_SNDMORE = int(zmq.SNDMORE)
 
 
 class Broker(BrokerLifecycle):
@@ -143,19 +139,17 @@ class Broker(BrokerLifecycle):
         try:
             if drain:
                 router, secured = self.router, self.access.security is not None
-                for _ in range(MAX_REQUESTS_PER_TURN):
-                    # Checking EVENTS is cheaper than ending every turn with a zmq.Again.
-                    if not router.getsockopt(_EVENTS) & _POLLIN:
+                for i in range(MAX_REQUESTS_PER_TURN):
+                    # The poll reported the first request; after it, an EVENTS read is
+                    # cheaper than ending every turn with a zmq.Again (broker/zmtp.py).
+                    if i and not readable(router):
                         break
                     try:
-                        if not secured:
-                            frames, user = router.recv_multipart(_NOBLOCK), None
-                        else:
-                            raw = router.recv_multipart(_NOBLOCK, copy=False)
-                            frames, user = [f.bytes for f in raw], user_id(raw[-1])
+                        raw = recv_message(router)
                     except zmq.Again:
                         break
-                    self._on_request(frames, user)
+                    self._on_request([f.bytes for f in raw],
+                                     user_id(raw[-1]) if secured else None)
         finally:
             self._in_turn = False
             writes, held = self._writes, self._held
@@ -172,13 +166,11 @@ class Broker(BrokerLifecycle):
             return  # the term ended (or the broker stops): nothing of the turn is answered
         for out in turn.replies:
             self._send_reply(out.tag, out.reply, out.events)  # type: ignore[arg-type]
-        send = self.xpub.send
+        xpub = self.xpub
         for namespace, body, header in turn.publishes:
             # [topic, body, header]: the header lets a node drop a duplicate undecoded
-            # (docs/protocol.md section 2); send with int flags, not send_multipart's enums.
-            send(topic_for(namespace), _SNDMORE)
-            send(body, _SNDMORE)
-            send(header)
+            # (docs/protocol.md section 2). An XPUB never blocks: a full subscriber is dropped.
+            send_message(xpub, (topic_for(namespace), body, header))
 
     def _send_heartbeats(self) -> None:
         term = 0
@@ -188,7 +180,7 @@ class Broker(BrokerLifecycle):
             term = self.group.g.term
         for name, state in self.core.namespaces.items():
             body = self._published.encode(Heartbeat(name, self.epoch, state.seq, term))
-            self.xpub.send_multipart([topic_for(name), body])
+            send_message(self.xpub, (topic_for(name), body))
 
     # ------------------------------------------------------------------ requests
 
@@ -287,6 +279,6 @@ class Broker(BrokerLifecycle):
         if extra is not None:
             frames.append(extra)
         try:
-            self.router.send_multipart(frames, _NOBLOCK)
+            send_message(self.router, frames)
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN (peer not reading)
             logger.info("reply to a vanished or full peer dropped: %s", exc)

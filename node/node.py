@@ -57,7 +57,7 @@ from broker.protocol import (
     request_codec,
     topic_for,
 )
-from broker.zmtp import set_heartbeats
+from broker.zmtp import readable, recv_message, send_message, set_heartbeats
 from node.config import seed_list
 from node.probe import refused
 from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
@@ -69,9 +69,6 @@ from node.watch import Watcher, change_from_event
 logger = logging.getLogger("sharedmem.node")
 
 TICK = 0.1  # seconds between housekeeping passes of the I/O thread
-_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per call
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 SUB_HWM = 1_000_000
 
 
@@ -455,13 +452,13 @@ class Node:
         new (``Replica.skip_batch``: the stream copy of this node's own write, or a deposed
         primary's) is dropped before its body is decoded."""
         sub = self._sub
-        burst: list[list[bytes]] = []
+        burst: list[list[zmq.Frame]] = []
         for _ in range(10_000):
             try:
-                burst.append(sub.recv_multipart(_NOBLOCK))
+                burst.append(recv_message(sub))
             except zmq.Again:
                 break
-            if not sub.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a zmq.Again
+            if not readable(sub):  # cheaper than a zmq.Again
                 break
         if not burst:
             return
@@ -470,11 +467,11 @@ class Node:
         with self.changed:
             for frames in burst:
                 n = len(frames)
+                topic = frames[0].bytes
                 if n == 3:
-                    topic = frames[0]
                     r = (self.replicas.get(topic[:-1].decode(errors="replace"))
                          if topic[-1:] == TOPIC_END else None)
-                    header = read_batch_header(frames[2]) if r is not None else None
+                    header = read_batch_header(frames[2].bytes) if r is not None else None
                     if r is not None and header is not None:
                         if header.term > r.term:
                             self.route.note_term(header.term)  # a new primary: the tick finds
@@ -492,7 +489,7 @@ class Node:
                     continue
                 self.decoded += 1
                 r = self.replicas.get(msg.namespace)
-                if r is None or frames[0] != topic_for(msg.namespace):
+                if r is None or topic != topic_for(msg.namespace):
                     continue
                 if msg.term > r.term:
                     self.route.note_term(msg.term)  # a new primary: the tick finds where
@@ -509,12 +506,13 @@ class Node:
 
     def _drain_dealer(self) -> None:
         actions: list = []
+        dealer = self._dealer
         while True:
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(dealer)
             except zmq.Again:
                 break
-            if len(frames) != 2 or frames[0] != b"":
+            if len(frames) != 2 or len(frames[0]) != 0:
                 logger.warning("dropping malformed snapshot-channel reply")
                 continue
             try:
@@ -675,7 +673,7 @@ class Node:
 
     def _send_dealer(self, req: object) -> None:
         try:
-            self._dealer.send_multipart([b"", self._requests.encode(req)], zmq.NOBLOCK)
+            send_message(self._dealer, (b"", self._requests.encode(req)))
         except zmq.Again:
             logger.info("snapshot channel busy; the request will be retried")
 

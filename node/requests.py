@@ -38,10 +38,10 @@ from broker.protocol import (
     reply_codec,
     request_codec,
 )
+from broker.zmtp import recv_message, send_message
 from node.routing import Route, rotation_delay
 
 logger = logging.getLogger("sharedmem.node")
-_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum flags cost a construction per call
 _POLLIN = int(zmq.POLLIN)
 
 CurveKeys = tuple[bytes, bytes, bytes]  # (our public, our secret, the broker's public), z85
@@ -228,7 +228,7 @@ class RequestChannel:
                 continue
             sock = self._socket()
             try:
-                sock.send(data, _NOBLOCK)
+                send_message(sock, (data,))
             except zmq.Again:
                 # Not connected yet and nothing queued: wait a little, bounded by the deadline.
                 self._reset()
@@ -237,7 +237,7 @@ class RequestChannel:
             attempt += 1
             wait = min(self.retry_interval * min(attempt, 4), deadline - now)
             if self._wait(sock, max(1, int(wait * 1000))):
-                frames = sock.recv_multipart()
+                frames = recv_message(sock, 0)  # the poll said it is there: never blocks
                 try:
                     reply = self._replies.decode(frames[0])
                     if type(reply) is NotPrimary:
