@@ -615,7 +615,14 @@ class Node:
         changes, r.changes = r.changes, []
         for watcher in self.watchers.get(r.namespace, ()):
             watcher.note_epoch(r.epoch)
-            matches = watcher.pattern.matches
+            pattern = watcher.pattern
+            if pattern.exact:  # one key (a fan-out probe, a config key): no call per event
+                key = pattern.prefix
+                for event, resync in changes:
+                    if event.key == key:
+                        watcher.push(change_from_event(event, resync=resync))
+                continue
+            matches = pattern.matches
             for event, resync in changes:
                 if matches(event.key):
                     watcher.push(change_from_event(event, resync=resync))

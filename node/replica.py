@@ -36,6 +36,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from broker.protocol import (
     Event,
@@ -200,7 +201,7 @@ class Replica:
         assert self.state is not None
         self.state.apply_batch(events, now)
         if self.record:
-            self.changes.extend((e, False) for e in events)
+            self.changes.extend(zip(events, repeat(False)))  # no generator frame per event
 
     def _replay(self, buffered: list[tuple[EventBatch, float]]) -> list[Action]:
         """Apply batches buffered while not LIVE, in arrival order (TTLs count from when each
