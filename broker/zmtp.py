@@ -7,7 +7,7 @@ the other way round (tests/core/test_layering.py).
 Why not ``recv_multipart``/``send_multipart``: per message they cost a Python loop, a
 ``getsockopt(RCVMORE)`` per frame (which builds a ``SocketOption`` enum), an ``int | Flag``
 enum construction per frame sent and the sugar layer's ``send`` wrapper (routing-id and group
-checks). On the 2-core VM (pyzmq 27.3, inproc, 3-frame messages, docs/benchmarks.md §11):
+checks). On the 2-core VM (pyzmq 27.3, inproc, 3-frame messages, docs/benchmarks.md §12):
 ``recv_multipart`` 3.1 us per message, ``recv_message`` 1.6 us (2.4 us with the frames turned
 into bytes); ``send_multipart`` 4.1 us, ``send_message`` 0.5 us. A ``zmq.Again`` raised to end
 a drain costs 2.7 us; ``readable`` (one ``EVENTS`` read) 1.5 us.
