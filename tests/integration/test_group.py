@@ -47,6 +47,11 @@ from tests.raw_client import raw_call
 
 NS = "grp"
 LEASE_TTL = 1
+# For the tests that assert that NO failover happened (garbage or forged messages on the link,
+# a switchover's exact term, a refused switchover): a 1 s lease can lapse on a machine loaded
+# by two test workers, and the election that follows is correct behaviour but fails those
+# tests for a reason that is not theirs. The fault tests keep LEASE_TTL (issue 10's 3 s bound).
+STABLE_LEASE_TTL = 3
 REQUEST_TIMEOUT = 0.5  # a client rotates to the next member after this long
 
 _requests = request_codec()
@@ -75,6 +80,7 @@ class Member:
     min_sync: int = 1
     extra: tuple[str, ...] = ()
     proc: BrokerProcess | None = None
+    lease_ttl: int = LEASE_TTL
 
     @property
     def address(self) -> str:
@@ -83,7 +89,7 @@ class Member:
     def start(self) -> Member:
         self.proc = BrokerProcess(self.port, (
             "--data-dir", str(self.data_dir), "--group", "g", "--member", self.name,
-            "--etcd", self.etcd, "--lease-ttl", str(LEASE_TTL),
+            "--etcd", self.etcd, "--lease-ttl", str(self.lease_ttl),
             "--min-sync", str(self.min_sync), *self.extra)).start()
         return self
 
@@ -179,9 +185,10 @@ class Group:
 
 @contextlib.contextmanager
 def running_group(tmp_path: Path, etcd: Any, min_sync: int = 1,
-                  extra: tuple[str, ...] = ()) -> Iterator[Group]:
+                  extra: tuple[str, ...] = (), lease_ttl: int = LEASE_TTL) -> Iterator[Group]:
     members = [Member(f"m{i}", free_port_triple(), tmp_path / f"m{i}",
-                      etcd.endpoint_string, min_sync, extra) for i in range(3)]
+                      etcd.endpoint_string, min_sync, extra, lease_ttl=lease_ttl)
+               for i in range(3)]
     g = Group(members)
     try:
         for m in members:
@@ -200,7 +207,9 @@ def running_group(tmp_path: Path, etcd: Any, min_sync: int = 1,
 @pytest.fixture
 def group(tmp_path: Path, etcd_cluster: Any, request: pytest.FixtureRequest) -> Iterator[Group]:
     extra = getattr(request, "param", ())
-    with running_group(tmp_path, etcd_cluster, extra=extra) as g:
+    stable = request.node.get_closest_marker("stable_lease") is not None
+    with running_group(tmp_path, etcd_cluster, extra=extra,
+                       lease_ttl=STABLE_LEASE_TTL if stable else LEASE_TTL) as g:
         yield g
 
 
@@ -762,6 +771,7 @@ def test_writes_go_on_through_the_loss_of_the_etcd_leader_and_of_all_etcd(
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.stable_lease
 def test_garbage_and_stray_messages_on_the_replication_link_change_nothing(
         group: Group) -> None:
     from broker.records import NamespaceRecord

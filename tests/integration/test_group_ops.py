@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import wait_until
 from tests.history import History
 from tests.integration.test_group import (
+    STABLE_LEASE_TTL,
     Group,
     Member,
     Writer,
@@ -145,7 +146,7 @@ def switchover(etcd: Any, to: str, *extra: str) -> subprocess.CompletedProcess[s
 @pytest.mark.timeout(240)
 def test_switchover_hands_leadership_to_the_named_standby_with_no_write_lost(
         tmp_path: Path, etcd_cluster: Any) -> None:
-    with running_group(tmp_path, etcd_cluster) as group:
+    with running_group(tmp_path, etcd_cluster, lease_ttl=STABLE_LEASE_TTL) as group:
         primary = group.wait_formed()
         term = current_term(primary)
         history = History()
@@ -182,7 +183,7 @@ def test_switchover_hands_leadership_to_the_named_standby_with_no_write_lost(
 @pytest.mark.timeout(180)
 def test_switchover_refuses_a_target_outside_the_sync_set(tmp_path: Path,
                                                           etcd_cluster: Any) -> None:
-    with running_group(tmp_path, etcd_cluster) as group:
+    with running_group(tmp_path, etcd_cluster, lease_ttl=STABLE_LEASE_TTL) as group:
         primary = group.wait_formed()
         term = current_term(primary)
         r = switchover(etcd_cluster, primary.name)

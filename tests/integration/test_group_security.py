@@ -43,6 +43,7 @@ from tests.conftest import ROOT, child_env, wait_until
 from tests.history import History, replay_digest
 from tests.integration.test_group import (
     NS,
+    STABLE_LEASE_TTL,
     Group,
     Member,
     Writer,
@@ -127,7 +128,8 @@ class CurveWriter(Writer):
 def curve_group(tmp_path: Path, etcd: Any) -> Iterator[Group]:
     keys = make_keys(tmp_path)
     members = [CurveMember(name, free_port_triple(), tmp_path / name, etcd.endpoint_string,
-                           1, ("--config", str(tmp_path / f"{name}.toml")), keys=keys)
+                           1, ("--config", str(tmp_path / f"{name}.toml")), keys=keys,
+                           lease_ttl=STABLE_LEASE_TTL)
                for name in MEMBERS]
     g = Group(list(members))
     try:
@@ -262,7 +264,7 @@ def test_without_curve_forged_higher_term_append_and_refuse_change_nothing(
         tmp_path: Path, etcd_cluster: Any) -> None:
     from tests.integration.test_group import check_end
 
-    with running_group(tmp_path, etcd_cluster) as group:
+    with running_group(tmp_path, etcd_cluster, lease_ttl=STABLE_LEASE_TTL) as group:
         primary = group.wait_formed(40)
         term = current_term(primary)
         history = History()
