@@ -42,7 +42,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,7 @@ from broker.group import (
 )
 from broker.install import install_image
 from broker.protocol import Hello, NotPrimary, Reply, Stats
+from broker.records import LogRecord
 from broker.recovery import TERM_FILE, apply_record, write_small_file
 from broker.replication import (
     Ack,
@@ -103,12 +104,14 @@ log = logging.getLogger("sharedmem.broker.group")
 
 _NOBLOCK = int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 FOLLOW_RETRY = 1.0  # seconds of silence before a standby not yet installed sends Follow again
 # (a Follow can reach the new primary before it has learnt it won: then it is ignored)
 INSTALL_GRACE = 2 * FOLLOW_RETRY  # a repeated Follow this soon after an Install is not one more
 REPL_HWM = 100_000  # messages queued per follower before it counts as gone
 RECONNECT_AFTER = 3 * FOLLOW_RETRY  # unanswered Follows for this long: reconnect the DEALER
 REFUSE_CHECK_EVERY = 0.5  # seconds: an unauthenticated Refuse asks etcd at most this often
+TIMERS_EVERY = 0.005  # seconds: the link's timers run at most this often between turns
 
 
 def default_repl_endpoint(endpoint: str) -> str:
@@ -138,6 +141,18 @@ class GroupSettings:
             raise ValueError(f"--lease-ttl must be >= 1 second, got {self.lease_ttl}")
         if self.min_sync < 0:
             raise ValueError(f"--min-sync must be >= 0, got {self.min_sync}")
+
+
+@dataclass
+class _AppendBatch:
+    """A standby's run of Appends drained in one pass: their records (appended to the log,
+    flushed once) and the lsn to ack for them (-1: nothing to ack)."""
+
+    records: list[LogRecord] = field(default_factory=list)
+    appends: int = 0  # Appends with records in the run
+    term: int = 0
+    lsn: int = -1
+    failed: bool = False  # an append to the log failed: follow again, ack nothing
 
 
 class GroupShell:
@@ -181,7 +196,11 @@ class GroupShell:
         self._dealer_since = 0.0
         self._routes: dict[str, bytes] = {}  # primary: member -> identity it followed on
         self._poller: zmq.Poller | None = None
+        self._commit_poller: zmq.Poller | None = None
+        self._next_timers = 0.0
         self.steps_down = 0
+        self.append_batches = 0  # standby: fsyncs of shipped records
+        self.largest_append_batch = 0  # standby: most Appends made durable by one fsync
 
     # ------------------------------------------------------------------ lifecycle (loop)
 
@@ -298,6 +317,8 @@ class GroupShell:
             "group_in_sync_set": int(self.member in g.sync_set),
             "group_followers": len(g.followers),
             "group_steps_down": self.steps_down,
+            "group_append_batches": self.append_batches,
+            "group_largest_append_batch": self.largest_append_batch,
         }
         if g.is_primary:
             counters["group_max_lag"] = max(
@@ -343,13 +364,17 @@ class GroupShell:
         return table
 
     def on_poll(self, ready: dict[Any, int], now: float) -> None:
-        """Between turns: the etcd inbox, the replication sockets, the link's timers."""
+        """Between turns: the etcd inbox, the replication sockets, the link's timers (at most
+        every TIMERS_EVERY: they act on timeouts of 0.25 s and more, and running them on every
+        pass put a sync-set evaluation before each write's shipping)."""
         self._drain_inbox(now)
         if self._router is not None and self._router in ready:
             self._drain_router(now)
         if self._dealer is not None and self._dealer in ready:
             self._drain_dealer(now)
-        self._timers(now)
+        if now >= self._next_timers:
+            self._next_timers = now + TIMERS_EVERY
+            self._timers(now)
 
     def commit(self, turn: Turn) -> bool:
         """The commit rule (docs/groups.md) for one turn of the primary: ship, append and
@@ -374,9 +399,11 @@ class GroupShell:
         g = self.g
         router, ctl = self._router, self._ctl
         assert router is not None and ctl is not None
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(ctl, zmq.POLLIN)
+        poller = self._commit_poller
+        if poller is None:  # made once: a Poller per turn is a cost on every commit
+            poller = self._commit_poller = zmq.Poller()
+            poller.register(router, _POLLIN)
+            poller.register(ctl, _POLLIN)
         while True:
             if not g.is_primary:
                 log.warning("term %d ended with a turn unacknowledged: its writes are answered "
@@ -393,7 +420,11 @@ class GroupShell:
             self._drain_inbox(now)
             if router in ready:
                 self._drain_router(now)
-            self._timers(now)
+                if g.is_primary and g.committed(target):
+                    continue  # reply first: the timers can wait for the loop's next pass
+            if now >= self._next_timers:  # (an ack already ran the core's tick)
+                self._next_timers = now + TIMERS_EVERY
+                self._timers(now)
 
     # ------------------------------------------------------------------ actions
 
@@ -481,6 +512,8 @@ class GroupShell:
         router = self._router
         assert router is not None
         for _ in range(10_000):
+            if not router.getsockopt(_EVENTS) & _POLLIN:
+                return
             try:
                 frames = router.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
@@ -669,25 +702,38 @@ class GroupShell:
             log.info("replication link full: %s dropped", type(message).__name__)
 
     def _drain_dealer(self, now: float) -> None:
+        """Everything the primary has sent so far, with one fsync and one Ack for a run of
+        Appends: the standby's group commit. Appends queue up here whenever this standby fell
+        behind (paused, slow disk, or outside the sync set while the primary commits without
+        it), and the next pass makes them all durable at once instead of one fsync each."""
+        batch = _AppendBatch()
         for _ in range(10_000):
             dealer = self._dealer
             if dealer is None:
-                return
+                break
+            # Checking EVENTS is cheaper than ending every drain with a zmq.Again.
+            if not dealer.getsockopt(_EVENTS) & _POLLIN:
+                break
             try:
                 body = dealer.recv(_NOBLOCK)
             except zmq.Again:
-                return
+                break
             self._last_heard = now
             msg = self._decode(body)
             if msg is None:
                 continue
             t = type(msg)
             if t is Append:
-                self._on_append(msg, now)
+                if not self._on_append(msg, now, batch):
+                    self._commit_batch(batch, now)  # what came before, then follow again
+                    return
             elif t is Install:
+                self._commit_batch(batch, now)
+                batch = _AppendBatch()
                 self._on_install(msg, now)
             else:
                 log.warning("replication: unexpected %s from the primary", t.__name__)
+        self._commit_batch(batch, now)
 
     def _refuse(self) -> None:
         self._reply(Refuse(self.g.promised, self.g.primary or ""))
@@ -721,40 +767,71 @@ class GroupShell:
         self._last_heard = time.monotonic()
         self._reply(Ack(self.member, msg.term, msg.lsn))
 
-    def _on_append(self, msg: Append, now: float) -> None:
+    def _on_append(self, msg: Append, now: float, batch: _AppendBatch) -> bool:
+        """Take one Append into ``batch`` (its records are appended to the log, not yet
+        flushed). False: the link must start over (a gap), after what the batch holds."""
         g = self.g
         verdict = g.check_append(msg.term, msg.first_lsn)
         if msg.term == g.term:
             self._primary_lsn = max(self._primary_lsn, msg.first_lsn + len(msg.records) - 1)
         if verdict is Verdict.REFUSE:
             self._refuse()
-            return
+            return True
         if verdict is Verdict.GAP:
             log.warning("replication gap at lsn %d (have %d): following again",
                         msg.first_lsn, g.lsn)
+            self._commit_batch(batch, now)
             g.installed = False
             self._follow(now)
-            return
+            return False
         if verdict is not Verdict.APPLY:
-            return
+            return True
         if msg.records:
-            core, durable = self.broker.core, self.durable
             try:
-                durable.append_records(msg.records, now)
-                durable.flush()
+                self.durable.append_records(msg.records, now)
             except StorageError as exc:
-                log.error("standby log: %s; not acknowledged", exc)
+                log.error("standby log: %s; following again", exc)
+                batch.failed = True
+                return False
+            batch.records.extend(msg.records)
+            batch.appends += 1
+        batch.term, batch.lsn = msg.term, g.applied(len(msg.records))
+        return True
+
+    def _commit_batch(self, batch: _AppendBatch, now: float) -> None:
+        """Flush the batch's records once (fsync), apply them, and ack its last lsn: the Ack
+        still means durable and applied, for every Append it covers."""
+        records, lsn, appends = batch.records, batch.lsn, batch.appends
+        batch.records, batch.lsn, batch.appends = [], -1, 0
+        if batch.failed:
+            batch.failed = False
+            self._refollow(now)
+            return
+        if lsn < 0:
+            return
+        if records:
+            try:
+                self.durable.flush()
+            except StorageError as exc:
+                log.error("standby log: %s; not acknowledged, following again", exc)
+                self._refollow(now)
                 return
+            self.append_batches += 1
+            self.largest_append_batch = max(self.largest_append_batch, appends)
+            core = self.broker.core
             mono, wall = time.monotonic(), time.time()
             try:
-                for rec in msg.records:
+                for rec in records:
                     apply_record(core, rec, core.epoch, mono, wall, fetch_log=False)
             except Exception:  # noqa: BLE001 - a diverged state: take a full Install
                 log.exception("standby could not apply shipped records: following again")
-                g.installed = False
-                self._follow(now)
+                self._refollow(now)
                 return
-        self._reply(Ack(self.member, msg.term, g.applied(len(msg.records))))
+        self._reply(Ack(self.member, batch.term, lsn))
+
+    def _refollow(self, now: float) -> None:
+        self.g.installed = False
+        self._follow(now)
 
     # ------------------------------------------------------------------ etcd threads
 

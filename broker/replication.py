@@ -9,7 +9,8 @@ Used only between members of one group: a standby's DEALER talks to the primary'
   unacknowledged tail of a former primary.
 - ``Append`` (primary -> standby): one turn's records, ``first_lsn`` the lsn of the first one.
   An ``Append`` without records is the link's heartbeat: the standby acks its position.
-- ``Ack`` (standby -> primary): everything up to ``lsn`` is appended, fsynced and applied.
+- ``Ack`` (standby -> primary): everything up to ``lsn`` is appended, fsynced and applied
+  (one Ack may cover several Appends that the standby made durable with one fsync).
 - ``Refuse`` (standby -> primary): the standby knows a higher term; the sender steps down.
 
 The lsn counts the records the primary has appended in its term, continuous from the Install
