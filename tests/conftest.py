@@ -42,6 +42,7 @@ XDIST_GROUPS = {
     "tests/integration/test_defaults.py": "default-port",
     "tests/integration/test_etcd_coordination.py": "etcd",
     "tests/integration/test_group.py": "etcd",
+    "tests/integration/test_group_commit.py": "etcd",
     "tests/integration/test_group_nodes.py": "etcd",
     "tests/integration/test_group_ops.py": "etcd",
     "tests/integration/test_group_partition.py": "etcd",
