@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from broker.protocol import Hello, HelloReply, Stats, StatsReply
 from tests.etcd_cluster import EtcdCluster, etcd_binary
@@ -31,17 +30,6 @@ ETCD_HINT = ("etcd is not on PATH: install it (Debian/Ubuntu: apt-get install et
 
 def have_etcd() -> bool:
     return etcd_binary() is not None
-
-
-def free_port_triple() -> int:
-    """P with P, P+1 and P+2 free on 127.0.0.1 (requests, events, replication), below the
-    ephemeral range so a member's own reconnects never hold its ports."""
-    return free_port_run(3)
-
-
-def call(address: str, request: Any, timeout: float = 1.0) -> Any:
-    """One request to one member (None on timeout)."""
-    return raw_call(address, request, timeout)
 
 
 @dataclass
@@ -84,7 +72,9 @@ class LocalGroup:
         try:
             self.etcd = EtcdCluster(self.base / "etcd").start(timeout)
             for i in range(3):
-                m = LocalMember(f"m{i}", free_port_triple(), self.base / f"m{i}")
+                # requests, events, replication: three ports below the ephemeral range, so a
+                # member's own reconnects never hold them (tests/processes.py)
+                m = LocalMember(f"m{i}", free_port_run(3), self.base / f"m{i}")
                 log = open(self.base / f"{m.name}.log", "a")  # noqa: SIM115 - child's stderr
                 m.proc = subprocess.Popen(
                     [sys.executable, "-m", "broker", "--bind", m.address,
@@ -114,7 +104,7 @@ class LocalGroup:
 
     def primary(self) -> tuple[LocalMember, StatsReply] | None:
         for m in self.members:
-            s = call(m.address, Stats(), 0.5)
+            s = raw_call(m.address, Stats(), 0.5)
             if isinstance(s, StatsReply) and s.counters.get("group_primary") == 1:
                 return m, s
         return None
@@ -123,7 +113,7 @@ class LocalGroup:
         while True:
             found = self.primary()
             if found is not None and found[1].counters.get("group_sync_set", 0) >= 2:
-                hello = call(found[0].address, Hello(b"localgroup"), 0.5)
+                hello = raw_call(found[0].address, Hello(b"localgroup"), 0.5)
                 if isinstance(hello, HelloReply) and len(hello.members) == 3:
                     return found
             if time.monotonic() >= deadline:
