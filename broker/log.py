@@ -117,8 +117,7 @@ class MemoryLog:
         if q is None:
             q = self._events[namespace] = deque(maxlen=self.retention)
         for ev in events:
-            t = type(ev)
-            ttl = ev.ttl if t is KeySet or t is KeyTouched else None
+            ttl = ev.ttl if isinstance(ev, (KeySet, KeyTouched)) else None
             deadline = deadline_after(ttl, now)
             q.append((ev, deadline))
 
