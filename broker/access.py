@@ -26,7 +26,9 @@ GROUP_ZAP_DOMAIN = "sharedmem-group"
 def user_id(frame: zmq.Frame) -> str | None:
     """The ZAP-authenticated identity (z85 public key) on a message, if any."""
     try:
-        return frame.get("User-Id")
+        # pyzmq's stub types get(str) as int | str; a named metadata property such as User-Id
+        # is always a str (zmq_msg_gets). No cast: this runs once per message.
+        return frame.get("User-Id")  # type: ignore[return-value]
     except zmq.ZMQError:  # EINVAL: no such property (inproc, or a disconnect's unsubscribe)
         return None
 

@@ -350,7 +350,7 @@ class BrokerCore:
             if old is None and request.key not in entries:
                 self._check_capacity(state, 1)
             created = old.created_at if old is not None else wall
-            event = KeySet(seq + 1, request.key, request.value, created, wall, ttl)
+            event: Event = KeySet(seq + 1, request.key, request.value, created, wall, ttl)
             return Decision(WriteOk(self.epoch, seq + 1), ns_name, [event], create)
         if type(request) is SetMany:
             ttl = _check_ttl(request.ttl)

@@ -73,7 +73,9 @@ class Log(Protocol):
 
     def wants_compaction(self) -> bool: ...
 
-    def start_compaction(self, build: Callable[[], SnapshotFile]) -> None: ...
+    def start_compaction(self, build: Callable[[], SnapshotFile]) -> bool:
+        """Start a snapshot and rotate; False when the rotation failed (retried later)."""
+        ...
 
     def finish_compaction(self) -> None: ...
 
@@ -117,8 +119,7 @@ class MemoryLog:
         if q is None:
             q = self._events[namespace] = deque(maxlen=self.retention)
         for ev in events:
-            t = type(ev)
-            ttl = ev.ttl if t is KeySet or t is KeyTouched else None
+            ttl = ev.ttl if isinstance(ev, (KeySet, KeyTouched)) else None
             deadline = deadline_after(ttl, now)
             q.append((ev, deadline))
 
@@ -159,15 +160,27 @@ class MemoryLog:
     def close(self) -> None:
         """Release files (none in memory)."""
 
-    compacting = False
-    in_doubt = False  # memory writes nothing that could come back
-    segment = 0
+    # Read-only properties, not class attributes: DurableLog overrides them with properties
+    # of its own state, and a property may not override a writable attribute. Read once or
+    # twice per loop iteration, never per message.
+    @property
+    def compacting(self) -> bool:
+        return False
+
+    @property
+    def in_doubt(self) -> bool:
+        """Always False: memory writes nothing that could come back."""
+        return False
+
+    @property
+    def segment(self) -> int:
+        return 0
 
     def wants_compaction(self) -> bool:
         """Memory is not compacted (retention bounds it)."""
         return False
 
-    def start_compaction(self, build: Callable[[], SnapshotFile]) -> None:
+    def start_compaction(self, build: Callable[[], SnapshotFile]) -> bool:
         """Never called: ``wants_compaction`` is always False in memory."""
         raise RuntimeError("a memory log is never compacted")
 

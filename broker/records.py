@@ -7,11 +7,14 @@ them) share one definition without the core importing file or thread machinery.
 
 from __future__ import annotations
 
+from typing import final
+
 import msgspec
 
 from broker.protocol import Event
 
 
+@final
 class NamespaceRecord(msgspec.Struct, tag="N", array_like=True):
     """A namespace was created with ``max_keys``."""
 
@@ -19,6 +22,7 @@ class NamespaceRecord(msgspec.Struct, tag="N", array_like=True):
     max_keys: int
 
 
+@final
 class BatchRecord(msgspec.Struct, tag="B", array_like=True):
     """Events applied to a namespace at broker wall time ``wall`` (KeySet.ttl counts from it);
     ``client``/``request_no``/``changed`` rebuild the dedup table's reply after a restart."""
@@ -34,6 +38,7 @@ class BatchRecord(msgspec.Struct, tag="B", array_like=True):
 LogRecord = NamespaceRecord | BatchRecord
 
 
+@final
 class SnapEntryFile(msgspec.Struct, array_like=True):
     key: str
     value: bytes
@@ -43,6 +48,7 @@ class SnapEntryFile(msgspec.Struct, array_like=True):
     expires_at: float | None  # broker wall clock, absolute
 
 
+@final
 class NamespaceFile(msgspec.Struct, array_like=True):
     name: str
     max_keys: int
@@ -50,6 +56,7 @@ class NamespaceFile(msgspec.Struct, array_like=True):
     entries: list[SnapEntryFile]
 
 
+@final
 class DedupFile(msgspec.Struct, array_like=True):
     client: bytes
     request_no: int
@@ -57,6 +64,7 @@ class DedupFile(msgspec.Struct, array_like=True):
     changed: bool
 
 
+@final
 class SnapshotFile(msgspec.Struct):
     epoch: str
     segment: int  # replay segments >= this one on top of the snapshot
@@ -65,6 +73,7 @@ class SnapshotFile(msgspec.Struct):
     dedup: list[DedupFile]
 
 
+@final
 class NamespaceOutline(msgspec.Struct, array_like=True):
     """A ``NamespaceFile`` with its rows left undecoded: decoding into ``Raw`` still walks
     their msgpack framing (count and lengths), without building a million structs."""
@@ -75,6 +84,7 @@ class NamespaceOutline(msgspec.Struct, array_like=True):
     entries: msgspec.Raw
 
 
+@final
 class SnapshotOutline(msgspec.Struct):
     """A ``SnapshotFile`` as compaction's read-back checks it (``verify_snapshot``)."""
 

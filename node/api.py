@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -387,8 +387,11 @@ class SharedMemory:
     # ------------------------------------------------------------------ writes (via broker)
 
     def _ttl(self, ttl: Any) -> float | None:
+        value: float | None
         if ttl is None:
-            value = self.config.ttl
+            # SharedMemoryConfig.__post_init__ stores ttl as float seconds (the field's type
+            # also admits the timedelta a caller may pass in).
+            value = cast(float, self.config.ttl)
         else:
             try:
                 value = to_seconds("ttl", ttl)
@@ -415,7 +418,9 @@ class SharedMemory:
         data = encode_value(key, value, self._max_value_bytes)
         t = self._ttl(ttl)
         v = _check_version(if_version)
-        ns, mk = self.namespace, self.config.max_keys
+        # An open handle's config.max_keys is an int (__init__ replaces None with the
+        # namespace's limit); ``or 0`` only tells the type checker so.
+        ns, mk = self.namespace, self.config.max_keys or 0
         return self._write(lambda cid, no: Set(cid, no, ns, mk, key, data, t, v)).seq
 
     def set_many(self, mapping: Mapping[str, Any], *, ttl: float | timedelta | None = None) -> int:
@@ -429,7 +434,7 @@ class SharedMemory:
         if not items:
             return self._replica.seq
         t = self._ttl(ttl)
-        ns, mk = self.namespace, self.config.max_keys
+        ns, mk = self.namespace, self.config.max_keys or 0
         return self._write(lambda cid, no: SetMany(cid, no, ns, mk, items, t)).seq
 
     def delete(self, key: str, *, if_version: int | None = None) -> bool:
@@ -437,7 +442,7 @@ class SharedMemory:
         the key is at that version, else VersionConflict."""
         check_key(key)
         v = _check_version(if_version)
-        ns, mk = self.namespace, self.config.max_keys
+        ns, mk = self.namespace, self.config.max_keys or 0
         return self._write(lambda cid, no: Delete(cid, no, ns, mk, key, v)).changed
 
     def touch(self, key: str, ttl: float | timedelta) -> int:
@@ -450,7 +455,7 @@ class SharedMemory:
 
             raise InvalidValue("touch needs a ttl in seconds (0 = never expires)")
         t = self._ttl(ttl)
-        ns, mk = self.namespace, self.config.max_keys
+        ns, mk = self.namespace, self.config.max_keys or 0
         return self._write(lambda cid, no: Touch(cid, no, ns, mk, key, t)).seq
 
     def delete_many(self, keys: Iterable[str]) -> int:

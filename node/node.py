@@ -48,6 +48,7 @@ from broker.protocol import (
     NotPrimary,
     Open,
     OpenReply,
+    Request,
     Snapshot,
     SnapshotReply,
     WriteOk,
@@ -678,7 +679,7 @@ class Node:
             elif type(a) is RequestProbe:
                 self._send_dealer(Open(a.namespace, a.max_keys, adopt=True))
 
-    def _send_dealer(self, req: object) -> None:
+    def _send_dealer(self, req: Request) -> None:
         try:
             send_message(self._dealer, (b"", self._requests.encode(req)))
         except zmq.Again:

@@ -52,15 +52,14 @@ class ChangeEvent:
 
 def change_from_event(event: Event, *, initial: bool = False,
                       resync: bool = False) -> ChangeEvent:
-    t = type(event)
-    if t is KeySet:
+    if type(event) is KeySet:
         return ChangeEvent(event.key, "set", event.seq, msgspec.json.decode(event.value),
                            datetime.fromtimestamp(event.modified_at, UTC), initial, resync)
-    if t is KeyDeleted:
+    if type(event) is KeyDeleted:
         return ChangeEvent(event.key, "delete", event.seq, resync=resync)
-    if t is KeyExpired:
+    if type(event) is KeyExpired:
         return ChangeEvent(event.key, "expire", event.seq, resync=resync)
-    if t is KeyTouched:
+    if type(event) is KeyTouched:
         return ChangeEvent(event.key, "touch", event.seq, resync=resync)
     raise TypeError(f"not an event: {event!r}")  # pragma: no cover
 

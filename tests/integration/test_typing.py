@@ -1,6 +1,7 @@
 """Type checkers resolve the public API (issue 12, acceptance 5): ``mypy --strict`` passes on a
 user script that uses every public name, including ``ttl=timedelta(...)``, the ``Literal``
-types of ``ChangeEvent.op`` and the sync state, and ``await watcher.aget(timeout=...)``."""
+types of ``ChangeEvent.op`` and the sync state, and ``await watcher.aget(timeout=...)``; and
+``mypy broker node`` passes with the project's [tool.mypy] settings."""
 
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def test_mypy_strict_rejects_a_wrong_op(mypy_cache: Path) -> None:
                         "--cache-dir", str(mypy_cache), "-c", bad], cwd=ROOT, env=child_env(),
                        capture_output=True, text=True, timeout=220)
     assert r.returncode == 1 and "Incompatible types" in r.stdout, r.stdout + r.stderr
+
+
+def test_broker_and_node_type_check(mypy_cache: Path) -> None:
+    """The project's own code type checks with the [tool.mypy] settings of pyproject.toml, so
+    a type regression in broker/ or node/ fails the suite instead of waiting for a reviewer
+    (three modules still excluded there, to be done next)."""
+    pytest.importorskip("mypy", reason="mypy is in the test extra; install .[test]")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(mypy_cache),
+                        "broker", "node"], cwd=ROOT, env=child_env(), capture_output=True,
+                       text=True, timeout=220)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Success" in r.stdout
 
 
 def test_async_watcher_aget_takes_a_timeout() -> None:
