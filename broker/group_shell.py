@@ -91,11 +91,13 @@ from broker.replication import (
     InstallImage,
     Refuse,
     ReplCodec,
+    ReplMessage,
     RetainedLog,
     chunks,
 )
 from broker.switchover import SwitchoverRequest, switchover_key
 from broker.turn import Turn, persist
+from broker.zmtp import readable
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -512,7 +514,7 @@ class GroupShell:
         router = self._router
         assert router is not None
         for _ in range(10_000):
-            if not router.getsockopt(_EVENTS) & _POLLIN:
+            if not readable(router):
                 return
             try:
                 frames = router.recv_multipart(_NOBLOCK, copy=False)
@@ -537,13 +539,12 @@ class GroupShell:
             msg = self._decode(body)
             if msg is None:
                 continue
-            t = type(msg)
             # Only the connection a member last followed on speaks for it (its route).
             on_route = self._routes.get(name) == identity
-            if t is Ack:
+            if type(msg) is Ack:
                 if on_route and msg.member == name:
                     self._do(self.g.on_ack(msg.member, msg.term, msg.lsn, now))
-            elif t is Follow:
+            elif type(msg) is Follow:
                 if msg.member != name:
                     continue
                 sent = self._installs.get(msg.member)
@@ -555,7 +556,7 @@ class GroupShell:
                     self._routes[msg.member] = identity
                     self._installs[msg.member] = now
                     self._install(msg.member)
-            elif t is Refuse:
+            elif type(msg) is Refuse:
                 # Only from a follower's link: a stray peer must not end the term.
                 if not on_route or name not in self.g.followers:
                     continue
@@ -571,9 +572,9 @@ class GroupShell:
                                 identity.decode(errors="replace"), self.g.term)
                     self._outbox.put(("check",))
             else:
-                log.warning("replication: unexpected %s from a follower", t.__name__)
+                log.warning("replication: unexpected %s from a follower", type(msg).__name__)
 
-    def _decode(self, body: bytes) -> object | None:
+    def _decode(self, body: bytes) -> ReplMessage | None:
         """A replication message, or None for garbage (logged): it never ends the loop."""
         try:
             return self.codec.decode(body)
@@ -712,7 +713,7 @@ class GroupShell:
             if dealer is None:
                 break
             # Checking EVENTS is cheaper than ending every drain with a zmq.Again.
-            if not dealer.getsockopt(_EVENTS) & _POLLIN:
+            if not readable(dealer):
                 break
             try:
                 body = dealer.recv(_NOBLOCK)
@@ -722,17 +723,16 @@ class GroupShell:
             msg = self._decode(body)
             if msg is None:
                 continue
-            t = type(msg)
-            if t is Append:
+            if type(msg) is Append:
                 if not self._on_append(msg, now, batch):
                     self._commit_batch(batch, now)  # what came before, then follow again
                     return
-            elif t is Install:
+            elif type(msg) is Install:
                 self._commit_batch(batch, now)
                 batch = _AppendBatch()
                 self._on_install(msg, now)
             else:
-                log.warning("replication: unexpected %s from the primary", t.__name__)
+                log.warning("replication: unexpected %s from the primary", type(msg).__name__)
         self._commit_batch(batch, now)
 
     def _refuse(self) -> None:

@@ -21,7 +21,7 @@ Decoding either returns one of these messages or raises ``ProtocolError``: never
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, final
 
 import msgspec
 
@@ -32,6 +32,7 @@ from broker.records import LogRecord, SnapshotFile
 INSTALL_CHUNK_BYTES = 1024 * 1024  # bytes of an encoded InstallImage per Install message
 
 
+@final
 class Follow(msgspec.Struct, tag=True, frozen=True):
     """A standby asks the primary of ``term`` to install it and ship it every turn."""
 
@@ -40,6 +41,7 @@ class Follow(msgspec.Struct, tag=True, frozen=True):
     epoch: str = ""  # the standby's epoch (informational: the Install decides)
 
 
+@final
 class Install(msgspec.Struct, tag=True, frozen=True):
     """Chunk ``chunk`` (from 0) of the encoded ``InstallImage`` of the state at ``lsn``;
     ``last`` completes it."""
@@ -51,6 +53,7 @@ class Install(msgspec.Struct, tag=True, frozen=True):
     data: bytes
 
 
+@final
 class Append(msgspec.Struct, tag=True, frozen=True):
     """Records ``first_lsn .. first_lsn + len(records) - 1`` of the primary of ``term``."""
 
@@ -59,6 +62,7 @@ class Append(msgspec.Struct, tag=True, frozen=True):
     records: list[LogRecord]
 
 
+@final
 class Ack(msgspec.Struct, tag=True, frozen=True):
     """``member`` has made everything up to ``lsn`` of ``term`` durable and applied it."""
 
@@ -67,6 +71,7 @@ class Ack(msgspec.Struct, tag=True, frozen=True):
     lsn: int
 
 
+@final
 class Refuse(msgspec.Struct, tag=True, frozen=True):
     """The receiver knows ``term`` (higher than the sender's): the sender must step down.
     ``primary`` names the member the receiver believes leads (``""`` unknown)."""
