@@ -225,6 +225,21 @@ def test_corruption_in_the_middle_refuses_start_until_repair(tmp_path: Path) -> 
     assert digest in digests[:-1]  # exactly a prefix of the history, up to the bad record
 
 
+def compacting_load(shm: SharedMemory) -> dict[str, object]:
+    """3 000 keys in 300 batches of 10, every 7th batch's first key deleted again: enough
+    bytes for a broker with ``--compact-bytes 100000`` to compact several times. Returns what
+    the namespace must hold."""
+    expected: dict[str, object] = {}
+    for i in range(300):
+        batch = {f"k{i}_{j}": {"i": i, "j": j, "pad": "p" * 40} for j in range(10)}
+        shm.set_many(batch)
+        expected.update(batch)
+        if i % 7 == 0:
+            shm.delete(f"k{i}_0")
+            expected.pop(f"k{i}_0")
+    return expected
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_compaction_under_load_keeps_all_data_and_restart_restores_digest(
@@ -236,14 +251,7 @@ def test_compaction_under_load_keeps_all_data_and_restart_restores_digest(
     cfg = SharedMemoryConfig(namespace="compact", broker=broker.address, max_keys=0, ttl=0)
     try:
         with SharedMemory(cfg) as shm:
-            expected = {}
-            for i in range(300):
-                batch = {f"k{i}_{j}": {"i": i, "j": j, "pad": "p" * 40} for j in range(10)}
-                shm.set_many(batch)
-                expected.update(batch)
-                if i % 7 == 0:
-                    shm.delete(f"k{i}_0")
-                    expected.pop(f"k{i}_0")
+            expected = compacting_load(shm)
             snaps = wait_until(lambda: sorted(data.glob("snap-*.snap")), 30,
                                message="a snapshot")
             assert snaps
@@ -284,14 +292,7 @@ def test_an_unreadable_newest_snapshot_after_compaction_falls_back_to_the_older_
     cfg = SharedMemoryConfig(namespace="compact", broker=broker.address, max_keys=0, ttl=0)
     try:
         with SharedMemory(cfg) as shm:
-            expected = {}
-            for i in range(300):
-                batch = {f"k{i}_{j}": {"i": i, "j": j, "pad": "p" * 40} for j in range(10)}
-                shm.set_many(batch)  # acknowledged: it must survive
-                expected.update(batch)
-                if i % 7 == 0:
-                    shm.delete(f"k{i}_0")
-                    expected.pop(f"k{i}_0")
+            expected = compacting_load(shm)  # acknowledged: it must survive
             # two generations on disk: the newest snapshot and the one before it
             snaps = wait_until(lambda: (s := sorted(data.glob("snap-*.snap")))[1:] and s, 30,
                                message="two snapshots")
