@@ -97,16 +97,13 @@ from broker.replication import (
 )
 from broker.switchover import SwitchoverRequest, switchover_key
 from broker.turn import Turn, persist
-from broker.zmtp import readable
+from broker.zmtp import NOBLOCK, POLLIN, readable, recv_message, send_message
 
 if TYPE_CHECKING:
     from broker.server import Broker
 
 log = logging.getLogger("sharedmem.broker.group")
 
-_NOBLOCK = int(zmq.NOBLOCK)
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
 FOLLOW_RETRY = 1.0  # seconds of silence before a standby not yet installed sends Follow again
 # (a Follow can reach the new primary before it has learnt it won: then it is ignored)
 INSTALL_GRACE = 2 * FOLLOW_RETRY  # a repeated Follow this soon after an Install is not one more
@@ -404,8 +401,8 @@ class GroupShell:
         poller = self._commit_poller
         if poller is None:  # made once: a Poller per turn is a cost on every commit
             poller = self._commit_poller = zmq.Poller()
-            poller.register(router, _POLLIN)
-            poller.register(ctl, _POLLIN)
+            poller.register(router, POLLIN)
+            poller.register(ctl, POLLIN)
         while True:
             if not g.is_primary:
                 log.warning("term %d ended with a turn unacknowledged: its writes are answered "
@@ -501,7 +498,7 @@ class GroupShell:
         error: object = "no connection followed as it"
         if route is not None:
             try:
-                self._router.send_multipart([route, body], _NOBLOCK)
+                send_message(self._router, (route, body))
                 return True
             except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (not reading)
                 error = exc
@@ -517,7 +514,7 @@ class GroupShell:
             if not readable(router):
                 return
             try:
-                frames = router.recv_multipart(_NOBLOCK, copy=False)
+                frames = recv_message(router)
             except zmq.Again:
                 return
             if len(frames) != 2:
@@ -682,7 +679,7 @@ class GroupShell:
         self._install_key, self._install_parts = None, []
         try:
             self._dealer.send(self.codec.encode(Follow(self.member, term,
-                                                       self.broker.core.epoch)), _NOBLOCK)
+                                                       self.broker.core.epoch)), NOBLOCK)
         except zmq.Again:
             pass  # retried after FOLLOW_RETRY
         log.info("following %s (term %d) at %s", primary, term, record.endpoints[2])
@@ -698,7 +695,7 @@ class GroupShell:
         if self._dealer is None:
             return
         try:
-            self._dealer.send(self.codec.encode(message), _NOBLOCK)
+            self._dealer.send(self.codec.encode(message), NOBLOCK)
         except zmq.Again:
             log.info("replication link full: %s dropped", type(message).__name__)
 
@@ -716,7 +713,7 @@ class GroupShell:
             if not readable(dealer):
                 break
             try:
-                body = dealer.recv(_NOBLOCK)
+                body = dealer.recv(NOBLOCK)
             except zmq.Again:
                 break
             self._last_heard = now

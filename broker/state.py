@@ -301,15 +301,12 @@ class NamespaceState:
     def live(self, key: str, now: float) -> Entry | None:
         """The entry for ``key`` decoded, unless absent or past its deadline."""
         raw = self.entries.get(key)
-        if raw is None or (raw[0] & EXPIRES and _EXPIRY.unpack_from(raw, 17)[0] <= now):
-            return None
-        return decode_entry(raw)
+        return decode_entry(raw) if raw is not None and entry_is_live(raw, now) else None
 
     def is_live(self, key: str, now: float) -> bool:
         """``live(key, now) is not None``, without decoding the entry."""
         raw = self.entries.get(key)
-        return raw is not None and (not raw[0] & EXPIRES
-                                    or _EXPIRY.unpack_from(raw, 17)[0] > now)
+        return raw is not None and entry_is_live(raw, now)
 
     def live_count(self, now: float) -> int:
         return sum(1 for _ in self._live_keys(self.index, now))
@@ -333,8 +330,7 @@ class NamespaceState:
         scan and never runs the matcher, so a caller holding a lock over the state takes
         candidates under it and runs ``p.select`` after releasing it."""
         if p.exact:
-            raw = self.entries.get(p.prefix)
-            return [p.prefix] if raw is not None and entry_is_live(raw, now) else []
+            return [p.prefix] if self.is_live(p.prefix, now) else []
         if p.prefix:
             candidates: Iterable[str] = self.index.irange(minimum=p.prefix)
         else:

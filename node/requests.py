@@ -38,11 +38,10 @@ from broker.protocol import (
     reply_codec,
     request_codec,
 )
-from broker.zmtp import recv_message, send_message
+from broker.zmtp import POLLIN, recv_message, send_message
 from node.routing import Route, rotation_delay
 
 logger = logging.getLogger("sharedmem.node")
-_POLLIN = int(zmq.POLLIN)
 
 CurveKeys = tuple[bytes, bytes, bytes]  # (our public, our secret, the broker's public), z85
 
@@ -164,7 +163,7 @@ class RequestChannel:
         """Wait for a reply; raise AccessDenied when the broker refuses our key."""
         if self._monitor is None:
             # zmq_poll directly: Socket.poll builds a Poller (and enum flags) on every call.
-            return bool(zmq.zmq_poll([(sock, _POLLIN)], timeout_ms))
+            return bool(zmq.zmq_poll([(sock, POLLIN)], timeout_ms))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
