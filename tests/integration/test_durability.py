@@ -225,6 +225,15 @@ def test_corruption_in_the_middle_refuses_start_until_repair(tmp_path: Path) -> 
     assert digest in digests[:-1]  # exactly a prefix of the history, up to the bad record
 
 
+def compacting_broker(tmp_path: Path) -> tuple[int, Path, BrokerProcess, SharedMemoryConfig]:
+    """A durable broker that compacts every 100 kB, its port, data dir and a handle config."""
+    port = free_port_pair()
+    data = tmp_path / "data"
+    broker = durable_broker(port, data, "--compact-bytes", "100000")
+    return port, data, broker, SharedMemoryConfig(namespace="compact", broker=broker.address,
+                                                  max_keys=0, ttl=0)
+
+
 def compacting_load(shm: SharedMemory) -> dict[str, object]:
     """3 000 keys in 300 batches of 10, every 7th batch's first key deleted again: enough
     bytes for a broker with ``--compact-bytes 100000`` to compact several times. Returns what
@@ -245,10 +254,7 @@ def compacting_load(shm: SharedMemory) -> dict[str, object]:
 def test_compaction_under_load_keeps_all_data_and_restart_restores_digest(
     tmp_path: Path,
 ) -> None:
-    port = free_port_pair()
-    data = tmp_path / "data"
-    broker = durable_broker(port, data, "--compact-bytes", "100000")
-    cfg = SharedMemoryConfig(namespace="compact", broker=broker.address, max_keys=0, ttl=0)
+    port, data, broker, cfg = compacting_broker(tmp_path)
     try:
         with SharedMemory(cfg) as shm:
             expected = compacting_load(shm)
@@ -286,10 +292,7 @@ def test_an_unreadable_newest_snapshot_after_compaction_falls_back_to_the_older_
     snapshot and segment, so one bad byte in the newest snapshot left a directory no restart
     and no repair could read. Now the previous generation stays: start-up falls back to it
     (naming the bad file), and repair moves the bad file aside."""
-    port = free_port_pair()
-    data = tmp_path / "data"
-    broker = durable_broker(port, data, "--compact-bytes", "100000")
-    cfg = SharedMemoryConfig(namespace="compact", broker=broker.address, max_keys=0, ttl=0)
+    port, data, broker, cfg = compacting_broker(tmp_path)
     try:
         with SharedMemory(cfg) as shm:
             expected = compacting_load(shm)  # acknowledged: it must survive
