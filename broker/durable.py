@@ -275,6 +275,7 @@ class DurableLog(MemoryLog):
         self._turn_events: dict[str, int] = {}
         self._fd: int | None = None
         self._segment = 0
+        self._seg_file: Path | None = None  # seg_path of the open segment, made once
         self._seg_size = 0
         self._last_fsync = time.monotonic()
         self._unsynced = False
@@ -324,6 +325,7 @@ class DurableLog(MemoryLog):
                 logger.warning("closing segment %d failed: %s", self._segment, exc)
         self._fd = fd
         self._segment = n
+        self._seg_file = path
         self._seg_size = seg_size
         self.epoch = epoch
 
@@ -419,8 +421,9 @@ class DurableLog(MemoryLog):
         """Raise OSError when the open segment is no longer the file at its path: deleted (its
         directory removed, say) or replaced. Writing on would acknowledge into a file that no
         restart will ever read."""
-        assert self._fd is not None
-        path = seg_path(self.data_dir, self._segment)
+        assert self._fd is not None and self._seg_file is not None
+        # The path is kept from open_segment: no pathlib join on every acknowledged flush.
+        path = self._seg_file
         mine = self.ops.fstat(self._fd)
         try:
             there = self.ops.stat(path)

@@ -60,6 +60,7 @@ from broker.protocol import (
 )
 from broker.zmtp import readable, recv_message, send_message, set_heartbeats
 from node.config import seed_list
+from node.heap import TRIM_AFTER_KEYS, release_freed_heap
 from node.probe import refused
 from node.replica import Action, DropBarrier, Replica, RequestFetch, RequestProbe, RequestSnapshot
 from node.replies import expect, raise_if_error
@@ -508,6 +509,7 @@ class Node:
     def _drain_dealer(self) -> None:
         actions: list = []
         dealer = self._dealer
+        installed = 0  # keys of the largest state installed in this pass
         while True:
             try:
                 frames = recv_message(dealer)
@@ -530,6 +532,8 @@ class Node:
                     if r is not None:
                         old_epoch, old = r.epoch, r.state
                         actions += r.on_snapshot_chunk(reply, time.monotonic())
+                        if r.state is not old and r.state is not None:
+                            installed = max(installed, len(r.state.entries))
                         if old is not None and old_epoch is not None and r.epoch != old_epoch:
                             # A new broker history (e.g. an in-memory broker restarted): say
                             # what this node's replica lost, not just "broker is back".
@@ -554,6 +558,9 @@ class Node:
                         self._dispatch(r)
                 self.changed.notify_all()
         self._carry_out(actions)
+        if installed >= TRIM_AFTER_KEYS:
+            old = None  # a replaced state is garbage by now: its memory goes back too
+            release_freed_heap()
 
     def _on_route_reply(self, reply: HelloReply | NotPrimary) -> list[Action]:
         """A Hello answer, or a standby's refusal of a snapshot/fetch/probe, on the DEALER:
