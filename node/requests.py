@@ -211,7 +211,10 @@ class RequestChannel:
         pause_until = 0.0  # a jittered pause before the next member (rotation_delay)
         while True:
             now = time.monotonic()
-            if now >= deadline:
+            # After refusals only, a resend with too little time left to hear its answer would
+            # turn "nothing was applied" into "may or may not": give up with the refusal instead.
+            if now >= deadline or (attempt and not unanswered
+                                   and deadline - now < self.retry_interval / 2):
                 self._reset()
                 raise BrokerUnavailable(
                     f"broker at {self.endpoint} did not answer {type(request).__name__} in time"
