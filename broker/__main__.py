@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.server import Broker, BrokerConfig
 from broker.validation import scheme_hint
@@ -51,6 +51,7 @@ def _endpoint(text: str) -> str:
     return text
 
 if TYPE_CHECKING:
+    from broker.coordination import EtcdTLS
     from broker.group_shell import GroupShell
 
 
@@ -98,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="this member's name in the group (default: HOST:PORT of the first "
                         "--bind)")
     g.add_argument("--etcd", metavar="URLS",
-                   help="etcd endpoints, http://H:2379[,http://H2:2379,...]")
+                   help="etcd endpoints, http://H:2379[,http://H2:2379,...] (https:// with "
+                        "the --etcd-* TLS flags)")
+    add_etcd_tls_flags(g)
     g.add_argument("--lease-ttl", type=int, default=2, metavar="SECONDS",
                    help="TTL of the leader lease (default 2): how fast a failover starts")
     g.add_argument("--min-sync", type=int, default=1, metavar="K",
@@ -110,6 +113,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                             "error"])
     return p.parse_args(argv)
+
+
+def add_etcd_tls_flags(group: Any) -> None:
+    """etcdctl's TLS flags, prefixed: ``--etcd-cacert``, ``--etcd-cert``, ``--etcd-key``."""
+    group.add_argument("--etcd-cacert", metavar="FILE",
+                       help="CA certificate (PEM) that signed etcd's server certificates, for "
+                            "https:// endpoints (default: the system's trust store)")
+    group.add_argument("--etcd-cert", metavar="FILE",
+                       help="this broker's client certificate (PEM) for etcd's "
+                            "--client-cert-auth; with --etcd-key")
+    group.add_argument("--etcd-key", metavar="FILE",
+                       help="the private key (PEM) of --etcd-cert")
+
+
+def etcd_tls(args: argparse.Namespace) -> EtcdTLS | None:
+    """The EtcdTLS of the flags (None when none is given). Raises ValueError naming the flag."""
+    if args.etcd_cacert is None and args.etcd_cert is None and args.etcd_key is None:
+        return None
+    from broker.coordination import EtcdTLS
+
+    return EtcdTLS(args.etcd_cacert, args.etcd_cert, args.etcd_key)
 
 
 def repair_main(argv: list[str]) -> int:
@@ -168,7 +192,8 @@ def switchover_main(argv: list[str]) -> int:
                     "2 when refused (nothing changed), 1 when it did not happen in time.")
     p.add_argument("--group", required=True)
     p.add_argument("--etcd", required=True, metavar="URLS",
-                   help="http://HOST:2379[,http://HOST2:2379,...]")
+                   help="http://HOST:2379[,http://HOST2:2379,...] (or https://)")
+    add_etcd_tls_flags(p)
     p.add_argument("--to", required=True, metavar="MEMBER", help="the standby to lead next")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds the primary may wait for the standby's acks (default 10)")
@@ -178,7 +203,7 @@ def switchover_main(argv: list[str]) -> int:
     from broker.switchover import SwitchoverFailed, SwitchoverRefused, switchover
 
     try:
-        config = switchover(args.etcd, args.group, args.to, args.timeout)
+        config = switchover(args.etcd, args.group, args.to, args.timeout, tls=etcd_tls(args))
     except (SwitchoverRefused, ValueError) as exc:
         print(f"broker switchover: refused: {exc}", file=sys.stderr)
         return 2
@@ -209,7 +234,7 @@ def group_shell(args: argparse.Namespace, broker: Broker) -> GroupShell:
     settings = GroupSettings(
         group=check_name("group", args.group), member=check_name("member", member),
         etcd=parse_endpoints(args.etcd), lease_ttl=args.lease_ttl, min_sync=args.min_sync,
-        repl_bind=args.repl_bind)
+        repl_bind=args.repl_bind, etcd_tls=etcd_tls(args))
     from broker.group_shell import default_repl_endpoint
     from broker.security import is_loopback_endpoint
 
@@ -286,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             "LOST when it stops or restarts (nodes then meet a new epoch). Pass --data-dir DIR "
             "for a durable log (scripts/broker does)")
     group_flags = [f for f, v in (("--member", args.member), ("--etcd", args.etcd),
+                                  ("--etcd-cacert", args.etcd_cacert),
+                                  ("--etcd-cert", args.etcd_cert), ("--etcd-key", args.etcd_key),
                                   ("--repl-bind", args.repl_bind)) if v is not None]
     if args.group is None and group_flags:
         print(f"broker: {', '.join(group_flags)} need --group", file=sys.stderr)

@@ -337,6 +337,55 @@ class Coordinator(Protocol):
 # ---------------------------------------------------------------------- etcd implementation
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Client TLS towards etcd, as etcdctl's ``--cacert/--cert/--key`` (and Patroni's
+    ``cacert/cert/key``): the CA that signed etcd's server certificates (``None``: the system's
+    trust store) and this client's certificate and key for etcd's ``--client-cert-auth``.
+
+    Why it matters: whoever can write the group's keys in etcd can name a primary, so on a
+    network that is not trusted etcd must be reached over TLS with client certificates.
+    Files are read when the object is made, so a wrong path fails at start-up, naming the flag.
+    """
+
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("--etcd-cert and --etcd-key go together: a client certificate "
+                             "needs its private key, and the key its certificate")
+        for flag, path in (("--etcd-cacert", self.cacert), ("--etcd-cert", self.cert),
+                           ("--etcd-key", self.key)):
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(64)
+            except OSError as exc:
+                raise ValueError(f"{flag} {path}: cannot read it: {exc.strerror}") from None
+            if b"-----BEGIN" not in head:
+                raise ValueError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
+
+    def check_endpoints(self, endpoints: Sequence[str]) -> None:
+        """TLS files with a plain ``http://`` endpoint would be silently unused: refuse."""
+        plain = [e for e in endpoints if not e.startswith("https://")]
+        if plain:
+            raise ValueError(f"--etcd-cacert/--etcd-cert/--etcd-key need https:// etcd "
+                             f"endpoints, got {', '.join(plain)}")
+
+    @property
+    def verify(self) -> str | bool:
+        """``requests``' ``verify``: the CA file, or True for the system's trust store."""
+        return self.cacert if self.cacert is not None else True
+
+    @property
+    def client_cert(self) -> tuple[str, str] | None:
+        return (self.cert, self.key) if self.cert is not None and self.key is not None \
+            else None
+
+
 def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
     """``http://H:P[,http://H2:P2...]`` (or a list) -> normalised base URLs; ``ValueError``
     naming the bad entry otherwise."""
@@ -351,7 +400,8 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
             port = None
         if parts.scheme not in ("http", "https") or not parts.hostname or port is None \
                 or parts.path not in ("", "/"):
-            raise ValueError(f"invalid etcd endpoint {item!r}: expected http://HOST:PORT")
+            raise ValueError(f"invalid etcd endpoint {item!r}: expected http://HOST:PORT "
+                             "(or https://HOST:PORT)")
         result.append(f"{parts.scheme}://{parts.netloc}")
     if not result:
         raise ValueError("no etcd endpoint given")
@@ -422,11 +472,20 @@ class EtcdCoordinator:
     """
 
     def __init__(self, endpoints: str | Sequence[str], *, request_timeout: float = 1.0,
-                 deadline: float = 5.0, retry_interval: float = 0.05) -> None:
+                 deadline: float = 5.0, retry_interval: float = 0.05,
+                 tls: EtcdTLS | None = None) -> None:
         import etcd3gw  # lazily: the single-broker path never needs it
         from etcd3gw import exceptions as etcd_exceptions
 
         self.endpoints = parse_endpoints(endpoints)
+        if tls is not None:
+            tls.check_endpoints(self.endpoints)
+        self.tls = tls
+        # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE or
+        # CURL_CA_BUNDLE override a session's ``verify`` (psf/requests#3829), and many
+        # machines set those, which would make etcd's own CA silently unused.
+        # (True, without TLS files, is requests' default: the environment, then certifi.)
+        self._verify: str | bool = tls.verify if tls is not None else True
         self._request_timeout = request_timeout
         self._deadline = deadline
         self._retry_interval = retry_interval
@@ -436,9 +495,12 @@ class EtcdCoordinator:
             parts = urlsplit(url)
             assert parts.hostname is not None and parts.port is not None
             # api_path given: no /version discovery round trip; 3.4+ all serve /v3/.
+            cert = tls.client_cert if tls is not None else None
             self._clients.append(etcd3gw.Etcd3Client(
                 host=parts.hostname, port=parts.port, protocol=parts.scheme,
-                timeout=request_timeout, api_path="/v3/"))
+                timeout=request_timeout, api_path="/v3/",
+                ca_cert=tls.cacert if tls is not None else None,
+                cert_cert=cert[0] if cert else None, cert_key=cert[1] if cert else None))
         self._current = 0
         self._watches: set[_EtcdWatch] = set()
         self._lock = threading.Lock()
@@ -483,7 +545,7 @@ class EtcdCoordinator:
             time.sleep(self._retry_interval)  # back off after a full round of failures
 
     def _post(self, client: Any, path: str, payload: Mapping[str, Any]) -> Any:
-        return client.post(client.get_url(path), json=payload)
+        return client.post(client.get_url(path), json=payload, verify=self._verify)
 
     # ---- leases
 
@@ -652,6 +714,8 @@ class _EtcdWatch:
         self.last_error = ""
         self._cancelled = threading.Event()
         self._session = requests.Session()
+        if owner.tls is not None:  # the same client certificate as the KV calls
+            self._session.cert = owner.tls.client_cert
         self._response: requests.Response | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"etcd-watch {key}", daemon=True)
@@ -692,7 +756,7 @@ class _EtcdWatch:
         response = self._session.post(
             f"{url}/v3/watch", json={"create_request": create}, stream=True,
             headers={"Grpc-Metadata-hasleader": "true"},
-            timeout=(self._owner._request_timeout, None))
+            timeout=(self._owner._request_timeout, None), verify=self._owner._verify)
         with self._lock:
             self._response = response
         if self._cancelled.is_set():

@@ -53,6 +53,7 @@ from broker.coordination import (
     Absent,
     CoordinationError,
     EtcdCoordinator,
+    EtcdTLS,
     GroupConfig,
     GroupKeys,
     InvalidGroupValue,
@@ -134,12 +135,15 @@ class GroupSettings:
     min_sync: int = 1
     repl_bind: str | None = None
     ack_timeout: float | None = None  # default: the lease TTL
+    etcd_tls: EtcdTLS | None = None  # --etcd-cacert/--etcd-cert/--etcd-key
 
     def __post_init__(self) -> None:
         if self.lease_ttl < 1:
             raise ValueError(f"--lease-ttl must be >= 1 second, got {self.lease_ttl}")
         if self.min_sync < 0:
             raise ValueError(f"--min-sync must be >= 0, got {self.min_sync}")
+        if self.etcd_tls is not None:
+            self.etcd_tls.check_endpoints(self.etcd)
 
 
 @dataclass
@@ -232,7 +236,7 @@ class GroupShell:
         router.bind(bind)
         self.repl_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router = router
-        self._etcd = EtcdCoordinator(self.settings.etcd)
+        self._etcd = EtcdCoordinator(self.settings.etcd, tls=self.settings.etcd_tls)
         for target, name in ((self._lease_loop, "lease"), (self._action_loop, "action")):
             t = threading.Thread(target=target, name=f"sharedmem-group-{name}", daemon=True)
             t.start()

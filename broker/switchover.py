@@ -26,6 +26,7 @@ import msgspec
 from broker.coordination import (
     CoordinationError,
     EtcdCoordinator,
+    EtcdTLS,
     GroupConfig,
     GroupKeys,
     InvalidGroupValue,
@@ -71,14 +72,15 @@ class SwitchoverFailed(RuntimeError):
 
 
 def switchover(etcd_endpoints: str, group: str, target: str, timeout: float = 10.0,
-               poll: Callable[[float], None] = time.sleep) -> GroupConfig:
+               poll: Callable[[float], None] = time.sleep, *,
+               tls: EtcdTLS | None = None) -> GroupConfig:
     """Ask the primary to hand over to ``target`` and wait for the config naming it primary of
     the next term (returned). Raises ``SwitchoverRefused`` (bad target, no primary),
     ``SwitchoverFailed`` (timed out, or the group moved on otherwise) or
     ``CoordinationError`` (etcd unreachable)."""
     keys = GroupKeys(check_name("group", group))
     check_name("member", target)
-    etcd = EtcdCoordinator(parse_endpoints(etcd_endpoints))
+    etcd = EtcdCoordinator(parse_endpoints(etcd_endpoints), tls=tls)
     try:
         kv = etcd.get(keys.config).first
         if kv is None:

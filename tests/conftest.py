@@ -41,6 +41,7 @@ XDIST_GROUPS = {
     # Its tests start a broker on, or need free, the fixed default port 7400.
     "tests/integration/test_defaults.py": "default-port",
     "tests/integration/test_etcd_coordination.py": "etcd",
+    "tests/integration/test_etcd_tls.py": "etcd",
     "tests/integration/test_group.py": "etcd",
     "tests/integration/test_group_commit.py": "etcd",
     "tests/integration/test_group_nodes.py": "etcd",
