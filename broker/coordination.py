@@ -309,6 +309,15 @@ class Coordinator(Protocol):
         """If every compare holds, do every put, atomically; else change nothing."""
         ...
 
+    def transact_until_answered(self, compares: Sequence[Compare], puts: Sequence[Put],
+                                stop: threading.Event) -> TxnResult:
+        """``transact``, retried while nobody answers, until the outcome is known: for the
+        writes whose unknown outcome must not be taken for a failure (a campaign, a sync-set
+        change, a hand-off). After an unanswered attempt, a failed compare whose puts are
+        all in place counts as applied. Raises ``CoordinationUnavailable`` only once
+        ``stop`` is set."""
+        ...
+
     def create_if_absent(self, key: str, value: bytes, lease: Lease) -> TxnResult:
         """Put ``key`` under ``lease`` only if it does not exist (the leader key)."""
         ...
@@ -591,7 +600,25 @@ class EtcdCoordinator:
         result = self._call("put", lambda c, _: self._post(c, "/kv/put", payload))
         return _revision(result)
 
-    def transact(self, compares: Sequence[Compare], puts: Sequence[Put]) -> TxnResult:
+    def transact_until_answered(self, compares: Sequence[Compare], puts: Sequence[Put],
+                                stop: threading.Event) -> TxnResult:
+        unanswered = False
+        while True:
+            try:
+                return self.transact(compares, puts, unanswered=unanswered)
+            except CoordinationUnavailable as exc:
+                unanswered = True
+                if stop.is_set():
+                    raise
+                logger.warning("transaction unanswered, its outcome unknown: retrying until "
+                               "etcd answers (%s)", exc)
+                if stop.wait(self._retry_interval):
+                    raise
+
+    def transact(self, compares: Sequence[Compare], puts: Sequence[Put], *,
+                 unanswered: bool = False) -> TxnResult:
+        """(``unanswered``: an earlier call of the same transaction got no answer, so it may
+        have applied.)"""
         keys = list(dict.fromkeys([c.key for c in compares] + [p.key for p in puts]))
         success = []
         for p in puts:
@@ -605,11 +632,11 @@ class EtcdCoordinator:
             # On failure read back every key named, so the caller sees the winner's values.
             "failure": [{"request_range": {"key": _b64(k)}} for k in keys],
         }
-        retried = False
+        retried = unanswered
 
         def request_txn(client: Any, attempt: int) -> Any:
             nonlocal retried
-            retried = attempt > 0
+            retried = unanswered or attempt > 0
             return self._post(client, "/kv/txn", payload)
 
         result = self._call("transaction", request_txn)

@@ -181,11 +181,23 @@ class GroupCore:
 
     def eligible(self) -> bool:
         """May this member campaign? Only if it cannot lack an acknowledged write."""
-        if not self.config_known:
-            return False
-        if self.config is None:
-            return True  # a new group: nothing was ever acknowledged
-        return self.member in self.config.sync_set or self.config.primary == self.member
+        return self.config_known and not self.ineligible_reason()
+
+    def ineligible_reason(self) -> str:
+        """Why this member may not campaign ("" if it may, or the config is not read yet)."""
+        cfg = self.config
+        if cfg is None:
+            return ""  # a new group: nothing was ever acknowledged
+        if cfg.epoch and self.epoch != cfg.epoch:
+            # Its log is not the group's: a wiped or repaired data dir (a new epoch) lacks the
+            # acknowledged writes its name in the sync set stands for. It follows until an
+            # Install gives it the group's log (and epoch) again.
+            return (f"its log has epoch {self.epoch}, the group's is {cfg.epoch} (a wiped or "
+                    "repaired data dir): it may lack acknowledged writes")
+        if self.member not in cfg.sync_set and cfg.primary != self.member:
+            return (f"it is not in the sync set ({', '.join(cfg.sync_set) or 'empty'}) of term "
+                    f"{cfg.term}: it may lack acknowledged writes")
+        return ""
 
     def committed(self, lsn: int) -> bool:
         """Is the primary's record ``lsn`` (0: the state it took office with) committed?"""

@@ -180,6 +180,7 @@ class GroupShell:
         self._threads: list[threading.Thread] = []
         self._watch: Any = None
         self._etcd: EtcdCoordinator | None = None
+        self._said_ineligible: tuple[int, str] | None = None
         self._router: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._dealer_target: tuple[str, int] | None = None  # (primary, term) connected to
@@ -296,6 +297,10 @@ class GroupShell:
             return NotPrimary(self.g.known_term, "")
         if self.g.is_primary:
             return None
+        return self.not_primary()
+
+    def not_primary(self) -> NotPrimary:
+        """The refusal a standby gives: its known term and the primary it believes in."""
         return NotPrimary(self.g.known_term, self._primary_endpoint())
 
     def hello_fields(self) -> dict[str, Any]:
@@ -466,8 +471,10 @@ class GroupShell:
             kind = item[0]
             if kind == "config":
                 self._do(g.on_config(item[1], item[2]))
+                self._say_why_not_campaigning()
             elif kind == "leader":
                 self._do(g.on_leader(item[1]))
+                self._say_why_not_campaigning()
             elif kind == "member":
                 name, record = item[1], item[2]
                 if record is None:
@@ -488,6 +495,18 @@ class GroupShell:
                 self._do(g.on_config_changed(item[1], item[2]))
             elif kind in ("switchover", "handoff"):
                 self._on_switchover_item(item, now)
+
+    def _say_why_not_campaigning(self) -> None:
+        """With no leader, tell the operator once per config why this member waits instead of
+        campaigning (a group that stays without a primary is otherwise a mystery)."""
+        g = self.g
+        if g.is_primary or not g.leader_known or g.leader is not None or not g.config_known:
+            return
+        why = g.ineligible_reason()
+        if why and self._said_ineligible != (g.config_revision, why):
+            self._said_ineligible = (g.config_revision, why)
+            log.warning("group %s has no leader; %s does not campaign: %s", self.settings.group,
+                        g.member, why)
 
     # ------------------------------------------------------------------ primary side
 
@@ -925,17 +944,25 @@ class GroupShell:
                         self._stop.wait(0.1)
                         self._inbox.put(("campaign", False, 0))
                         continue
-                    result = etcd.transact(
+                    # Until answered: a won campaign taken for lost would leave the group
+                    # with a leader key held and nobody serving (this member never takes
+                    # office in a term it already promised).
+                    result = etcd.transact_until_answered(
                         [Absent(keys.leader), ModRevisionIs(keys.config, action.revision)],
                         [Put(keys.leader, self.member.encode(), lease),
-                         Put(keys.config, action.config.encode())])
+                         Put(keys.config, action.config.encode())], self._stop)
                     if not result.succeeded:
                         self._report_current(result.current)
                     self._inbox.put(("campaign", result.succeeded, result.revision))
                 elif isinstance(action, ChangeConfig):
-                    result = etcd.compare_and_swap(
-                        keys.config, action.config.encode(), action.revision,
-                        require=ValueIs(keys.leader, self.member.encode()))
+                    # Until answered: a grow that landed but is taken for failed would stop
+                    # counting a member etcd lists in the sync set, and so may elect, while
+                    # this primary acknowledges without it. Meanwhile the loop keeps counting
+                    # the members the change adds (``changing`` stays in flight).
+                    result = etcd.transact_until_answered(
+                        [ModRevisionIs(keys.config, action.revision),
+                         ValueIs(keys.leader, self.member.encode())],
+                        [Put(keys.config, action.config.encode())], self._stop)
                     if not result.succeeded:
                         # What it lost to, so the next proposal is not made on a stale
                         # revision (or the primary learns its leader key is gone).
@@ -1006,11 +1033,11 @@ class GroupShell:
             log.warning("switchover: %s has no live member record", action.target)
             self._inbox.put(("handoff", False, 0))
             return
-        result = etcd.transact(
+        result = etcd.transact_until_answered(
             [ValueIs(keys.leader, self.member.encode()),
              ModRevisionIs(keys.config, action.revision)],
             [Put(keys.leader, action.target.encode(), Lease(record.lease, 0)),
-             Put(keys.config, action.config.encode())])
+             Put(keys.config, action.config.encode())], self._stop)
         if not result.succeeded:
             self._report_current(result.current)
         self._inbox.put(("handoff", result.succeeded, result.revision))

@@ -112,7 +112,12 @@ class Broker(BrokerLifecycle):
                 self._turn(drain=self.router in ready)
                 if group is not None and group.stop_requested:
                     return
-            subs.step()
+            if group is None or group.is_primary:
+                subs.step()
+            elif subs.busy or subs.pending:
+                # Stepped down: nothing of this state may reach a node (it can hold records
+                # that were never committed); the nodes re-ask the new primary.
+                subs.refuse_all(group.not_primary())
             if self.core.frozen:
                 self.core.advance_freezes()  # a compaction's view: one chunk per turn
             event_log.tick()  # retries an owed cut (a turn in doubt), then everysec fsyncs

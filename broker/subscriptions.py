@@ -152,6 +152,23 @@ class Subscriptions:
                 f"snapshot of {request.namespace!r}: the subscription barrier never arrived",
             ))
 
+    def refuse_all(self, reply: Reply) -> None:
+        """Answer every snapshot request waiting, ready or being sent with ``reply`` and drop
+        them (their freezes released). A group member that stepped down calls it: its state
+        may hold records that were never committed (the turn whose commit failed is not rolled
+        back; a standby applies what it acked), so it must not send any of it to a node. The
+        nodes re-ask the primary that ``reply`` (``NotPrimary``) names."""
+        waiting = [envelope for envelope, _, _ in self.pending.values()]
+        waiting += [envelope for envelope, _ in self._ready]
+        for envelope, job in self._jobs:
+            job.freeze.close()
+            waiting.append(envelope)
+        self.pending.clear()
+        self._ready.clear()
+        self._jobs.clear()
+        for envelope in waiting:
+            self.send_reply(envelope, reply)
+
     def step(self) -> None:
         """Start the snapshots that became ready (after the turn), then send one chunk of the
         oldest one being sent."""

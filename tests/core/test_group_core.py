@@ -72,7 +72,7 @@ def test_a_lost_campaign_follows_the_winner() -> None:
 def test_only_sync_set_members_and_the_old_primary_are_eligible() -> None:
     cfg = GroupConfig(term=4, primary="a", sync_set=("b",), epoch="e")
     for member, eligible in (("a", True), ("b", True), ("c", False)):
-        g = GroupCore(member)
+        g = GroupCore(member, epoch="e")
         g.on_config(cfg, 9)
         actions = g.on_leader(None)
         assert g.eligible() is eligible
@@ -82,6 +82,23 @@ def test_only_sync_set_members_and_the_old_primary_are_eligible() -> None:
             assert c.config.term == 5 and c.revision == 9 and c.config.epoch == "e"
             assert actions.index(PersistTerm(5)) < actions.index(c)  # promise first
             assert g.promised == 5
+
+
+def test_a_member_whose_log_is_not_the_groups_never_campaigns() -> None:
+    """A sync-set member restarted on a wiped (or repaired) data dir has a new epoch and none
+    of the acknowledged writes: were it elected, its Install would empty every member."""
+    cfg = GroupConfig(term=4, primary="a", sync_set=("b",), epoch="group-epoch")
+    for member in ("a", "b"):
+        g = GroupCore(member, epoch="fresh-epoch")
+        g.on_config(cfg, 9)
+        assert not g.eligible()
+        assert not any(isinstance(x, Campaign) for x in g.on_leader(None)), member
+    b = GroupCore("b", epoch="fresh-epoch")
+    b.on_config(GroupConfig(term=5, primary="a", sync_set=("b",), epoch="group-epoch"), 10)
+    b.on_leader("a")
+    b.epoch = "group-epoch"  # the shell does this once a's Install is applied
+    assert b.eligible()
+    assert any(isinstance(x, Campaign) for x in b.on_leader(None))
 
 
 def test_a_present_leader_key_starts_no_campaign() -> None:

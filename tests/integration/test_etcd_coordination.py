@@ -30,6 +30,7 @@ from broker.coordination import (
     MemberRecord,
     ModRevisionIs,
     Put,
+    TxnResult,
     ValueIs,
     WatchEvent,
     parse_endpoints,
@@ -410,6 +411,45 @@ def test_all_etcd_members_down_gives_coordination_unavailable_not_a_hang(
             assert all(url in message for url in etcd_cluster.endpoints), message
         handle.cancel()  # a watch retrying against dead members still stops at once
         assert seen.events == []
+    finally:
+        c.close()
+
+
+def test_a_transaction_retried_until_answered_learns_the_outcome_of_an_unanswered_try(
+        etcd_cluster: EtcdCluster, caplog: pytest.LogCaptureFixture) -> None:
+    """A campaign or sync-set change whose answer never came may have applied: taking it for
+    a failure could leave etcd listing a member the primary stopped counting. So it is
+    retried until etcd answers, and a retry's failed compare with its puts in place counts
+    as applied."""
+    c = EtcdCoordinator(etcd_cluster.endpoint_string, deadline=1, request_timeout=0.5)
+    try:
+        keys = new_keys()
+        value = GroupConfig(term=1, primary="b1", sync_set=("b2",), epoch="e").encode()
+        txn = ([Absent(keys.config)], [Put(keys.config, value)])
+        assert c.transact(*txn).succeeded
+        # The same transaction again, as after an attempt nobody answered: applied.
+        assert c.transact(*txn, unanswered=True).succeeded
+        assert not c.transact(*txn).succeeded  # unmarked, a failed compare is a failure
+        for member in etcd_cluster.members:
+            etcd_cluster.kill(member)
+        stopped = threading.Event()
+        stopped.set()
+        with pytest.raises(CoordinationUnavailable):  # gives up only once told to stop
+            c.transact_until_answered([Absent(keys.leader)], [Put(keys.leader, b"b1")],
+                                      stopped)
+        results: list[TxnResult] = []
+        worker = threading.Thread(target=lambda: results.append(c.transact_until_answered(
+            [Absent(keys.leader)], [Put(keys.leader, b"b1")], threading.Event())))
+        with caplog.at_level("WARNING", logger="broker.coordination"):
+            worker.start()
+            wait_until(lambda: "retrying until etcd answers" in caplog.text, 30, 0.05,
+                       "an unanswered attempt while every etcd member is down")
+            for member in etcd_cluster.members:
+                etcd_cluster.start_member(member)
+            worker.join(60)
+        assert results and results[0].succeeded
+        leader = c.get(keys.leader).first
+        assert leader is not None and leader.value == b"b1"
     finally:
         c.close()
 

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -614,6 +615,11 @@ def test_all_members_killed_at_once_restart_with_every_acknowledged_write(
     wait_until(lambda: (primary.stats() or {}).get("group_max_lag", 1) == 0, 30, 0.05,
                "standbys to catch up")
     group.stop_all()
+    assert_everywhere(group, acked)
+
+
+def assert_everywhere(group: Group, acked: list[tuple[str, Any, int]]) -> None:
+    """Members stopped: their durable states are equal and hold every acknowledged write."""
     digests = offline_digests(group)
     assert len(set(digests.values())) == 1, digests
     for m in group.members:
@@ -628,6 +634,38 @@ def test_all_members_killed_at_once_restart_with_every_acknowledged_write(
                     m.name, key, entry)
         finally:
             core.log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_sync_set_member_on_a_wiped_data_dir_never_leads(group: Group) -> None:
+    """A sync-set member restarted on an empty data dir has a new epoch and none of the
+    acknowledged writes: it must not campaign, or its Install would empty every member. It
+    waits, saying why; once an intact member is back, that one leads, the wiped one is
+    installed from it, and every acknowledged write is on all three."""
+    primary = group.wait_formed(30)
+    history = History()
+    writers = [Writer("w0", group.addresses(), history).start()]
+    wait_progress(writers, 50, 30, "writes before the wipe", group)
+    for w in writers:
+        w.join()
+    acked = [(a.key, a.value, a.version) for a in history.acks]
+    wiped = next(m for m in group.members if m is not primary)  # in the sync set of 2
+    group.stop_all()  # clean stops revoke the leases: the leader key is gone at once
+    shutil.rmtree(wiped.data_dir)
+    wiped.start()
+    wait_until(lambda: "does not campaign: its log has epoch" in wiped.stderr(), 30, 0.05,
+               "the wiped member to say why it does not campaign")
+    assert (wiped.stats(1.5) or {}).get("group_primary") == 0
+    for m in group.members:
+        if m is not wiped:
+            m.start()
+    leader = group.wait_formed(30)
+    assert leader is not wiped
+    wait_until(lambda: (leader.stats() or {}).get("group_max_lag", 1) == 0, 30, 0.05,
+               "the wiped member to be installed and catch up")
+    group.stop_all()
+    assert_everywhere(group, acked)
 
 
 @pytest.mark.parametrize(("args", "message"), [
