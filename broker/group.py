@@ -137,6 +137,7 @@ class GroupCore:
     config_known: bool = False
     leader: str | None = None
     leader_known: bool = False
+    leader_revision: int = 0  # etcd revision of the newest leader observation taken
     campaigning: bool = False
     pending_campaign: Campaign | None = None
     followers: dict[str, FollowerState] = field(default_factory=dict)
@@ -240,8 +241,15 @@ class GroupCore:
             return actions
         return actions + self._evaluate() + self._take_handoff()
 
-    def on_leader(self, name: str | None) -> list[Action]:
-        """The leader key as read or watched (None: absent, e.g. an observed DELETE)."""
+    def on_leader(self, name: str | None, revision: int = 0) -> list[Action]:
+        """The leader key as read or watched (None: absent, e.g. an observed DELETE) at
+        ``revision`` (its mod_revision, a DELETE's revision, or the read's when absent; 0:
+        unknown). An observation older than one already taken is dropped: the watch and a
+        failed transaction's read-back arrive from two threads, and a stale "X leads" taken
+        after the DELETE would keep this member from ever campaigning."""
+        if revision and revision < self.leader_revision:
+            return []
+        self.leader_revision = max(self.leader_revision, revision)
         self.leader, self.leader_known = name, True
         if self.is_primary:
             if name != self.member:

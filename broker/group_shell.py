@@ -473,7 +473,7 @@ class GroupShell:
                 self._do(g.on_config(item[1], item[2]))
                 self._say_why_not_campaigning()
             elif kind == "leader":
-                self._do(g.on_leader(item[1]))
+                self._do(g.on_leader(item[1], item[2]))
                 self._say_why_not_campaigning()
             elif kind == "member":
                 name, record = item[1], item[2]
@@ -904,7 +904,7 @@ class GroupShell:
         if not seen_config:
             self._inbox.put(("config", None, 0))
         if not seen_leader:
-            self._inbox.put(("leader", None))
+            self._inbox.put(("leader", None, current.revision))
         self._watch = etcd.watch(self.keys.prefix, self._observe, prefix=True,
                                  start_revision=current.revision + 1)
 
@@ -914,7 +914,8 @@ class GroupShell:
         put = event.kind == "PUT"
         try:
             if event.key == keys.leader:
-                self._inbox.put(("leader", event.value.decode() if put else None))
+                self._inbox.put(("leader", event.value.decode() if put else None,
+                                 event.mod_revision))
             elif event.key == keys.config:
                 cfg = GroupConfig.decode(event.value) if put else None
                 self._inbox.put(("config", cfg, event.mod_revision if put else 0))
@@ -952,7 +953,7 @@ class GroupShell:
                         [Put(keys.leader, self.member.encode(), lease),
                          Put(keys.config, action.config.encode())], self._stop)
                     if not result.succeeded:
-                        self._report_current(result.current)
+                        self._report_current(result.current, result.revision)
                     self._inbox.put(("campaign", result.succeeded, result.revision))
                 elif isinstance(action, ChangeConfig):
                     # Until answered: a grow that landed but is taken for failed would stop
@@ -966,7 +967,7 @@ class GroupShell:
                     if not result.succeeded:
                         # What it lost to, so the next proposal is not made on a stale
                         # revision (or the primary learns its leader key is gone).
-                        self._report_current(result.current)
+                        self._report_current(result.current, result.revision)
                     self._inbox.put(("changed", result.succeeded, result.revision))
                 elif isinstance(action, HandOff):
                     self._hand_off(etcd, action)
@@ -978,10 +979,10 @@ class GroupShell:
                 elif action == ("check",):
                     # A Refuse announced a higher term: what do the leader and config say?
                     current: dict[str, KeyValue | None] = {}
-                    for key in (keys.leader, keys.config):
-                        r = etcd.get(key)
-                        current[key] = r.kvs[0] if r.kvs else None
-                    self._report_current(current)
+                    leader_read = etcd.get(keys.leader)
+                    current[keys.leader] = leader_read.first
+                    current[keys.config] = etcd.get(keys.config).first
+                    self._report_current(current, leader_read.revision)
                 elif action == ("revoke",):
                     with self._lease_lock:
                         lease, self._lease = self._lease, None
@@ -1039,15 +1040,17 @@ class GroupShell:
             [Put(keys.leader, action.target.encode(), Lease(record.lease, 0)),
              Put(keys.config, action.config.encode())], self._stop)
         if not result.succeeded:
-            self._report_current(result.current)
+            self._report_current(result.current, result.revision)
         self._inbox.put(("handoff", result.succeeded, result.revision))
 
-    def _report_current(self, current: Mapping[str, KeyValue | None]) -> None:
-        """A failed transaction's read-back of the leader and config keys, to the loop."""
+    def _report_current(self, current: Mapping[str, KeyValue | None], revision: int) -> None:
+        """A failed transaction's read-back of the leader and config keys (as of etcd's
+        ``revision``), to the loop."""
         keys = self.keys
         if keys.leader in current:
             leader = current[keys.leader]
-            self._inbox.put(("leader", None if leader is None else leader.value.decode()))
+            self._inbox.put(("leader", None if leader is None else leader.value.decode(),
+                             revision if leader is None else leader.mod_revision))
         config = current.get(keys.config)
         if config is not None:
             self._inbox.put(("config", GroupConfig.decode(config.value), config.mod_revision))

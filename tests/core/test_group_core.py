@@ -101,6 +101,19 @@ def test_a_member_whose_log_is_not_the_groups_never_campaigns() -> None:
     assert any(isinstance(x, Campaign) for x in b.on_leader(None))
 
 
+def test_a_stale_leader_observation_after_the_delete_is_dropped() -> None:
+    """The watch and a failed transaction's read-back come from two threads: a read-back
+    saying "a leads" (from before the lease ran out) must not undo the DELETE seen after it,
+    or this member would never campaign."""
+    g = GroupCore("b", epoch="e")
+    g.on_config(GroupConfig(term=2, primary="a", sync_set=("b",), epoch="e"), 3)
+    g.on_leader("a", 10)
+    actions = g.on_leader(None, 20)  # the DELETE: campaign
+    assert any(isinstance(x, Campaign) for x in actions)
+    assert g.on_leader("a", 10) == [] and g.leader is None  # the stale read-back
+    assert g.on_leader("c", 25) == [] and g.leader == "c"  # a newer one is taken
+
+
 def test_a_present_leader_key_starts_no_campaign() -> None:
     g = GroupCore("b")
     g.on_config(GroupConfig(term=2, primary="a", sync_set=("b",)), 3)
